@@ -1,0 +1,48 @@
+"""The contract between the engine and a cache-management policy.
+
+A policy decides where new tokens go (``plan``) and what happens to the cache
+after the model has attended (``update``: accumulate scores, evict). It is a
+frozen dataclass, hence hashable, so jitted steps specialise on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+
+from lmcache_jax.cache.kv_cache import KVCache
+from lmcache_jax.cache.step import Step, append_step
+
+
+class CachePolicy(Protocol):
+  name: str
+
+  def cache_capacity(self, context: int, chunk: int) -> int:
+    """Slots per (layer, sequence, head) for a run of ``context`` tokens fed
+    at most ``chunk`` at a time."""
+
+  def plan(self, cache: KVCache, num_new: jax.Array, num_tokens: int) -> Step:
+    """Positions and slots for the next ``num_tokens`` (``num_new[b]`` real)."""
+
+  def update(self, cache: KVCache, mass: jax.Array, step: Step) -> KVCache:
+    """The cache after a forward pass; ``mass`` [L, B, K, S] is the attention
+    each slot received from the step's weighted queries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepAll:
+  """Keeps every token: slot = position, nothing is ever evicted."""
+  name: str = "full"
+
+  def cache_capacity(self, context: int, chunk: int) -> int:
+    del chunk
+    return context
+
+  def plan(self, cache: KVCache, num_new: jax.Array, num_tokens: int) -> Step:
+    return append_step(cache, num_new, num_tokens)
+
+  def update(self, cache: KVCache, mass: jax.Array, step: Step) -> KVCache:
+    del mass, step
+    return cache

@@ -1,0 +1,101 @@
+"""Generation: prefill the prompts, then decode token by token."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmcache_jax.cache.kv_cache import KVCache, init_cache
+from lmcache_jax.cache.policy import CachePolicy, KeepAll
+from lmcache_jax.engine import steps
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.engine.prefill import prefill
+from lmcache_jax.engine.sampling import Sampling, sample
+
+# Called as on_token(step, tokens [B], active [B]) after every decode step.
+TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+@dataclasses.dataclass
+class Generation:
+  """What ``generate`` returns."""
+  tokens: list[list[int]]          # new tokens per sequence (EOS included)
+  finished: list[bool]             # stopped on EOS rather than length
+  cache: KVCache
+  prompt_logits: jax.Array         # [B, V] logits after the prompt
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+  if not prompts:
+    raise ValueError("no prompts given: pass at least one token list")
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} holds token ids {bad[:5]} outside the "
+                       f"vocabulary [0, {vocab_size})")
+
+
+def generate(lm: LoadedModel, prompts: list[list[int]], *,
+             max_new_tokens: int, sampling: Sampling = Sampling(),
+             key: jax.Array | None = None, policy: CachePolicy = KeepAll(),
+             capacity: int | None = None, prefill_chunk: int = 512,
+             stop_tokens: tuple[int, ...] | None = None,
+             on_token: TokenCallback | None = None,
+             cache_dtype=None) -> Generation:
+  """Generates up to ``max_new_tokens`` after each prompt (a ragged batch).
+
+  Args:
+    capacity: cache slots per sequence; by default what the policy needs for
+      the longest prompt plus ``max_new_tokens``.
+    stop_tokens: ids that end a sequence; default the model's EOS ids.
+    on_token: streaming callback, see ``TokenCallback``.
+  """
+  cfg = lm.cfg
+  check_prompts(prompts, cfg.vocab_size)
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+  context = max(len(p) for p in prompts) + max_new_tokens
+  needed = policy.cache_capacity(context, prefill_chunk)
+  capacity = needed if capacity is None else capacity
+  if capacity < needed:
+    raise ValueError(
+        f"a context of {context} tokens (longest prompt + max_new_tokens) needs "
+        f"{needed} cache slots under policy {policy.name!r}, but the capacity "
+        f"is {capacity}; raise the capacity or choose an evicting policy")
+  if isinstance(policy, KeepAll) and context > cfg.max_context:
+    raise ValueError(f"a context of {context} tokens exceeds the model's "
+                     f"maximum of {cfg.max_context} for {cfg.name!r}")
+  stop = np.array(cfg.eos_token_ids if stop_tokens is None else stop_tokens,
+                  np.int32)
+  key = jax.random.key(0) if key is None else key
+
+  cache = init_cache(cfg, len(prompts), capacity, cache_dtype or lm.dtype)
+  logits, cache = prefill(lm, cache, prompts, policy, prefill_chunk)
+  prompt_logits = logits
+  key, sub = jax.random.split(key)
+  next_tokens = np.asarray(sample(logits, sub, sampling))
+  active = np.ones(len(prompts), bool)
+  outputs: list[list[int]] = [[] for _ in prompts]
+  finished = [False] * len(prompts)
+  for step in range(max_new_tokens):
+    for b in np.flatnonzero(active):
+      outputs[b].append(int(next_tokens[b]))
+      if next_tokens[b] in stop:
+        finished[b] = True
+    if on_token is not None:
+      on_token(step, next_tokens.copy(), active.copy())
+    active = active & ~np.isin(next_tokens, stop)
+    if step == max_new_tokens - 1 or not active.any():
+      break
+    key, sub = jax.random.split(key)
+    tokens, _, cache = steps.decode_step(
+        lm.graphdef, lm.params, cache, jnp.asarray(next_tokens),
+        jnp.asarray(active), sub, policy=policy, sampling=sampling)
+    next_tokens = np.asarray(tokens)
+  return Generation(outputs, finished, cache, prompt_logits)

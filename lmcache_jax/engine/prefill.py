@@ -1,0 +1,51 @@
+"""Chunked prefill of a ragged batch of prompts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmcache_jax.cache.kv_cache import KVCache
+from lmcache_jax.cache.policy import CachePolicy
+from lmcache_jax.engine import steps
+from lmcache_jax.engine.loaded import LoadedModel
+
+
+def pad_batch(sequences: list[list[int]], width: int | None = None,
+              pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into [B, width] int32 and returns their lengths."""
+  lengths = np.array([len(s) for s in sequences], np.int32)
+  width = int(lengths.max()) if width is None else width
+  tokens = np.full((len(sequences), width), pad_id, np.int32)
+  for row, seq in zip(tokens, sequences):
+    row[:len(seq)] = seq
+  return tokens, lengths
+
+
+def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
+            policy: CachePolicy, chunk: int = 512) -> tuple[jax.Array, KVCache]:
+  """Feeds each prompt into its sequence of ``cache``, ``chunk`` tokens at a time.
+
+  Chunking bounds the attention matrix to [chunk, capacity] per head, so long
+  prompts fit in memory. Every chunk has the same shape, so one compilation
+  serves all of them.
+
+  Returns the logits [B, V] after each prompt's last token, and the cache.
+  """
+  tokens, lengths = pad_batch(prompts)
+  width = tokens.shape[1]
+  chunk = max(1, min(chunk, width))
+  num_chunks = -(-width // chunk)
+  tokens = np.pad(tokens, ((0, 0), (0, num_chunks * chunk - width)))
+  last_logits = None
+  for c in range(num_chunks):
+    start = c * chunk
+    num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
+    logits, cache = steps.forward(
+        lm.graphdef, lm.params, cache, jnp.asarray(tokens[:, start:start + chunk]),
+        jnp.asarray(num_new), policy=policy, logits_for="last")
+    has_tokens = jnp.asarray(num_new > 0)[:, None]
+    last_logits = logits if last_logits is None else jnp.where(
+        has_tokens, logits, last_logits)
+  return last_logits, cache

@@ -1,0 +1,58 @@
+"""The jitted steps: one forward pass over new tokens, and one decode step.
+
+The model is split once into a static graph and its parameters; the cache is
+donated, so XLA updates it in place. The policy and sampling settings are
+static (frozen dataclasses); lengths and token counts are arrays, so new
+prompt lengths do not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmcache_jax.cache.kv_cache import KVCache
+from lmcache_jax.cache.policy import CachePolicy
+from lmcache_jax.engine.sampling import Sampling, sample
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "logits_for"),
+                   donate_argnames=("cache",))
+def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
+            tokens: jax.Array, num_new: jax.Array, *, policy: CachePolicy,
+            logits_for: str = "all"):
+  """Feeds ``tokens`` [B, T] (``num_new[b]`` real, right-padded) into the cache.
+
+  Returns (logits, cache): logits [B, T, V] for "all", [B, V] at each
+  sequence's last real token for "last".
+  """
+  model = nnx.merge(graphdef, params)
+  step = policy.plan(cache, num_new, tokens.shape[1])
+  logits, cache, mass = model(tokens, cache, step, logits_for=logits_for)
+  return logits, policy.update(cache, mass, step)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "sampling"),
+                   donate_argnames=("cache",))
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
+                tokens: jax.Array, active: jax.Array, key: jax.Array, *,
+                policy: CachePolicy, sampling: Sampling):
+  """Feeds one token per sequence and draws the next.
+
+  Args:
+    tokens: [B] int32, the last token of each sequence.
+    active: [B] bool; finished sequences write nothing.
+    key: PRNG key for sampling.
+
+  Returns:
+    (next tokens [B] int32, logits [B, V] float32, cache).
+  """
+  model = nnx.merge(graphdef, params)
+  num_new = active.astype(jnp.int32)
+  step = policy.plan(cache, num_new, 1)
+  logits, cache, mass = model(tokens[:, None], cache, step, logits_for="last")
+  cache = policy.update(cache, mass, step)
+  return sample(logits, key, sampling), logits, cache

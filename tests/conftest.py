@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random configs and weights."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+from lmcache_jax.models.config import ModelConfig  # noqa: E402
+from lmcache_jax.models.weights import expected_shapes  # noqa: E402
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  fields = dict(name="tiny-test", vocab_size=97, hidden_size=48,
+                intermediate_size=80, num_layers=3, num_heads=6,
+                num_kv_heads=2, head_dim=8, max_context=128,
+                rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+                eos_token_ids=(1,))
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def tiny_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights scaled so activations stay O(1) through the layers."""
+  rng = np.random.default_rng(seed)
+  weights = {}
+  for name, shape in expected_shapes(cfg).items():
+    if name.endswith("norm"):
+      weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    elif name.endswith("bias"):
+      weights[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    else:
+      fan_in = shape[-2]
+      weights[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(
+          np.float32)
+  return weights
+
+
+@pytest.fixture
+def tiny():
+  cfg = tiny_config()
+  return cfg, tiny_weights(cfg)
