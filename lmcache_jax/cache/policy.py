@@ -8,7 +8,7 @@ frozen dataclass, hence hashable, so jitted steps specialise on it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import jax
 
@@ -34,7 +34,7 @@ class CachePolicy(Protocol):
 @dataclasses.dataclass(frozen=True)
 class KeepAll:
   """Keeps every token: slot = position, nothing is ever evicted."""
-  name: str = "full"
+  name: ClassVar[str] = "full"
 
   def cache_capacity(self, context: int, chunk: int) -> int:
     del chunk

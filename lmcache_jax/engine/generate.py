@@ -71,18 +71,32 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
   if isinstance(policy, KeepAll) and context > cfg.max_context:
     raise ValueError(f"a context of {context} tokens exceeds the model's "
                      f"maximum of {cfg.max_context} for {cfg.name!r}")
-  stop = np.array(cfg.eos_token_ids if stop_tokens is None else stop_tokens,
-                  np.int32)
-  key = jax.random.key(0) if key is None else key
-
   cache = init_cache(cfg, len(prompts), capacity, cache_dtype or lm.dtype)
   logits, cache = prefill(lm, cache, prompts, policy, prefill_chunk)
-  prompt_logits = logits
+  return decode(lm, cache, logits, max_new_tokens=max_new_tokens,
+                sampling=sampling, key=key, policy=policy,
+                stop_tokens=stop_tokens, on_token=on_token)
+
+
+def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
+           max_new_tokens: int, sampling: Sampling = Sampling(),
+           key: jax.Array | None = None, policy: CachePolicy = KeepAll(),
+           stop_tokens: tuple[int, ...] | None = None,
+           on_token: TokenCallback | None = None) -> Generation:
+  """Decodes after a prefilled cache whose last logits are ``prompt_logits`` [B, V].
+
+  Separate from ``generate`` so that callers that build the cache another way
+  (a prefix loaded from a store, a restored session) share the loop.
+  """
+  stop = np.array(lm.cfg.eos_token_ids if stop_tokens is None else stop_tokens,
+                  np.int32)
+  key = jax.random.key(0) if key is None else key
+  batch = prompt_logits.shape[0]
   key, sub = jax.random.split(key)
-  next_tokens = np.asarray(sample(logits, sub, sampling))
-  active = np.ones(len(prompts), bool)
-  outputs: list[list[int]] = [[] for _ in prompts]
-  finished = [False] * len(prompts)
+  next_tokens = np.asarray(sample(prompt_logits, sub, sampling))
+  active = np.ones(batch, bool)
+  outputs: list[list[int]] = [[] for _ in range(batch)]
+  finished = [False] * batch
   for step in range(max_new_tokens):
     for b in np.flatnonzero(active):
       outputs[b].append(int(next_tokens[b]))

@@ -1,0 +1,1 @@
+"""Calibration policies, one per file; each registers itself on import."""

@@ -1,0 +1,1 @@
+"""Tier policies, one per file; each registers itself on import."""
