@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 
 class Registry:
-  """Factories of one kind of policy (eviction, calibration, tier)."""
+  """Factories of one kind of policy (eviction, calibration, tier) or task."""
 
-  def __init__(self, kind: str, package: str):
+  def __init__(self, kind: str, package: str, noun: str = "policy"):
     self.kind = kind
+    self.noun = noun
     self._package = package
     self._factories: dict[str, Callable[..., Any]] = {}
     self._loaded = False
@@ -28,7 +29,7 @@ class Registry:
     """Class/function decorator adding a factory under ``name``."""
     def decorator(factory):
       if name in self._factories and self._factories[name] is not factory:
-        raise ValueError(f"{self.kind} policy {name!r} is already registered "
+        raise ValueError(f"{self.kind} {self.noun} {name!r} is already registered "
                          f"by {self._factories[name].__module__}")
       self._factories[name] = factory
       return factory
@@ -50,7 +51,7 @@ class Registry:
   def get(self, name: str) -> Callable[..., Any]:
     self._load()
     if name not in self._factories:
-      raise ValueError(f"unknown {self.kind} policy {name!r}; "
+      raise ValueError(f"unknown {self.kind} {self.noun} {name!r}; "
                        f"valid: {', '.join(self.names())}")
     return self._factories[name]
 
@@ -70,7 +71,7 @@ class Registry:
     valid = self.parameters(name)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-      raise ValueError(f"{self.kind} policy {name!r} has no parameter(s) "
+      raise ValueError(f"{self.kind} {self.noun} {name!r} has no parameter(s) "
                        f"{', '.join(unknown)}; valid: {', '.join(valid) or 'none'}")
     return self.get(name)(**kwargs)
 

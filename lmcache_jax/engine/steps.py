@@ -56,3 +56,18 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
   logits, cache, mass = model(tokens[:, None], cache, step, logits_for="last")
   cache = policy.update(cache, mass, step)
   return sample(logits, key, sampling), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy"),
+                   donate_argnames=("cache",))
+def forward_nll(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
+                tokens: jax.Array, num_new: jax.Array, targets: jax.Array, *,
+                policy: CachePolicy):
+  """Like ``forward``, but returns the negative log-likelihood [B, T] of
+  ``targets`` (the next tokens) instead of logits, so the vocabulary-sized
+  logits never leave the device."""
+  logits, cache = forward.__wrapped__(graphdef, params, cache, tokens, num_new,
+                                      policy=policy, logits_for="all")
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return nll, cache

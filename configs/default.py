@@ -1,0 +1,54 @@
+"""The default experiment: perplexity of the real SmolLM2-135M on Hamlet.
+
+  python -m experiments.run --config=configs/default.py
+  python -m experiments.run --task=generate --prompt="Name three planets."
+  python -m experiments.run --config=configs/default.py:runlocal   # smoke run
+
+Any field can be overridden: ``--config.perplexity.chunk=128``. The flat flags
+of ``experiments.run`` (--task, --model, --policy, --budget, --context, ...)
+map onto the fields below.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "perplexity"
+  config.model = "smollm2-135m"
+  config.dtype = "auto"          # auto = bfloat16 on GPU/TPU, float32 on CPU
+  config.seed = 0
+  config.context = 2048          # tokens the cache must hold (the eval window)
+  config.text = "hamlet"         # a Shakespeare work, or "corpus" for all of them
+  config.text_file = ""          # any UTF-8 file instead of `text`
+  config.output_dir = "runs"
+  config.prefill_chunk = 512
+
+  config.policy = ml_collections.ConfigDict()
+  config.policy.name = "full"    # or a call string: "snapkv(window=32)"
+  config.policy.budget = 0.0     # tokens (>= 1) or a fraction of context (< 1)
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.kv_bits = 16.0    # 16 = full precision; else average bits
+  config.quant.calibration = "uniform"
+  config.quant.plan = ""         # path of a saved quant plan
+
+  config.perplexity = ml_collections.ConfigDict()
+  config.perplexity.num_tokens = 0   # tokens scored; 0 = `context`
+  config.perplexity.chunk = 256      # tokens fed per forward pass
+  config.perplexity.buckets = 8      # position buckets in the report
+
+  config.generate = ml_collections.ConfigDict()
+  config.generate.prompt = "Write a short poem about the sea."
+  config.generate.chat = True        # wrap the prompt in the chat template
+  config.generate.max_new_tokens = 64
+  config.generate.temperature = 0.0
+  config.generate.top_k = 0
+  config.generate.top_p = 1.0
+
+  if arg and "runlocal" in arg.split(","):
+    config.context = 256
+    config.generate.max_new_tokens = 16
+  return config

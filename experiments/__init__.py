@@ -1,0 +1,1 @@
+"""Experiments: the run script, tasks, sweeps and benchmarks."""

