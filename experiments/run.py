@@ -98,9 +98,11 @@ def listing(config) -> str | None:
   return None
 
 
-def build_context(config) -> RunContext:
+def build_context(config, lm: models.LoadedModel | None = None) -> RunContext:
+  """The run's policy, model, quantization and store; ``lm`` reuses a loaded
+  model (sweeps load it once for all cells)."""
   policy = setup.make_policy(config.policy, config.context)
-  lm = setup.load_model(config)
+  lm = setup.load_model(config) if lm is None else lm
   quant = setup.make_quant(config, lm)
   store = setup.make_store(config, lm)
   return RunContext(config=config, lm=lm, policy=policy, quant=quant,
@@ -119,11 +121,11 @@ def write_results(config, results: dict) -> pathlib.Path:
   return run_dir
 
 
-def run(config) -> dict:
+def run(config, lm: models.LoadedModel | None = None) -> dict:
   """Runs the configured task; returns its results with the run's identity."""
   task = TASKS.get(config.task)
   start = time.perf_counter()
-  ctx = build_context(config)
+  ctx = build_context(config, lm)
   load_seconds = time.perf_counter() - start
   results = {
       "task": config.task,
