@@ -1,0 +1,334 @@
+"""The prefix store: chunked KV in device, host and disk tiers, reused across requests.
+
+``store`` writes a sequence's new whole chunks through to every tier (device
+and host at once, disk in the background); ``lookup`` finds the longest
+prefix of stored chunks; ``load`` brings it onto the device, each chunk from
+the fastest tier that holds it, in batched transfers, and promotes what came
+from slower tiers; ``prefetch`` warms the host tier from disk ahead of time.
+
+Only caches where slot == position (no eviction, the ``full`` policy) can be
+stored or loaded: a chunk is the slot range of its tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from lmcache_jax.cache.kv_cache import KVCache
+from lmcache_jax.store import codec
+from lmcache_jax.store.crypto import Cipher
+from lmcache_jax.store.disk import DiskTier
+from lmcache_jax.store.keys import chunk_keys, namespace
+from lmcache_jax.store.layout import Chunk, Layout, insert_prefix, slice_chunk
+from lmcache_jax.store.memory import device_sharding, host_sharding
+from lmcache_jax.store.tier import MemoryTier, Tier, log
+
+
+@dataclasses.dataclass
+class Prefix:
+  """A loaded prefix: its chunks on the device and the tier each came from."""
+  num_tokens: int
+  chunks: list[Chunk]
+  sources: list[str]
+
+  def tier_counts(self) -> dict[str, int]:
+    return dict(collections.Counter(self.sources))
+
+
+class KVStore:
+  """Chunks of KV keyed by (model, layout, layer range, chunk size, tokens).
+
+  Args:
+    layout: the payload layout of the caches it serves (``Layout.of(cache)``).
+    model_fingerprint: ``keys.model_fingerprint(lm)``; chunks of another
+      model or dtype never match.
+    chunk_size: tokens per chunk; must be a multiple of every leaf's group.
+    device_bytes, host_bytes, disk_bytes: tier capacities; None leaves a
+      tier out (disk also needs ``disk_dir``).
+    policy: tier policy name from ``policies.tier`` (lru, lfu, fifo).
+    cipher: encrypts the host and disk tiers (see ``crypto.load_cipher``).
+  """
+
+  def __init__(self, layout: Layout, *, model_fingerprint: bytes,
+               chunk_size: int = 256, device_bytes: int | None = None,
+               host_bytes: int | None = None, disk_dir: str | None = None,
+               disk_bytes: int | None = None, policy: str = "lru",
+               cipher: Cipher | None = None, device: jax.Device | None = None,
+               read_threads: int = 4):
+    layout.check_chunk_size(chunk_size)
+    if (disk_dir is None) != (disk_bytes is None):
+      raise ValueError("the disk tier needs both disk_dir and disk_bytes; "
+                       f"got disk_dir={disk_dir!r}, disk_bytes={disk_bytes!r}")
+    self.layout = layout
+    self.chunk_size = chunk_size
+    self.cipher = cipher
+    self.device = device or jax.devices()[0]
+    self.root = namespace(model_fingerprint, layout.fingerprint(), chunk_size,
+                          f"layers 0:{layout.num_layers}")
+    self.expected = layout.chunk_shapes(chunk_size)
+    self.chunk_nbytes = layout.chunk_nbytes(chunk_size)
+    self.tiers: dict[str, Tier] = {}
+    if device_bytes is not None:
+      self.tiers["device"] = MemoryTier("device", device_bytes, policy)
+    if host_bytes is not None:
+      self.tiers["host"] = MemoryTier("host", host_bytes, policy)
+    if disk_dir is not None:
+      self.tiers["disk"] = DiskTier(disk_dir, disk_bytes, policy, cipher)
+    if not self.tiers:
+      raise ValueError("a store needs at least one tier: give device_bytes, "
+                       "host_bytes or disk_dir with disk_bytes")
+    self.stats: collections.Counter = collections.Counter()
+    self._stats_lock = threading.Lock()
+    self._worker = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="kvstore-worker")
+    self._readers = concurrent.futures.ThreadPoolExecutor(
+        read_threads, thread_name_prefix="kvstore-read")
+    self._pending: set[concurrent.futures.Future] = set()
+    self._pending_lock = threading.Lock()
+
+  # -- keys ------------------------------------------------------------------
+
+  def keys(self, tokens: Sequence[int], max_tokens: int | None = None):
+    limit = None if max_tokens is None else max_tokens // self.chunk_size
+    return chunk_keys(tokens, self.chunk_size, self.root, limit)
+
+  def lookup(self, tokens: Sequence[int]) -> int:
+    """Tokens of the longest prefix of ``tokens`` whose chunks are all stored."""
+    hits = 0
+    for key in self.keys(tokens):
+      if not any(key in tier for tier in self.tiers.values()):
+        break
+      hits += 1
+    return hits * self.chunk_size
+
+  # -- store -----------------------------------------------------------------
+
+  def store(self, tokens: Sequence[int], cache: KVCache, row: int = 0,
+            wait: bool = False) -> int:
+    """Writes the whole chunks of ``tokens`` held by sequence ``row`` of ``cache``.
+
+    Chunks already in every tier are skipped. Device and host copies are
+    made now; disk files are written by the background worker (``wait``
+    blocks until they are). Returns the number of chunks copied.
+    """
+    if Layout.of(cache) != self.layout:
+      raise ValueError("the cache's payload layout differs from the store's; "
+                       "build the store for this cache's dtype and quantization")
+    if not 0 <= row < cache.batch_size:
+      raise ValueError(f"row {row} is outside the batch of {cache.batch_size}")
+    held = min(len(tokens), int(cache.lengths[row]))
+    todo = [(i, key) for i, key in enumerate(self.keys(tokens, held))
+            if any(key not in tier for tier in self.tiers.values())]
+    if not todo:
+      return 0
+    chunks = [slice_chunk(cache, self.layout, row, i * self.chunk_size,
+                          self.chunk_size) for i, _ in todo]
+    keys = [key for _, key in todo]
+    if "device" in self.tiers:
+      for key, chunk in zip(keys, chunks):
+        self.tiers["device"].put(key, chunk, self.chunk_nbytes)
+    if "host" in self.tiers:
+      missing = [(k, c) for k, c in zip(keys, chunks)
+                 if k not in self.tiers["host"]]
+      if missing:
+        self._put_host(*map(list, zip(*missing)))
+    if "disk" in self.tiers:
+      self._submit(self._write_disk, keys, chunks)
+    if wait:
+      self.flush()
+    self._count(stored=len(todo))
+    return len(todo)
+
+  def _put_host(self, keys: list[bytes], chunks: list[Chunk]) -> None:
+    host = self.tiers["host"]
+    if self.cipher is not None:
+      for key, chunk in zip(keys, chunks):
+        blob = codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
+        host.put(key, blob, len(blob))
+      return
+    flat = [a for chunk in chunks for a in chunk]
+    moved = jax.device_put(flat, host_sharding(self.device))
+    width = len(self.layout.leaves)
+    for i, key in enumerate(keys):
+      host.put(key, tuple(moved[i * width:(i + 1) * width]), self.chunk_nbytes)
+
+  def _write_disk(self, keys: list[bytes], chunks: list[Chunk]) -> None:
+    disk = self.tiers["disk"]
+    for key, chunk in zip(keys, chunks):
+      if key in disk:
+        continue
+      blob = codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
+      disk.put(key, blob, len(blob))
+
+  # -- load ------------------------------------------------------------------
+
+  def load(self, tokens: Sequence[int], n: int | None = None) -> Prefix:
+    """The stored KV of up to the first ``n`` tokens, on the device.
+
+    Stops at the first chunk that is missing or fails its checks (a damaged
+    chunk is dropped), so the prefix may be shorter than ``lookup`` said;
+    the caller recomputes the rest.
+    """
+    keys = self.keys(tokens, n)
+    found: list = []       # per chunk: device chunk, host arrays or numpy leaves
+    sources: list[str] = []
+    for key in keys:
+      source, value = self._fast_get(key)
+      if value is None:
+        if "disk" not in self.tiers or key not in self.tiers["disk"]:
+          break
+        source = "disk"
+        value = self._readers.submit(self.tiers["disk"].read_chunk, key,
+                                     self.expected)
+      found.append(value)
+      sources.append(source)
+    for i, value in enumerate(found):
+      if isinstance(value, concurrent.futures.Future):
+        found[i] = value.result()
+      if found[i] is None:
+        for later in found[i + 1:]:
+          if isinstance(later, concurrent.futures.Future):
+            later.cancel()
+        found, sources = found[:i], sources[:i]
+        self._count(dropped=1)
+        break
+    chunks = self._to_device(found, sources)
+    self._promote(keys, chunks, found, sources)
+    for source in sources:
+      self._count(**{f"hit_{source}": 1})
+    return Prefix(len(chunks) * self.chunk_size, chunks, sources)
+
+  def _fast_get(self, key: bytes):
+    for name in ("device", "host"):
+      tier = self.tiers.get(name)
+      value = None if tier is None else tier.get(key)
+      if value is None:
+        continue
+      if name == "host" and self.cipher is not None:
+        try:
+          value = codec.decode(value, key, self.expected, self.cipher)
+        except codec.CorruptChunk as e:
+          log.warning("host tier: dropped damaged chunk %s: %s",
+                      key.hex()[:16], e)
+          tier.drop(key)
+          continue
+      return name, value
+    return None, None
+
+  def _to_device(self, found: list, sources: list[str]) -> list[Chunk]:
+    """Moves every non-device chunk in one batched ``device_put``."""
+    width = len(self.layout.leaves)
+    moving = [i for i, s in enumerate(sources) if s != "device"]
+    flat = [a for i in moving for a in found[i]]
+    moved = jax.device_put(flat, device_sharding(self.device)) if flat else []
+    chunks = list(found)
+    for j, i in enumerate(moving):
+      chunks[i] = tuple(moved[j * width:(j + 1) * width])
+    return chunks
+
+  def _promote(self, keys, chunks, found, sources) -> None:
+    """Copies chunks that came from a slower tier into the faster ones."""
+    if "device" in self.tiers:
+      for key, chunk, source in zip(keys, chunks, sources):
+        if source != "device":
+          self.tiers["device"].put(key, chunk, self.chunk_nbytes)
+    from_disk = [(key, leaves) for key, leaves, source
+                 in zip(keys, found, sources) if source == "disk"]
+    if from_disk and "host" in self.tiers:
+      self._submit(self._promote_host, from_disk)
+
+  def _promote_host(self, items) -> None:
+    host = self.tiers["host"]
+    if self.cipher is not None:
+      for key, leaves in items:
+        blob = codec.encode(key, leaves, self.cipher)
+        host.put(key, blob, len(blob))
+      return
+    keys = [key for key, _ in items]
+    self._put_host(keys, [tuple(leaves) for _, leaves in items])
+
+  def insert(self, cache: KVCache, row: int, prefix: Prefix) -> KVCache:
+    """``cache`` with ``prefix`` as the first tokens of empty sequence ``row``."""
+    return insert_prefix(cache, self.layout, row, prefix.chunks, self.chunk_size)
+
+  # -- background work ---------------------------------------------------------
+
+  def prefetch(self, tokens: Sequence[int]) -> concurrent.futures.Future:
+    """Brings the stored prefix of ``tokens`` from disk into the host tier.
+
+    Returns a future of the number of prefix chunks then in memory tiers.
+    """
+    return self._submit(self._prefetch, list(tokens))
+
+  def _prefetch(self, tokens: list[int]) -> int:
+    fast = [self.tiers[n] for n in ("device", "host") if n in self.tiers]
+    disk = self.tiers.get("disk")
+    items, ready = [], 0
+    for key in self.keys(tokens):
+      if any(key in tier for tier in fast):
+        ready += 1
+        continue
+      leaves = disk.read_chunk(key, self.expected) if disk else None
+      if leaves is None:
+        break
+      items.append((key, leaves))
+      ready += 1
+    if items and "host" in self.tiers:
+      self._promote_host(items)
+    elif items and "device" in self.tiers:
+      moved = self._to_device([leaves for _, leaves in items],
+                              ["disk"] * len(items))
+      for (key, _), chunk in zip(items, moved):
+        self.tiers["device"].put(key, chunk, self.chunk_nbytes)
+    return ready
+
+  def _submit(self, fn, *args) -> concurrent.futures.Future:
+    future = self._worker.submit(self._guarded, fn, *args)
+    with self._pending_lock:
+      self._pending.add(future)
+    future.add_done_callback(self._done)
+    return future
+
+  def _guarded(self, fn, *args):
+    try:
+      return fn(*args)
+    except Exception:  # A background failure must not take the run down.
+      log.exception("store: background %s failed", fn.__name__)
+      return None
+
+  def _done(self, future) -> None:
+    with self._pending_lock:
+      self._pending.discard(future)
+
+  def flush(self) -> None:
+    """Waits for every background write, promotion and prefetch so far."""
+    while True:
+      with self._pending_lock:
+        pending = list(self._pending)
+      if not pending:
+        return
+      concurrent.futures.wait(pending)
+
+  def close(self) -> None:
+    self.flush()
+    self._worker.shutdown()
+    self._readers.shutdown()
+
+  def _count(self, **counts) -> None:
+    with self._stats_lock:
+      self.stats.update(counts)
+
+  def describe(self) -> str:
+    parts = [f"{name}: {len(t)} chunks, {t.used / 2**20:.1f}/"
+             f"{t.capacity / 2**20:.1f} MiB ({t.policy_name})"
+             for name, t in self.tiers.items()]
+    return (f"KVStore(chunk={self.chunk_size} tokens, "
+            f"{self.chunk_nbytes / 2**20:.2f} MiB/chunk; " + "; ".join(parts)
+            + (", encrypted" if self.cipher else "") + ")")
