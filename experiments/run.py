@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from experiments import setup
 from experiments.context import RunContext
 from experiments.tasks import TASKS
+from experiments.texts import load_eval_text
 from lmcache_jax import __version__, models
 from lmcache_jax.fetch import FetchError
 from policies.registry import EVICTION
@@ -102,6 +103,8 @@ def build_context(config, lm: models.LoadedModel | None = None) -> RunContext:
   """The run's policy, model, quantization and store; ``lm`` reuses a loaded
   model (sweeps load it once for all cells)."""
   policy = setup.make_policy(config.policy, config.context)
+  if config.text_file:
+    load_eval_text(config.text, config.text_file)  # fail before the model loads
   lm = setup.load_model(config) if lm is None else lm
   quant = setup.make_quant(config, lm)
   store = setup.make_store(config, lm)

@@ -42,3 +42,11 @@ def tiny_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 def tiny():
   cfg = tiny_config()
   return cfg, tiny_weights(cfg)
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+  """The real SmolLM2-135M-Instruct in float32, loaded once per test session."""
+  import jax.numpy as jnp
+  from lmcache_jax import models
+  return models.load("smollm2-135m", jnp.float32)

@@ -1,0 +1,143 @@
+"""The run script and its error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from conftest import tiny_config, tiny_weights
+from experiments import run as run_module
+from experiments import setup
+from experiments.texts import load_eval_text
+from lmcache_jax import models
+from lmcache_jax.engine import LoadedModel, generate
+from lmcache_jax.models.llama import from_weights
+from configs import default
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args],
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  cfg = tiny_config()
+  return LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
+
+
+def test_unknown_model_lists_known_ones():
+  with pytest.raises(ValueError, match="llama2-13b"):
+    models.load("no-such-model")
+
+
+def test_missing_weight_file():
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    models.load("/nonexistent/model.gguf")
+
+
+def test_corrupt_weight_file(tmp_path):
+  bad = tmp_path / "broken.gguf"
+  bad.write_bytes(b"GGUF" + b"\x00" * 64)
+  with pytest.raises(ValueError, match="broken.gguf"):
+    models.load(str(bad))
+
+
+def test_context_longer_than_capacity(tiny_lm):
+  with pytest.raises(ValueError, match="cache slots"):
+    generate(tiny_lm, [[1, 2, 3]], max_new_tokens=10, capacity=8)
+
+
+def test_empty_prompt(tiny_lm):
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    generate(tiny_lm, [[1, 2], []], max_new_tokens=2)
+
+
+def test_token_outside_vocabulary(tiny_lm):
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    generate(tiny_lm, [[1, 5000]], max_new_tokens=2)
+
+
+def test_non_utf8_text_file(tmp_path):
+  path = tmp_path / "latin1.txt"
+  path.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+  with pytest.raises(ValueError, match="not UTF-8"):
+    load_eval_text("hamlet", str(path))
+
+
+@pytest.mark.parametrize("budget,context,message", [
+    (0, 100, "must be positive"),
+    (-3, 100, "must be positive"),
+    (500, 100, "larger than the context"),
+    (12.5, 100, "neither a whole number"),
+])
+def test_bad_budget(budget, context, message):
+  with pytest.raises(ValueError, match=message):
+    setup.resolve_budget(budget, context)
+
+
+def test_budget_fraction_and_tokens():
+  assert setup.resolve_budget(0.25, 1000) == 250
+  assert setup.resolve_budget(128, 1000) == 128
+
+
+def test_full_policy_rejects_budget():
+  config = ml_collections.ConfigDict({"name": "full", "budget": 64.0})
+  with pytest.raises(ValueError, match="takes no --budget"):
+    setup.make_policy(config, 1000)
+
+
+def test_run_in_process_writes_results(tmp_path, tiny_lm, monkeypatch):
+  config = default.get_config("runlocal").unlock()
+  config.output_dir = str(tmp_path)
+  config.context = 64
+  text = tmp_path / "text.txt"
+  text.write_text("abc def ghi " * 50)
+  config.text_file = str(text)
+  config.model = "tiny-test"
+  monkeypatch.setattr(type(tiny_lm), "tokenizer", property(
+      lambda self: _ByteTokenizer(self.cfg.vocab_size)), raising=False)
+  results = run_module.run(config.lock(), tiny_lm)
+  for key in ("task", "model", "policy", "context", "tokens", "ppl",
+              "kv_bytes", "seconds"):
+    assert key in results
+  assert results["tokens"] == 64
+  run_dir = run_module.write_results(config, results)
+  saved = json.loads((run_dir / "results.json").read_text())
+  assert saved["ppl"] == pytest.approx(results["ppl"])
+  assert json.loads((run_dir / "config.json").read_text())["config"]["context"] == 64
+
+
+class _ByteTokenizer:
+  """Bytes modulo the vocabulary: enough to feed a tiny random model."""
+
+  def __init__(self, vocab_size):
+    self.vocab_size = vocab_size
+
+  def encode(self, text, add_bos=False):
+    del add_bos
+    return [b % self.vocab_size for b in text.encode()]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=no-such-model"], "unknown"),
+    (["--policy=no_such_policy"], "unknown eviction policy"),
+    (["--task=no_such_task"], "unknown task name"),
+    (["--text_file=/no/such/file.txt"], "is not a file"),
+])
+def test_cli_errors_are_one_line(args, message):
+  out = run_cli(*args)
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_cli_lists_policies():
+  out = run_cli("--policy=list")
+  assert out.returncode == 0
+  assert "full" in out.stdout
