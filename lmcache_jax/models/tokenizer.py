@@ -1,0 +1,207 @@
+"""The model's own tokenizer, rebuilt from the metadata of its GGUF file.
+
+A GGUF carries no `tokenizer.json`, only the pieces llama.cpp needs: the
+vocabulary, the BPE merges, each token's type, the special ids, the name of
+the pre-tokenizer (`tokenizer.ggml.pre`) and the chat template. We assemble the
+same byte-level BPE with the `tokenizers` library. The pre-tokenizer is the part
+a GGUF names but does not spell out; `_PRE_TOKENIZERS` spells out those we
+support, following llama.cpp's `llama-vocab.cpp`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import gguf
+import jinja2
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+
+def _gpt2() -> pre_tokenizers.PreTokenizer:
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
+  # llama.cpp: "\p{N}" first, then the GPT-2 regex. The same as the
+  # Sequence[Digits(individual_digits=True), ByteLevel] of SmolLM2's
+  # tokenizer.json on Hugging Face.
+  return pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True), _gpt2()])
+
+
+# `tokenizer.ggml.pre` -> pre-tokenizer, for the names llama.cpp splits with
+# the plain GPT-2 regex, or with single digits first and then that regex.
+_PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "gpt-2": _gpt2, "mpt": _gpt2, "olmo": _gpt2, "jais": _gpt2,
+    "smollm": _digits_then_gpt2, "starcoder": _digits_then_gpt2,
+    "refact": _digits_then_gpt2, "command-r": _digits_then_gpt2,
+    "codeshell": _digits_then_gpt2, "exaone": _digits_then_gpt2,
+}
+
+# llama.cpp's token types (gguf.TokenType): CONTROL tokens are special (never
+# produced by splitting text, skipped on request when decoding); USER_DEFINED
+# ones are matched whole in text but decode as plain text.
+_CONTROL = int(gguf.TokenType.CONTROL)
+_USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
+
+# Besides the EOS/EOT/EOM ids, tokens that end generation wherever present, as
+# in llama.cpp's end-of-generation set: instruct models end a turn with these,
+# and not every GGUF names them as its EOS.
+_END_OF_GENERATION = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
+                      "<|endoftext|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>")
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tokenizer:
+  """Byte-level BPE text <-> ids, plus the model's chat template.
+
+  Build with `Tokenizer.from_gguf(path)`.
+  """
+
+  backend: tokenizers.Tokenizer
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int | None
+  eos_ids: tuple[int, ...]
+  chat_template: str | None
+
+  @classmethod
+  def from_gguf(cls, source: str | os.PathLike | gguf.GGUFReader) -> Tokenizer:
+    """Reads the tokenizer of a GGUF file (metadata only; tensors stay on disk).
+
+    Args:
+      source: path of the `.gguf`, or a `gguf.GGUFReader` already open on it
+        (the model loader's, to parse the file once).
+
+    Raises:
+      ValueError: the file's tokenizer is not byte-level BPE, or its
+        pre-tokenizer is not one this module knows.
+    """
+    reader = (source if isinstance(source, gguf.GGUFReader)
+              else gguf.GGUFReader(source))
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+      raise ValueError(
+          f"tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is "
+          "supported")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre not in _PRE_TOKENIZERS:
+      raise ValueError(
+          f"tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers: "
+          f"{sorted(_PRE_TOKENIZERS)}")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or not merges:
+      raise ValueError("the GGUF has no tokenizer.ggml.tokens or merges")
+    types = _field(reader, "tokenizer.ggml.token_type",
+                   [int(gguf.TokenType.NORMAL)] * len(tokens))
+    if len(types) != len(tokens):
+      raise ValueError(f"the GGUF has {len(types)} token types for "
+                       f"{len(tokens)} tokens")
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab,
+                     merges=[tuple(m.split(" ", 1)) for m in merges],
+                     fuse_unk=False, byte_fallback=False)
+    backend = tokenizers.Tokenizer(bpe)
+    backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    control = [t for t, k in zip(tokens, types, strict=True) if k == _CONTROL]
+    backend.add_special_tokens([
+        tokenizers.AddedToken(t, special=True, normalized=False)
+        for t in control])
+    backend.add_tokens([
+        tokenizers.AddedToken(t, special=False, normalized=False)
+        for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED])
+
+    def token_id(key: str) -> int | None:
+      value = _field(reader, f"tokenizer.ggml.{key}")
+      return None if value is None else int(value)
+
+    eos_ids = [token_id(key) for key in ("eos_token_id", "eot_token_id",
+                                         "eom_token_id")]
+    eos_ids += [vocab[t] for t in _END_OF_GENERATION if t in vocab]
+    eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+    return cls(backend=backend, bos_id=token_id("bos_token_id"),
+               eos_id=token_id("eos_token_id"),
+               pad_id=token_id("padding_token_id"), eos_ids=eos_ids,
+               chat_template=_field(reader, "tokenizer.chat_template"))
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids, the rows of the embedding table."""
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    """Ids of `text`; special tokens written in it (`<|im_start|>`) stay whole.
+
+    Empty text gives [] (or [bos] with `add_bos`); callers decide if that is
+    an error.
+    """
+    if not isinstance(text, str):
+      raise TypeError(f"text must be a str, got {type(text).__name__}")
+    ids = (self.backend.encode(text, add_special_tokens=False).ids
+           if text else [])
+    if add_bos:
+      if self.bos_id is None:
+        raise ValueError("add_bos=True, but the GGUF defines no bos_token_id")
+      ids = [self.bos_id, *ids]
+    return ids
+
+  def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+    """Text of `ids`; `skip_special` drops control tokens like `<|im_end|>`."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"ids {bad[:5]} are outside the vocabulary "
+                       f"[0, {self.vocab_size})")
+    return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+  def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """A conversation rendered by the model's own template (sandboxed).
+
+    Args:
+      messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
+      add_generation_prompt: end with the header of the assistant's turn.
+    """
+    if self.chat_template is None:
+      raise ValueError("the GGUF has no tokenizer.chat_template")
+    for i, message in enumerate(messages):
+      if (not isinstance(message, Mapping)
+          or not isinstance(message.get("role"), str)
+          or not isinstance(message.get("content"), str)):
+        raise ValueError(
+            f"messages[{i}] is {message!r}; each message must be a dict with "
+            "str 'role' and 'content'")
+    return _compile(self.chat_template).render(
+        messages=[dict(m) for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
+
+  def _text(self, token_id: int | None) -> str:
+    return "" if token_id is None else self.backend.id_to_token(token_id)
+
+
+def _raise_exception(message: str):
+  raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+  # As Hugging Face renders chat templates, whose authors write for it.
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True,
+      extensions=["jinja2.ext.loopcontrols"])
+  env.globals["raise_exception"] = _raise_exception
+  return env.from_string(template)
