@@ -1,0 +1,251 @@
+"""The standard plots of a sweep, drawn from its result records.
+
+A record is one cell's results with its grid coordinates (``task``,
+``policy``, ``budget``, ``kv_bits``, ``calibration``, ``context``). Plots read
+these result keys, and skip themselves when no record has them:
+
+- ``kv_bytes`` with ``ppl`` or ``accuracy``: quality vs cache memory, with the
+  Pareto front across policies;
+- ``ppl_by_position``: ``[{"start", "end", "ppl"}]``, perplexity along the
+  stream (StreamingLLM's figure);
+- ``by_depth``: ``[{"depth", "accuracy" or "correct", optional "length" or
+  "context"}]``, retrieval accuracy by needle depth and context length (a heat
+  map; the cell's ``context`` is the length when a record gives none);
+- ``ttft_cold_s`` and ``ttft_warm_s`` (or ``*_ms``): time to first token
+  recomputing vs loading a cached prefix.
+
+Figures are built with ``matplotlib.figure.Figure`` (the Agg canvas, no
+pyplot state), so they work headless, in tests and in notebooks alike.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import pathlib
+from typing import Callable
+
+import numpy as np
+from matplotlib.figure import Figure
+
+_MARKERS = "osD^v<>ph*"
+
+
+def label(record: dict) -> str:
+  """``h2o@256 4-bit uniform [store.tiers=host]`` style name of a cell."""
+  name = record["policy"]
+  if record.get("budget"):
+    name += f"@{record['budget']:g}"
+  if record.get("kv_bits", 16) < 16:
+    name += f" {record['kv_bits']:g}-bit {record.get('calibration', '')}".rstrip()
+  if record.get("variant"):
+    name += f" [{record['variant']}]"
+  return name
+
+
+def _colors(names: list[str]) -> dict[str, tuple]:
+  from matplotlib import colormaps
+  cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+  return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool
+                 ) -> list[tuple[float, float]]:
+  """Points no other point beats on both memory (lower) and quality."""
+  best = -math.inf if higher_is_better else math.inf
+  front = []
+  for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+    if (y > best) if higher_is_better else (y < best):
+      front.append((x, y))
+      best = y
+  return front
+
+
+def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
+  """``metric`` (ppl or accuracy) vs KV bytes, a series per policy, with the
+  Pareto front across all of them."""
+  points = [r for r in records if isinstance(r.get(metric), (int, float))
+            and isinstance(r.get("kv_bytes"), (int, float))]
+  if not points:
+    return None
+  higher = metric != "ppl"
+  policies = sorted({r["policy"] for r in points}, key=lambda p: (p != "full", p))
+  bits = sorted({r.get("kv_bits", 16) for r in points}, reverse=True)
+  colors = _colors(policies)
+  tasks = sorted({r["task"] for r in points})
+  fig = Figure(figsize=(7.5, 5))
+  ax = fig.add_subplot()
+  for policy in policies:
+    for i, b in enumerate(bits):
+      series = sorted((r["kv_bytes"] / 2**20, r[metric]) for r in points
+                      if r["policy"] == policy and r.get("kv_bits", 16) == b)
+      if not series:
+        continue
+      xs, ys = zip(*series)
+      name = policy if len(bits) == 1 else f"{policy}, {b:g}-bit"
+      ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=colors[policy],
+              linestyle="-" if len(series) > 1 else "none", label=name)
+  front = pareto_front([(r["kv_bytes"] / 2**20, r[metric]) for r in points], higher)
+  fx, fy = zip(*front)
+  ax.step(fx, fy, where="post", color="black", linestyle="--", linewidth=1,
+          alpha=0.6, label="Pareto front")
+  xs = [r["kv_bytes"] for r in points]
+  if max(xs) > 8 * min(xs):
+    ax.set_xscale("log")
+  ax.set_xlabel("KV cache payload (MiB, per sequence)")
+  ax.set_ylabel("perplexity (lower is better)" if metric == "ppl"
+                else f"{metric} (higher is better)")
+  ax.set_title(f"{metric} vs KV memory ({', '.join(tasks)}, "
+               f"context {_contexts(points)})")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8, loc="best")
+  fig.tight_layout()
+  return fig
+
+
+def _contexts(records: list[dict]) -> str:
+  return "/".join(str(c) for c in sorted({r["context"] for r in records}))
+
+
+def ppl_by_position(records: list[dict]) -> Figure | None:
+  """Perplexity along the stream, one panel per budget; budget-free cells
+  (``full``) are drawn in every panel as the reference."""
+  curves = [r for r in records if r.get("ppl_by_position")]
+  if not curves:
+    return None
+  budgets = sorted({r["budget"] for r in curves if r.get("budget")}) or [0]
+  references = [r for r in curves if not r.get("budget")]
+  colors = _colors(sorted({label(r) for r in curves}))
+  cols = min(len(budgets), 3)
+  rows = -(-len(budgets) // cols)
+  fig = Figure(figsize=(5.5 * cols, 4 * rows))
+  for i, budget in enumerate(budgets):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    panel = [r for r in curves if r.get("budget") == budget] if budget else []
+    for r in references + panel:
+      buckets = r["ppl_by_position"]
+      xs = [(b["start"] + b["end"]) / 2 for b in buckets]
+      ys = [b["ppl"] for b in buckets]
+      reference = r in references
+      ax.plot(xs, ys, marker="." if not reference else None,
+              color="black" if reference else colors[label(r)],
+              linestyle="--" if reference else "-", label=label(r))
+    ax.set_xlabel("token position in the stream")
+    ax.set_ylabel("perplexity (per position bucket)")
+    ax.set_title(f"budget {budget:g} tokens" if budget else "no budget")
+    ys_all = [b["ppl"] for r in references + panel for b in r["ppl_by_position"]]
+    if ys_all and max(ys_all) > 5 * min(ys_all):
+      ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"Perplexity by position (context {_contexts(curves)})")
+  fig.tight_layout()
+  return fig
+
+
+def _depth_records(record: dict) -> list[tuple[float, int, float]]:
+  """(depth, length, accuracy) triples of a retrieval cell."""
+  out = []
+  for item in record.get("by_depth") or []:
+    accuracy = item.get("accuracy", item.get("correct"))
+    if "depth" not in item or accuracy is None:
+      continue
+    length = item.get("length", item.get("context", record["context"]))
+    out.append((float(item["depth"]), int(length), float(accuracy)))
+  return out
+
+
+def accuracy_heatmap(records: list[dict]) -> Figure | None:
+  """Accuracy by needle depth (rows) and context length (columns), a panel per
+  cell (task, policy, budget, bits)."""
+  groups: dict[str, list] = collections.defaultdict(list)
+  for r in records:
+    triples = _depth_records(r)
+    if triples:
+      groups[f"{r['task']}: {label(r)}"].extend(triples)
+  if not groups:
+    return None
+  depths = sorted({d for t in groups.values() for d, _, _ in t})
+  lengths = sorted({n for t in groups.values() for _, n, _ in t})
+  cols = min(len(groups), 4)
+  rows = -(-len(groups) // cols)
+  fig = Figure(figsize=(1.2 + max(2.5, 0.9 * len(lengths)) * cols,
+                        1.0 + max(2.5, 0.45 * len(depths)) * rows))
+  image = None
+  for i, (name, triples) in enumerate(sorted(groups.items())):
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    sums = collections.defaultdict(list)
+    for d, n, a in triples:
+      sums[(d, n)].append(a)
+    for (d, n), values in sums.items():
+      grid[depths.index(d), lengths.index(n)] = np.mean(values)
+    ax = fig.add_subplot(rows, cols, i + 1)
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto",
+                      origin="upper")
+    for (y, x), value in np.ndenumerate(grid):
+      if not np.isnan(value):
+        ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth (% of context)")
+    ax.set_title(name, fontsize=9)
+  fig.colorbar(image, ax=fig.axes, label="retrieval accuracy (0-1)", shrink=0.8)
+  fig.suptitle("Retrieval accuracy by needle depth and context length")
+  return fig
+
+
+def _ttft(record: dict, which: str) -> float | None:
+  """Seconds of the cold or warm time to first token, from ``*_s`` or ``*_ms``."""
+  for key, scale in ((f"ttft_{which}_s", 1.0), (f"ttft_{which}_ms", 1e-3)):
+    if isinstance(record.get(key), (int, float)):
+      return record[key] * scale
+  return None
+
+
+def ttft_cold_warm(records: list[dict]) -> Figure | None:
+  """Time to first token, recompute (cold) vs cached prefix (warm), per cell."""
+  cells = [r for r in records if _ttft(r, "cold") is not None
+           and _ttft(r, "warm") is not None]
+  if not cells:
+    return None
+  names = [f"{r['task']}: {label(r)}, ctx {r['context']}" for r in cells]
+  cold = np.array([_ttft(r, "cold") for r in cells]) * 1e3
+  warm = np.array([_ttft(r, "warm") for r in cells]) * 1e3
+  y = np.arange(len(cells))
+  fig = Figure(figsize=(8, 1.5 + 0.5 * len(cells)))
+  ax = fig.add_subplot()
+  ax.barh(y - 0.2, cold, 0.4, label="cold (recompute prefix)", color="tab:red")
+  ax.barh(y + 0.2, warm, 0.4, label="warm (cached prefix)", color="tab:green")
+  for yi, c, w in zip(y, cold, warm):
+    ax.text(max(c, w), yi, f"  {c / w:.1f}x" if w > 0 else "", va="center",
+            fontsize=8)
+  ax.set_yticks(y, names, fontsize=8)
+  ax.set_xlabel("time to first token (ms)")
+  ax.set_title("Time to first token: cold vs warm")
+  ax.legend(fontsize=8)
+  ax.grid(True, axis="x", alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+# File name -> plot function; each returns None when it has nothing to draw.
+STANDARD: dict[str, Callable[[list[dict]], Figure | None]] = {
+    "ppl_vs_kv_bytes.png": lambda rs: quality_vs_memory(rs, "ppl"),
+    "accuracy_vs_kv_bytes.png": lambda rs: quality_vs_memory(rs, "accuracy"),
+    "ppl_by_position.png": ppl_by_position,
+    "accuracy_by_depth_length.png": accuracy_heatmap,
+    "ttft_cold_warm.png": ttft_cold_warm,
+}
+
+
+def standard_plots(records: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Draws every standard plot that ``records`` have data for."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  written = []
+  for name, plot in STANDARD.items():
+    fig = plot(records)
+    if fig is not None:
+      fig.savefig(out_dir / name, dpi=120)
+      written.append(out_dir / name)
+  return written
