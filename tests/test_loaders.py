@@ -492,3 +492,47 @@ def test_real_smollm2_gguf():
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   nll = -logp[np.arange(len(reply)), seq[len(question):]].mean()
   assert nll < 0.5, f"mean NLL of the reply {nll:.2f}"
+
+
+def test_safetensors_directory_with_tokenizer_json(tmp_path):
+  """A Hugging Face directory brings its own tokenizer and end-of-turn ids."""
+  import json as _json
+  import tokenizers
+  from safetensors.numpy import save_file
+  from lmcache_jax import models
+  from lmcache_jax.models.presets import get_preset, random_weights
+
+  cfg = get_preset("tiny")
+  weights = random_weights(cfg, seed=0)
+  tensors = {"model.embed_tokens.weight": weights["embed"],
+             "model.norm.weight": weights["final_norm"]}
+  if not cfg.tie_embeddings:
+    tensors["lm_head.weight"] = weights["lm_head"].T.copy()
+  hf = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+  proj = {"q": "self_attn.q_proj", "k": "self_attn.k_proj",
+          "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+  for i in range(cfg.num_layers):
+    for ours, theirs in hf.items():
+      tensors[f"model.layers.{i}.{theirs}.weight"] = weights[f"layers.{ours}"][i]
+    for ours, theirs in proj.items():
+      tensors[f"model.layers.{i}.{theirs}.weight"] = weights[f"layers.{ours}"][i].T.copy()
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(_json.dumps({
+      "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": cfg.max_context,
+      "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_embeddings}))
+  vocab = {chr(ord("a") + i): i for i in range(26)}
+  vocab["<eos>"] = 26
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<eos>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+  backend.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(_json.dumps(
+      {"eos_token": "<eos>", "chat_template": "{{ messages[0]['content'] }}"}))
+  lm = models.load(str(tmp_path))
+  assert lm.tokenizer.encode("abc") == [0, 1, 2]
+  assert lm.cfg.eos_token_ids == (26,)
+  assert lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"

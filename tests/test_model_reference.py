@@ -39,3 +39,20 @@ def test_logits_match_float64_reference(variant):
   got = np.asarray(logits[0], np.float64)
   rel = np.linalg.norm(got - want) / np.linalg.norm(want)
   assert rel <= 1e-5, f"relative error {rel:.2e}"
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  cfg = tiny_config()
+  weights = tiny_weights(cfg)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 24)))
+  out = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = from_weights(cfg, weights, dtype)
+    graphdef, params = nnx.split(model)
+    cache = init_cache(cfg, 1, 32, dtype)
+    logits, _ = steps.forward(graphdef, params, cache, tokens, jnp.array([24]),
+                              policy=KeepAll())
+    out[dtype] = np.asarray(logits, np.float64)
+  rel = (np.linalg.norm(out[jnp.bfloat16] - out[jnp.float32])
+         / np.linalg.norm(out[jnp.float32]))
+  assert rel < 3e-2, rel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 
@@ -67,18 +68,18 @@ def _load_file(path: pathlib.Path, dtype, name: str | None = None) -> LoadedMode
   if path.is_dir():
     from lmcache_jax.models.safetensors_loader import load_safetensors
     cfg, weights = load_safetensors(path)
-    tokenizer_file = path / "tokenizer.json"
-    if tokenizer_file.exists():
+    if (path / "tokenizer.json").exists():
       from lmcache_jax.models.tokenizer import Tokenizer
-      tokenizer = Tokenizer.from_json(tokenizer_file, cfg) if hasattr(
-          Tokenizer, "from_json") else None
+      tokenizer = Tokenizer.from_hf_dir(path)
   else:
     from lmcache_jax.models.gguf_loader import load_gguf
     from lmcache_jax.models.tokenizer import Tokenizer
     cfg, weights = load_gguf(path)
     tokenizer = Tokenizer.from_gguf(path)
   if name is not None:
-    import dataclasses
     cfg = dataclasses.replace(cfg, name=name)
+  if tokenizer is not None and tokenizer.eos_ids:
+    # The tokenizer knows every end-of-turn token (<|im_end|>, <|endoftext|>).
+    cfg = dataclasses.replace(cfg, eos_token_ids=tokenizer.eos_ids)
   model = llama.from_weights(cfg, weights, dtype, source=str(path))
   return LoadedModel.from_module(model, tokenizer, str(path))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 
 import gguf
@@ -136,6 +138,29 @@ class Tokenizer:
                eos_id=token_id("eos_token_id"),
                pad_id=token_id("padding_token_id"), eos_ids=eos_ids,
                chat_template=_field(reader, "tokenizer.chat_template"))
+
+  @classmethod
+  def from_hf_dir(cls, directory: str | os.PathLike) -> Tokenizer:
+    """Reads ``tokenizer.json`` (and ``tokenizer_config.json`` for the chat
+    template and the bos/eos tokens) of a Hugging Face model directory."""
+    directory = pathlib.Path(directory)
+    backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+
+    def token_id(key: str) -> int | None:
+      token = config.get(key)
+      if isinstance(token, dict):
+        token = token.get("content")
+      return None if token is None else backend.token_to_id(token)
+
+    vocab = backend.get_vocab(with_added_tokens=True)
+    eos_ids = [token_id("eos_token")]
+    eos_ids += [vocab[t] for t in _END_OF_GENERATION if t in vocab]
+    eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+    return cls(backend=backend, bos_id=token_id("bos_token"),
+               eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
+               eos_ids=eos_ids, chat_template=config.get("chat_template"))
 
   @property
   def vocab_size(self) -> int:
