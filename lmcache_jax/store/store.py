@@ -128,6 +128,9 @@ class KVStore:
             if any(key not in tier for tier in self.tiers.values())]
     if not todo:
       return 0
+    # Last chunk first: under lru and fifo the head of a prefix, which every
+    # longer prefix needs, is then the last to be evicted.
+    todo.reverse()
     chunks = [slice_chunk(cache, self.layout, row, i * self.chunk_size,
                           self.chunk_size) for i, _ in todo]
     keys = [key for _, key in todo]
@@ -200,6 +203,8 @@ class KVStore:
         self._count(dropped=1)
         break
     chunks = self._to_device(found, sources)
+    for tier in self.tiers.values():
+      tier.touch(keys[:len(chunks)][::-1])
     self._promote(keys, chunks, found, sources)
     for source in sources:
       self._count(**{f"hit_{source}": 1})
@@ -234,13 +239,14 @@ class KVStore:
     return chunks
 
   def _promote(self, keys, chunks, found, sources) -> None:
-    """Copies chunks that came from a slower tier into the faster ones."""
+    """Copies chunks that came from a slower tier into the faster ones (last first)."""
+    keys = keys[:len(chunks)]
     if "device" in self.tiers:
-      for key, chunk, source in zip(keys, chunks, sources):
+      for key, chunk, source in reversed(list(zip(keys, chunks, sources))):
         if source != "device":
           self.tiers["device"].put(key, chunk, self.chunk_nbytes)
     from_disk = [(key, leaves) for key, leaves, source
-                 in zip(keys, found, sources) if source == "disk"]
+                 in reversed(list(zip(keys, found, sources))) if source == "disk"]
     if from_disk and "host" in self.tiers:
       self._submit(self._promote_host, from_disk)
 
@@ -280,6 +286,7 @@ class KVStore:
         break
       items.append((key, leaves))
       ready += 1
+    items.reverse()
     if items and "host" in self.tiers:
       self._promote_host(items)
     elif items and "device" in self.tiers:

@@ -81,6 +81,13 @@ class Tier:
       self.drop(key)
     return value
 
+  def touch(self, keys: list[bytes]) -> None:
+    """Counts a hit on each key, in this order."""
+    with self._lock:
+      for key in keys:
+        if key in self._sizes:
+          self._policy.touch(key)
+
   def drop(self, key: bytes) -> None:
     with self._lock:
       held = key in self._sizes

@@ -1,0 +1,62 @@
+"""Shared helpers of the store tests: synthetic caches and small stores."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from lmcache_jax.cache.kv_cache import KVCache, init_cache
+from lmcache_jax.store import KVStore, Layout
+from conftest import tiny_config
+
+CHUNK = 8
+
+
+def filled_cache(seed: int, batch: int = 1, capacity: int = 64,
+                 length: int | None = None, cfg=None):
+  """A cache whose payload is random (a distinct value per slot) and full to ``length``."""
+  cfg = cfg or tiny_config()
+  cache = init_cache(cfg, batch, capacity, jnp.float32)
+  rng = np.random.default_rng(seed)
+  length = capacity if length is None else length
+  slots = np.arange(capacity)
+  positions = np.where(slots < length, slots, -1)
+  return cache.replace(
+      keys=jnp.asarray(rng.standard_normal(cache.keys.shape), jnp.float32),
+      values=jnp.asarray(rng.standard_normal(cache.values.shape), jnp.float32),
+      positions=jnp.broadcast_to(jnp.asarray(positions, jnp.int32),
+                                 cache.positions.shape),
+      lengths=jnp.full((batch,), length, jnp.int32))
+
+
+def make_store(fingerprint: bytes = b"test-model", chunk_size: int = CHUNK,
+               **tiers) -> KVStore:
+  layout = Layout.of(init_cache(tiny_config(), 1, 16, jnp.float32))
+  return KVStore(layout, model_fingerprint=fingerprint, chunk_size=chunk_size,
+                 **tiers)
+
+
+def tokens_for(seed: int, n: int) -> list[int]:
+  return [int(t) for t in np.random.default_rng(seed).integers(2, 97, n)]
+
+
+def assert_prefix_is(prefix, cache, row: int = 0) -> None:
+  """Every loaded chunk equals the cache's slots for its tokens."""
+  c = CHUNK
+  for i, chunk in enumerate(prefix.chunks):
+    np.testing.assert_array_equal(chunk[0], cache.keys[:, row, :, i * c:(i + 1) * c])
+    np.testing.assert_array_equal(chunk[1], cache.values[:, row, :, i * c:(i + 1) * c])
+
+
+def quantized_like_cache(capacity=32, group=4):
+  """A cache whose payload is a pytree: packed bytes per slot + scales per group."""
+  base = init_cache(tiny_config(), 1, capacity, jnp.float32)
+  rng = np.random.default_rng(3)
+  shape = base.keys.shape[:3]
+
+  def payload():
+    return (jnp.asarray(rng.integers(0, 255, shape + (capacity, 4)), jnp.uint8),
+            jnp.asarray(rng.standard_normal(shape + (capacity // group, 1)),
+                        jnp.float32))
+  return KVCache(payload(), payload(), base.positions, base.scores,
+                 jnp.array([capacity], jnp.int32))

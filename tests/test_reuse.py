@@ -1,0 +1,121 @@
+"""Prefix reuse is exact: warm logits and tokens equal the cold run's."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmcache_jax.engine.generate import generate
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.engine.reuse import generate_with_store
+from lmcache_jax.models.llama import from_weights
+from lmcache_jax.store.crypto import load_cipher
+from lmcache_jax.store.keys import model_fingerprint
+from conftest import tiny_config, tiny_weights
+from store_helpers import make_store, tokens_for
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+# One cache and chunk shape for every call keeps compilations few.
+SHAPES = dict(capacity=96, prefill_chunk=8)
+
+
+@pytest.fixture(scope="module")
+def lm():
+  cfg = tiny_config()
+  return LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
+
+
+@pytest.mark.parametrize("tier", ["device", "host", "disk"])
+def test_warm_equals_cold_from_each_tier(lm, tier, tmp_path):
+  doc = tokens_for(0, 40)
+  prompts = [doc + tokens_for(1, 5), doc[:17] + tokens_for(2, 9), tokens_for(3, 6)]
+  cold = generate(lm, prompts, max_new_tokens=6, **SHAPES)
+  tiers = {"device": dict(device_bytes=1 << 20), "host": dict(host_bytes=1 << 20),
+           "disk": dict(disk_dir=str(tmp_path), disk_bytes=1 << 20)}[tier]
+  store = make_store(model_fingerprint(lm), **tiers)
+  first = generate_with_store(lm, [doc + [5]], store, max_new_tokens=2,
+                              **SHAPES)
+  assert first.hit_tokens == [0] and first.stored_chunks == 5
+  store.flush()
+  warm = generate_with_store(lm, prompts, store, max_new_tokens=6, **SHAPES)
+  assert warm.hit_tokens == [40, 16, 0]
+  assert warm.sources[0] == {tier: 5} and warm.sources[2] == {}
+  np.testing.assert_allclose(warm.generation.prompt_logits, cold.prompt_logits,
+                             **TOL)
+  assert warm.generation.tokens == cold.tokens
+
+
+def test_multiturn_reuses_previous_turns(lm):
+  store = make_store(model_fingerprint(lm), host_bytes=1 << 20)
+  history = tokens_for(10, 19)
+  for turn in range(3):
+    cold = generate(lm, [history], max_new_tokens=5, stop_tokens=(-1,),
+                    **SHAPES)
+    warm = generate_with_store(lm, [history], store, max_new_tokens=5,
+                               stop_tokens=(-1,), **SHAPES)
+    assert warm.generation.tokens == cold.tokens
+    np.testing.assert_allclose(warm.generation.prompt_logits,
+                               cold.prompt_logits, **TOL)
+    if turn:
+      # Everything up to the previous answer's last fed token was stored.
+      assert warm.hit_tokens[0] == previous_fed // 8 * 8
+    previous_fed = len(history) + len(warm.generation.tokens[0]) - 1
+    history = history + warm.generation.tokens[0] + tokens_for(11 + turn, 7)
+
+
+def test_fully_cached_prompt_still_feeds_its_last_token(lm):
+  store = make_store(model_fingerprint(lm), host_bytes=1 << 20)
+  prompt = tokens_for(20, 32)
+  generate_with_store(lm, [prompt], store, max_new_tokens=1, **SHAPES)
+  full = generate(lm, [prompt], max_new_tokens=1, **SHAPES)
+  store.store(prompt, full.cache)
+  assert store.lookup(prompt) == 32
+  warm = generate_with_store(lm, [prompt], store, max_new_tokens=3, **SHAPES)
+  assert warm.hit_tokens == [24]
+  cold = generate(lm, [prompt], max_new_tokens=3, **SHAPES)
+  assert warm.generation.tokens == cold.tokens
+
+
+def test_other_weights_never_hit(lm):
+  store = make_store(model_fingerprint(lm), host_bytes=1 << 20)
+  prompt = tokens_for(30, 33)
+  generate_with_store(lm, [prompt], store, max_new_tokens=1, **SHAPES)
+  cfg = tiny_config()
+  other = LoadedModel.from_module(
+      from_weights(cfg, tiny_weights(cfg, seed=5), jnp.float32))
+  assert store.lookup(prompt) == 32
+  other_store = make_store(model_fingerprint(other), host_bytes=1 << 20)
+  other_store.tiers = store.tiers  # the same chunks, keyed for the other model
+  assert other_store.lookup(prompt) == 0
+
+
+def test_encrypted_store_writes_no_plaintext(lm, tmp_path):
+  key_file = tmp_path / "key"
+  key_file.write_bytes(os.urandom(32))
+  directory = tmp_path / "store"
+  prompt = tokens_for(40, 33)
+  cold = generate(lm, [prompt], max_new_tokens=4, **SHAPES)
+  store = make_store(model_fingerprint(lm), host_bytes=1 << 20,
+                     disk_dir=str(directory), disk_bytes=1 << 20,
+                     cipher=load_cipher(key_file=str(key_file)))
+  generate_with_store(lm, [prompt], store, max_new_tokens=1, **SHAPES)
+  store.flush()
+  plain = np.asarray(cold.cache.keys[:, 0, :, :8]).tobytes()
+  files = list(directory.glob("*.kv"))
+  assert len(files) == 4
+  for path in files:
+    data = path.read_bytes()
+    for start in range(0, len(plain) - 32, 256):
+      assert plain[start:start + 32] not in data
+  for blob in store.tiers["host"]._values.values():
+    assert isinstance(blob, bytes) and plain[:32] not in blob
+  reopened = make_store(model_fingerprint(lm), disk_dir=str(directory),
+                        disk_bytes=1 << 20,
+                        cipher=load_cipher(key_file=str(key_file)))
+  warm = generate_with_store(lm, [prompt], reopened, max_new_tokens=4,
+                             **SHAPES)
+  assert warm.sources == [{"disk": 4}]
+  assert warm.generation.tokens == cold.tokens

@@ -1,0 +1,85 @@
+"""Many threads storing and loading overlapping prefixes: no lost or mixed chunk."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from lmcache_jax.cache.kv_cache import init_cache
+from conftest import tiny_config
+from store_helpers import CHUNK, make_store, tokens_for
+
+DOC = tokens_for(100, 64)
+
+
+def sequence(seed: int) -> list[int]:
+  """Sequences sharing 0 to 4 chunks of one document, then their own tokens."""
+  shared = CHUNK * (seed % 5)
+  return DOC[:shared] + tokens_for(seed, 64 - shared)
+
+
+def chunk_content(key: bytes, shape) -> np.ndarray:
+  """What a chunk with this key holds: a function of the key alone."""
+  return np.random.default_rng(int.from_bytes(key[:8], "little")).standard_normal(
+      shape).astype(np.float32)
+
+
+def keyed_cache(store, tokens):
+  cache = init_cache(tiny_config(), 1, 64, jnp.float32)
+  keys = np.zeros(cache.keys.shape, np.float32)
+  values = np.zeros(cache.values.shape, np.float32)
+  shape = keys[:, 0, :, :CHUNK].shape
+  for i, key in enumerate(store.keys(tokens)):
+    keys[:, 0, :, i * CHUNK:(i + 1) * CHUNK] = chunk_content(key, shape)
+    values[:, 0, :, i * CHUNK:(i + 1) * CHUNK] = -chunk_content(key, shape)
+  return cache.replace(keys=jnp.asarray(keys), values=jnp.asarray(values),
+                       lengths=jnp.array([64], jnp.int32))
+
+
+def test_threads_store_and_load_overlapping_prefixes(tmp_path):
+  chunk_bytes = 2 * 3 * 2 * CHUNK * 8 * 4
+  # Small memory tiers force eviction under load; the disk holds everything.
+  store = make_store(device_bytes=6 * chunk_bytes, host_bytes=10 * chunk_bytes,
+                     disk_dir=str(tmp_path), disk_bytes=1 << 22)
+  seeds = list(range(12))
+  caches = {s: keyed_cache(store, sequence(s)) for s in seeds}
+  errors, loads = [], [0]
+  stop = time.monotonic() + 6.0
+
+  def work(thread: int):
+    rng = np.random.default_rng(thread)
+    try:
+      while time.monotonic() < stop:
+        seed = int(rng.choice(seeds))
+        tokens = sequence(seed)
+        if rng.random() < 0.4:
+          store.store(tokens, caches[seed])
+          continue
+        prefix = store.load(tokens)
+        for key, chunk in zip(store.keys(tokens), prefix.chunks):
+          want = chunk_content(key, chunk[0].shape)
+          np.testing.assert_array_equal(chunk[0], want)
+          np.testing.assert_array_equal(chunk[1], -want)
+        loads[0] += 1
+    except Exception as e:  # noqa: BLE001 -- reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors[0]
+  assert loads[0] > 10
+  store.flush()
+  for seed in seeds:
+    tokens = sequence(seed)
+    stored = any(store.keys(tokens)[-1] in tier for tier in store.tiers.values())
+    if stored:
+      assert store.lookup(tokens) == 64, f"sequence {seed} lost a chunk"
+  for name, tier in store.tiers.items():
+    assert tier.used <= tier.capacity, name
+    assert tier.used == sum(tier._sizes.values())

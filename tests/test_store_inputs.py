@@ -1,0 +1,118 @@
+"""Bad input to the store gets a clear error naming the value and what is valid."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.engine.reuse import generate_with_store
+from lmcache_jax.models.llama import from_weights
+from lmcache_jax.store import KVStore, Layout, from_config
+from lmcache_jax.store.crypto import load_cipher
+from conftest import tiny_config, tiny_weights
+from store_helpers import filled_cache, make_store, quantized_like_cache
+
+
+def test_unwritable_directory(tmp_path):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="not writable"):
+    make_store(disk_dir=str(blocker / "store"), disk_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("tier", ["device_bytes", "host_bytes", "disk_bytes"])
+def test_zero_capacity(tmp_path, tier):
+  tiers = dict(disk_dir=str(tmp_path)) if tier == "disk_bytes" else {}
+  with pytest.raises(ValueError, match="capacity must be a positive"):
+    make_store(**tiers, **{tier: 0})
+
+
+def test_no_tier_and_half_a_disk_tier(tmp_path):
+  with pytest.raises(ValueError, match="at least one tier"):
+    make_store()
+  with pytest.raises(ValueError, match="both disk_dir and disk_bytes"):
+    make_store(disk_dir=str(tmp_path))
+
+
+def test_chunk_size_must_divide_layout():
+  with pytest.raises(ValueError, match="chunk_size must be a positive"):
+    make_store(chunk_size=0, host_bytes=1 << 20)
+  layout = Layout.of(quantized_like_cache(group=4))
+  with pytest.raises(ValueError, match="chunk_size 6 does not divide.*multiple of 4"):
+    KVStore(layout, model_fingerprint=b"m", chunk_size=6, host_bytes=1 << 20)
+
+
+def test_cache_of_another_layout_is_refused():
+  store = make_store(host_bytes=1 << 20)
+  cache = init_cache(tiny_config(), 1, 16, jnp.bfloat16)
+  with pytest.raises(ValueError, match="layout differs"):
+    store.store(list(range(16)), cache)
+  with pytest.raises(ValueError, match="row 3 is outside"):
+    store.store(list(range(16)), filled_cache(0), row=3)
+
+
+@pytest.mark.parametrize("content", [b"short", b"z" * 64, b"\0" * 33])
+def test_wrong_key_file(tmp_path, content):
+  path = tmp_path / "key"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match="is not valid.*32 raw bytes"):
+    load_cipher(key_file=str(path))
+
+
+def test_missing_key_file_and_variable(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="cannot read the encryption key file"):
+    load_cipher(key_file=str(tmp_path / "absent"))
+  monkeypatch.delenv("LMCACHE_TEST_KEY", raising=False)
+  with pytest.raises(ValueError, match="LMCACHE_TEST_KEY.*not set"):
+    load_cipher(key_env="LMCACHE_TEST_KEY")
+  monkeypatch.setenv("LMCACHE_TEST_KEY", "ab" * 32)
+  assert load_cipher(key_env="LMCACHE_TEST_KEY") is not None
+
+
+def test_store_reopened_with_another_key(tmp_path):
+  one, two = tmp_path / "one", tmp_path / "two"
+  one.write_bytes(os.urandom(32))
+  two.write_text("cd" * 32)
+  directory = str(tmp_path / "store")
+  make_store(disk_dir=directory, disk_bytes=1 << 20,
+             cipher=load_cipher(key_file=str(one)))
+  with pytest.raises(ValueError, match="key does not match"):
+    make_store(disk_dir=directory, disk_bytes=1 << 20,
+               cipher=load_cipher(key_file=str(two)))
+  with pytest.raises(ValueError, match="is encrypted; open it with"):
+    make_store(disk_dir=directory, disk_bytes=1 << 20)
+
+
+def test_evicting_policy_is_refused():
+  cfg = tiny_config()
+  lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
+
+  class Window:
+    name = "window"
+
+  with pytest.raises(ValueError, match="policy 'window' evicts"):
+    generate_with_store(lm, [[3, 4]], make_store(host_bytes=1 << 20),
+                        max_new_tokens=1, policy=Window())
+
+
+def test_config_tiers():
+  cfg = tiny_config()
+  lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
+  config = ml_collections.ConfigDict(dict(
+      enabled=True, tiers="host,tape", chunk_size=8, device_mib=1, host_mib=1,
+      disk_mib=1, dir="", policy="lru", key_file="", key_env=""))
+  with pytest.raises(ValueError, match="'host,tape'"):
+    from_config(config, lm)
+  config.tiers = "host"
+  config.policy = "mru"
+  with pytest.raises(ValueError, match="unknown tier policy 'mru'"):
+    from_config(config, lm)
+  config.policy = "lfu"
+  assert from_config(config, lm).tiers["host"].policy_name == "lfu"
+  config.enabled = False
+  assert from_config(config, lm) is None
