@@ -48,7 +48,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.generate.top_k = 0
   config.generate.top_p = 1.0
 
+  config.store = ml_collections.ConfigDict()
+  config.store.enabled = False
+  config.store.tiers = "host,disk"   # comma list of device, host, disk
+  config.store.chunk_size = 256      # tokens per chunk
+  config.store.device_mib = 1024     # per-tier capacities
+  config.store.host_mib = 4096
+  config.store.disk_mib = 16384
+  config.store.dir = "runs/kv_store" # disk tier directory
+  config.store.policy = "lru"        # tier policy: lru, lfu, fifo
+  config.store.key_file = ""         # AES-256 key file: encrypts host + disk
+  config.store.key_env = ""          # or the variable holding the key
+
+  config.reuse = ml_collections.ConfigDict()
+  config.reuse.doc_tokens = 2048     # the shared document
+  config.reuse.questions = (
+      "Who speaks first in this passage?",
+      "Name two characters in this passage.",
+      "Where does this scene take place?")
+  config.reuse.max_new_tokens = 16
+  config.reuse.repeats = 2           # timings are the best of these runs
+
+  config.multiturn = ml_collections.ConfigDict()
+  config.multiturn.context_tokens = 1024  # passage that opens the chat
+  config.multiturn.messages = (
+      "Summarize the passage above in one sentence.",
+      "Who is the most important character?",
+      "What might happen next?")
+  config.multiturn.max_new_tokens = 16
+  config.multiturn.repeats = 2
+
   if arg and "runlocal" in arg.split(","):
     config.context = 256
     config.generate.max_new_tokens = 16
+    config.reuse.doc_tokens = 512
+    config.reuse.max_new_tokens = 4
+    config.multiturn.context_tokens = 256
+    config.multiturn.max_new_tokens = 4
   return config

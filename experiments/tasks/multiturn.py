@@ -1,0 +1,52 @@
+"""A conversation of several turns with a prefix store.
+
+Each turn's prompt is the whole conversation so far; the store holds the
+previous turns' KV (prompts and answers), so only the new user message is
+prefilled. Reports per turn time to first token cold (no store) vs warm,
+tokens loaded and their tier, and whether the answers equal the no-store run's.
+Pieces are tokenized separately and concatenated, so turn n+1's prompt
+starts with exactly the tokens of turn n.
+"""
+
+from __future__ import annotations
+
+from experiments.context import RunContext
+from experiments.tasks import TASKS
+from experiments.tasks.reuse import (best_of, encode, precompile, summarize,
+                                     task_store, timed_cold)
+from experiments.texts import load_eval_text
+from lmcache_jax.engine.reuse import generate_with_store
+
+@TASKS.register("multiturn")
+def multiturn(ctx: RunContext) -> dict:
+  """Chat turns: TTFT cold vs warm (previous turns from the store), answers equal."""
+  mconf = ctx.config.multiturn
+  store = task_store(ctx)
+  text = load_eval_text(ctx.config.text, ctx.config.text_file)
+  history = encode(ctx, text)[:mconf.context_tokens]
+  turns = [encode(ctx, f"\n\nUser: {m}\nAssistant:") for m in mconf.messages]
+  capacity = (len(history) + sum(len(t) for t in turns)
+              + len(turns) * mconf.max_new_tokens)
+  rows = []
+  for i, turn in enumerate(turns):
+    prompt = history + turn
+    cold_s, cold = best_of(mconf.repeats, lambda: timed_cold(
+        ctx, prompt, capacity, mconf.max_new_tokens))
+    precompile(ctx, store, prompt, capacity)
+    warm = generate_with_store(ctx.lm, [prompt], store,
+                               max_new_tokens=mconf.max_new_tokens,
+                               capacity=capacity, policy=ctx.policy,
+                               prefill_chunk=ctx.config.prefill_chunk,
+                               new_cache=ctx.new_cache)
+    store.flush()
+    answer = warm.generation.tokens[0]
+    rows.append(dict(turn=i, prompt_tokens=len(prompt),
+                     ttft_cold_s=cold_s, ttft_warm_s=warm.ttft_s,
+                     hit_tokens=warm.hit_tokens[0], hit_tiers=warm.sources[0],
+                     answer=ctx.lm.tokenizer.decode(answer, skip_special=True),
+                     answers_equal=warm.generation.tokens == cold.tokens))
+    history = prompt + answer
+  # Turn 0 has nothing to reuse: the averages cover the later turns.
+  summary = summarize(rows[1:] or rows, store, turns_total=len(rows))
+  summary["turns"] = rows
+  return summary

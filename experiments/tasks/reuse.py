@@ -1,0 +1,128 @@
+"""Long-document QA with a prefix store: one document, several questions.
+
+Every question shares the document's KV, so after the first question it is
+loaded instead of recomputed. Reports time to first token cold (no store,
+the whole prompt prefilled) and warm (document from the store), the tier
+each hit came from, and whether the answers equal the no-store run's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from experiments.context import RunContext
+from experiments.tasks import TASKS
+from experiments.texts import load_eval_text
+from lmcache_jax.engine.generate import generate
+from lmcache_jax.engine.prefill import prefill
+from lmcache_jax.engine.reuse import check_reusable, generate_with_store
+from lmcache_jax.store import Layout, from_config
+
+
+
+def task_store(ctx: RunContext):
+  """The run's store, built for this run's cache layout (quantized or not)."""
+  if "store" not in ctx.config or not ctx.config.store.get("enabled", False):
+    raise ValueError("this task measures prefix reuse: enable the store "
+                     "(--config.store.enabled=True; see configs/default.py)")
+  check_reusable(ctx.policy)
+  template = ctx.new_cache(1, ctx.config.store.chunk_size)
+  store = ctx.store
+  if store is None or store.layout != Layout.of(template):
+    store = from_config(ctx.config.store, ctx.lm, template)
+  return store
+
+
+def timed_cold(ctx, prompt, capacity, max_new_tokens):
+  """Time to first token without a store, and the generation."""
+  first = []
+  start = time.perf_counter()
+  generation = generate(
+      ctx.lm, [prompt], max_new_tokens=max_new_tokens, capacity=capacity,
+      prefill_chunk=ctx.config.prefill_chunk, policy=ctx.policy,
+      on_token=lambda step, *_: first.append(time.perf_counter() - start)
+      if step == 0 else None)
+  return first[0], generation
+
+
+def precompile(ctx, store, prompt, capacity):
+  """Compiles the prefill of the suffix a warm run will feed, so its time to
+  first token holds no compilation."""
+  usable = (len(prompt) - 1) // store.chunk_size * store.chunk_size
+  width = len(prompt) - store.lookup(prompt[:usable])
+  prefill(ctx.lm, ctx.new_cache(1, capacity), [[0] * width], ctx.policy,
+          ctx.config.prefill_chunk)
+
+
+def best_of(repeats, fn):
+  """The run with the lowest time of ``repeats`` (the first also compiles)."""
+  runs = [fn() for _ in range(repeats)]
+  return min(runs, key=lambda r: r[0])
+
+
+def encode(ctx, text):
+  tokenizer = ctx.lm.tokenizer
+  if tokenizer is None:
+    raise ValueError(f"model {ctx.config.model!r} has no tokenizer; these "
+                     f"tasks need one (use a .gguf file or the default model)")
+  return tokenizer.encode(text)
+
+
+@TASKS.register("reuse")
+def reuse(ctx: RunContext) -> dict:
+  """Document QA: TTFT cold vs warm (document from the store), answers equal."""
+  rconf = ctx.config.reuse
+  store = task_store(ctx)
+  text = load_eval_text(ctx.config.text, ctx.config.text_file)
+  document = encode(ctx, text)[:rconf.doc_tokens]
+  if len(document) < rconf.doc_tokens:
+    raise ValueError(f"the text holds {len(document)} tokens, fewer than "
+                     f"reuse.doc_tokens={rconf.doc_tokens}")
+  questions = [encode(ctx, f"\n\nQuestion: {q}\nAnswer:") for q in rconf.questions]
+  capacity = (rconf.doc_tokens + max(len(q) for q in questions)
+              + rconf.max_new_tokens)
+  rows = []
+  for i, question in enumerate(questions):
+    prompt = document + question
+    cold_s, cold = best_of(rconf.repeats, lambda: timed_cold(
+        ctx, prompt, capacity, rconf.max_new_tokens))
+    if i == 0:  # The first question fills the store with the document.
+      generate_with_store(ctx.lm, [prompt], store,
+                          max_new_tokens=rconf.max_new_tokens,
+                          capacity=capacity, policy=ctx.policy,
+                          prefill_chunk=ctx.config.prefill_chunk,
+                          new_cache=ctx.new_cache, store_generated=False)
+      store.flush()
+    precompile(ctx, store, prompt, capacity)
+    runs = []
+    for _ in range(rconf.repeats):
+      warm = generate_with_store(ctx.lm, [prompt], store,
+                                 max_new_tokens=rconf.max_new_tokens,
+                                 capacity=capacity, policy=ctx.policy,
+                                 prefill_chunk=ctx.config.prefill_chunk,
+                                 new_cache=ctx.new_cache, store_generated=False)
+      runs.append(warm)
+    warm = min(runs, key=lambda r: r.ttft_s)
+    diff = float(np.max(np.abs(np.asarray(jax.device_get(
+        warm.generation.prompt_logits), np.float32) - np.asarray(
+            jax.device_get(cold.prompt_logits), np.float32))))
+    rows.append(dict(question=rconf.questions[i], ttft_cold_s=cold_s,
+                     ttft_warm_s=warm.ttft_s, hit_tokens=warm.hit_tokens[0],
+                     hit_tiers=warm.sources[0],
+                     answer=ctx.lm.tokenizer.decode(warm.generation.tokens[0],
+                                                    skip_special=True),
+                     answers_equal=warm.generation.tokens == cold.tokens,
+                     max_logit_diff=diff))
+  return summarize(rows, store, prompt_tokens=rconf.doc_tokens)
+
+
+def summarize(rows: list[dict], store, **extra) -> dict:
+  cold = float(np.mean([r["ttft_cold_s"] for r in rows]))
+  warm = float(np.mean([r["ttft_warm_s"] for r in rows]))
+  return dict(extra, ttft_cold_s=cold, ttft_warm_s=warm,
+              speedup=cold / warm,
+              answers_equal=all(r["answers_equal"] for r in rows),
+              tiers=sorted(store.tiers), store=store.describe(), turns=rows)
