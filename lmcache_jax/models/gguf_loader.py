@@ -58,11 +58,14 @@ _LLAMA3_ORIGINAL_CONTEXT = 8192
 _REQUIRED = object()
 
 
-def load_gguf(path: str | os.PathLike, dtype: Any = np.float32
+def load_gguf(path: str | os.PathLike, dtype: Any = np.float32,
+              reader: gguf.GGUFReader | None = None
               ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
   """Reads a ``llama`` or ``qwen2`` GGUF file: its config and canonical weights.
 
   Every tensor is dequantized to ``dtype`` (float32, float16 or bfloat16).
+  ``reader``, from ``open_gguf(path)``, spares a second parse of the header
+  when the caller also reads the tokenizer.
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
@@ -71,7 +74,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32
   """
   path = pathlib.Path(path)
   dtype = _float_dtype(dtype)
-  reader = _open(path)
+  reader = open_gguf(path) if reader is None else reader
   meta = _Metadata(reader, path)
   tensors = {t.name: t for t in reader.tensors}
   cfg = _config(meta, tensors, path)
@@ -88,7 +91,9 @@ def _float_dtype(dtype: Any) -> np.dtype:
   return dtype
 
 
-def _open(path: pathlib.Path) -> gguf.GGUFReader:
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+  """Parses a GGUF file's header, with a clear error for a bad file."""
+  path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file {path} does not exist")
   try:

@@ -72,10 +72,11 @@ def _load_file(path: pathlib.Path, dtype, name: str | None = None) -> LoadedMode
       from lmcache_jax.models.tokenizer import Tokenizer
       tokenizer = Tokenizer.from_hf_dir(path)
   else:
-    from lmcache_jax.models.gguf_loader import load_gguf
+    from lmcache_jax.models.gguf_loader import load_gguf, open_gguf
     from lmcache_jax.models.tokenizer import Tokenizer
-    cfg, weights = load_gguf(path)
-    tokenizer = Tokenizer.from_gguf(path)
+    reader = open_gguf(path)
+    cfg, weights = load_gguf(path, reader=reader)
+    tokenizer = Tokenizer.from_gguf(reader)
   if name is not None:
     cfg = dataclasses.replace(cfg, name=name)
   if tokenizer is not None and tokenizer.eos_ids:
