@@ -69,8 +69,13 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, capacity: int,
-               dtype=jnp.bfloat16) -> KVCache:
-  """An empty cache of ``capacity`` slots per (layer, sequence, kv head)."""
+               dtype=jnp.bfloat16, quant=None) -> KVCache:
+  """An empty cache of ``capacity`` slots per (layer, sequence, kv head).
+
+  ``quant``: a ``lmcache_jax.quant.QuantPlan``; keys and values then become
+  packed payloads (``lmcache_jax.quant.payload.QuantizedKV``) whose leaves
+  keep the slot axis at index 3. None = dense ``dtype`` arrays.
+  """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   if capacity <= 0:
@@ -78,9 +83,15 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int,
   kv_shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, capacity,
               cfg.head_dim)
   slot_shape = kv_shape[:-1]
+  if quant is None:
+    keys, values = jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)
+  else:
+    from lmcache_jax.quant import payload
+    keys = payload.empty(cfg, quant, batch_size, capacity, dtype, keys=True)
+    values = payload.empty(cfg, quant, batch_size, capacity, dtype, keys=False)
   return KVCache(
-      keys=jnp.zeros(kv_shape, dtype),
-      values=jnp.zeros(kv_shape, dtype),
+      keys=keys,
+      values=values,
       positions=jnp.full(slot_shape, EMPTY, jnp.int32),
       scores=jnp.zeros(slot_shape, jnp.float32),
       lengths=jnp.zeros((batch_size,), jnp.int32),

@@ -4,6 +4,11 @@ New keys and values are first written into their slots, then every query
 attends to all occupied slots whose original position is not after its own.
 Attention also reports the mass each slot received (summed over the group's
 query heads and the weighted queries), which eviction scorers consume.
+
+Keys and values are either dense arrays or quantized payloads
+(``lmcache_jax.quant.payload.QuantizedKV``). Quantized ones are quantized on
+write; a single-token (decode) step reads them with the fused Pallas kernel,
+longer steps (prefill) dequantize the layer and attend densely.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lmcache_jax.kernels.decode_attention import decode_attention
+from lmcache_jax.quant import payload as qpayload
+
 _MASKED = -1e30
 
 
 class LayerKV(NamedTuple):
-  """One layer's slice of the cache: keys/values [B, K, S, Hd], positions [B, K, S]."""
-  keys: jax.Array
-  values: jax.Array
+  """One layer's slice of the cache: keys/values [B, K, S, Hd] (or quantized
+  payloads), positions [B, K, S]."""
+  keys: jax.Array | qpayload.QuantizedKV
+  values: jax.Array | qpayload.QuantizedKV
   positions: jax.Array
   scores: jax.Array
 
@@ -29,6 +38,10 @@ def matmul_precision(dtype) -> jax.lax.Precision:
   if jnp.dtype(dtype) == jnp.float32:
     return jax.lax.Precision.HIGHEST
   return jax.lax.Precision.DEFAULT
+
+
+def is_quantized(layer: LayerKV) -> bool:
+  return isinstance(layer.keys, qpayload.QuantizedKV)
 
 
 def write_slots(layer: LayerKV, k: jax.Array, v: jax.Array,
@@ -41,11 +54,19 @@ def write_slots(layer: LayerKV, k: jax.Array, v: jax.Array,
   b = jnp.arange(batch)[:, None, None]
   h = jnp.arange(num_kv)[None, :, None]
   pos = jnp.broadcast_to(token_positions[:, None, :], slots.shape)
+  if is_quantized(layer):
+    keys = qpayload.write(layer.keys, jnp.swapaxes(k, 1, 2), token_positions,
+                          slots)
+    values = qpayload.write(layer.values, jnp.swapaxes(v, 1, 2),
+                            token_positions, slots)
+  else:
+    keys = layer.keys.at[b, h, slots].set(
+        jnp.swapaxes(k, 1, 2).astype(layer.keys.dtype), mode="drop")
+    values = layer.values.at[b, h, slots].set(
+        jnp.swapaxes(v, 1, 2).astype(layer.values.dtype), mode="drop")
   return LayerKV(
-      keys=layer.keys.at[b, h, slots].set(
-          jnp.swapaxes(k, 1, 2).astype(layer.keys.dtype), mode="drop"),
-      values=layer.values.at[b, h, slots].set(
-          jnp.swapaxes(v, 1, 2).astype(layer.values.dtype), mode="drop"),
+      keys=keys,
+      values=values,
       positions=layer.positions.at[b, h, slots].set(pos, mode="drop"),
       scores=layer.scores.at[b, h, slots].set(0.0, mode="drop"),
   )
@@ -66,23 +87,101 @@ def attend(q: jax.Array, layer: LayerKV, query_positions: jax.Array,
     mass [B, K, S] float32: attention each slot received, summed over the
     group's heads and weighted queries.
   """
+  if not is_quantized(layer):
+    return _attend_dense(q, layer.keys, layer.values, layer.positions,
+                         query_positions, query_weights)
+  if q.shape[1] == 1:
+    return _attend_packed_decode(q, layer, query_positions, query_weights)
+  keys = qpayload.dequantize(layer.keys, q.dtype)
+  values = qpayload.dequantize(layer.values, q.dtype)
+  return _attend_dense(q, keys, values, layer.positions, query_positions,
+                       query_weights)
+
+
+def _attend_dense(q, keys, values, positions, query_positions, query_weights):
   batch, steps, num_heads, head_dim = q.shape
-  num_kv = layer.keys.shape[1]
+  num_kv = keys.shape[1]
   qg = q.reshape(batch, steps, num_kv, num_heads // num_kv, head_dim)
   precision = matmul_precision(q.dtype)
-  logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, layer.keys,
+  logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys,
                       precision=precision,
                       preferred_element_type=jnp.float32)
   logits = logits * (head_dim ** -0.5)
-  slot_pos = layer.positions[:, :, None, None, :]          # [B, K, 1, 1, S]
+  slot_pos = positions[:, :, None, None, :]                # [B, K, 1, 1, S]
   q_pos = query_positions[:, None, None, :, None]          # [B, 1, 1, T, 1]
   visible = (slot_pos >= 0) & (slot_pos <= q_pos) & (q_pos >= 0)
   logits = jnp.where(visible, logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(visible, probs, 0.0)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(layer.values.dtype),
-                   layer.values, precision=precision,
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(values.dtype),
+                   values, precision=precision,
                    preferred_element_type=jnp.float32)
   mass = jnp.einsum("BKGTS,BT->BKS", probs, query_weights.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
   return out.reshape(q.shape).astype(q.dtype), mass
+
+
+def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
+  """One query per sequence: fused kernel per format part, plus the exact
+  copies (sinks, recent window) attended densely, merged by log-sum-exp."""
+  batch, _, num_heads, head_dim = q.shape
+  keys, values = layer.keys, layer.values
+  num_kv = keys.num_kv_heads
+  capacity = layer.positions.shape[-1]
+  qg = q[:, 0].reshape(batch, num_kv, num_heads // num_kv, head_dim)
+  q_pos = query_positions[:, 0]
+  b = jnp.arange(batch)[:, None]
+  # Slots with an exact copy are read from the copy, not the packed codes.
+  packed_pos = jnp.where(qpayload.mirrored(keys, capacity), -1,
+                         layer.positions)
+  out = jnp.zeros(qg.shape, jnp.float32)
+  lse = jnp.full(qg.shape[:-1], _MASKED, jnp.float32)
+  logits = jnp.full((*qg.shape[:-1], capacity), _MASKED, jnp.float32)
+  for kp, vp in zip(keys.parts, values.parts):
+    rows = qpayload._rows(kp.heads, num_kv)                # [B, R]
+    safe = jnp.minimum(rows, num_kv - 1)
+    q_rows = jnp.take_along_axis(qg.astype(jnp.float32),
+                                 safe[:, :, None, None], axis=1)
+    if keys.channel_scale is not None:
+      scale = jnp.take_along_axis(keys.channel_scale, safe[:, :, None, None],
+                                  axis=1)
+      q_rows = q_rows * scale
+    pos_rows = jnp.take_along_axis(packed_pos, safe[:, :, None], axis=1)
+    o, l, s = decode_attention(
+        q_rows, q_pos, pos_rows, kp.data, kp.scale, kp.zero, vp.data,
+        vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size)
+    out = out.at[b, rows].set(o, mode="drop")
+    lse = lse.at[b, rows].set(l, mode="drop")
+    logits = logits.at[b, rows].set(s, mode="drop")
+  if keys.exact.shape[-2]:
+    slot = jnp.maximum(keys.exact_slots, 0)
+    pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]
+    visible = ((keys.exact_slots >= 0) & (pos_e >= 0)
+               & (pos_e <= q_pos[:, None, None]))[:, :, None, :]
+    logits_e = jnp.einsum("BKGH,BKEH->BKGE", qg.astype(jnp.float32),
+                          keys.exact.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+    logits_e = jnp.where(visible, logits_e * head_dim ** -0.5, _MASKED)
+    m_e = jnp.max(logits_e, axis=-1, keepdims=True)
+    p_e = jnp.where(visible, jnp.exp(logits_e - m_e), 0.0)
+    total_e = jnp.sum(p_e, axis=-1)
+    some = total_e > 0
+    out_e = jnp.einsum("BKGE,BKEH->BKGH", p_e,
+                       values.exact.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    out_e = out_e / jnp.where(some, total_e, 1.0)[..., None]
+    lse_e = jnp.where(some, m_e[..., 0] + jnp.log(jnp.where(some, total_e, 1.0)),
+                      _MASKED)
+    both = jnp.logaddexp(lse, lse_e)
+    out = (out * jnp.exp(lse - both)[..., None]
+           + out_e * jnp.exp(lse_e - both)[..., None])
+    lse = both
+    mass_e = jnp.sum(jnp.exp(logits_e - lse[..., None]), axis=2)  # [B, K, E]
+  weight = query_weights[:, 0].astype(jnp.float32)[:, None, None]
+  mass = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2) * weight
+  if keys.exact.shape[-2]:
+    target = jnp.where(keys.exact_slots >= 0, keys.exact_slots, capacity)
+    mass = mass.at[b[:, :, None], jnp.arange(num_kv)[None, :, None],
+                   target].add(mass_e * weight, mode="drop")
+  out = out * (q_pos >= 0)[:, None, None, None]
+  return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype), mass

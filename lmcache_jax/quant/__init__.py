@@ -1,0 +1,52 @@
+"""KV-cache quantization: formats, plans, the packed payload, calibration.
+
+  formats   int2/int3/int4/int8 (asymmetric, planar bit packing) and fp8
+  schemes   quantize / dequantize references, KIVI-layout round trip
+  plan      QuantPlan: format per (layer, kv head), group, residual, sinks
+  payload   the packed cache leaves and how tokens are written (kernels)
+  slots     slice / dequantize slot ranges of any payload
+  calibration  activations, attention-output error, bit allocation
+
+``from_config`` turns a run's ``quant`` config into a plan (or None).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lmcache_jax.quant.formats import FORMATS, Format, get_format
+from lmcache_jax.quant.plan import QuantPlan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "Format", "QuantPlan", "from_config", "get_format"]
+
+
+def from_config(quant_config, lm, calibration_tokens) -> QuantPlan | None:
+  """The quant plan a run asks for, or None for a full-precision cache.
+
+  Fields of ``quant_config`` (a ConfigDict or dict): ``plan`` (path of a
+  saved plan; wins over the rest), ``kv_bits`` (16 = off, else the average
+  code bits), ``calibration`` (a policy name or call string, e.g.
+  ``kvquant(sink_tokens=4)``), ``group_size`` (64), ``residual`` (0),
+  ``sinks`` (0) and ``save_plan`` (path to save the chosen plan).
+  ``calibration_tokens`` is real text (token ids) for policies that measure.
+  """
+  get = quant_config.get
+  if get("plan", ""):
+    plan = QuantPlan.load(get("plan"), lm.cfg)
+    print(f"loaded quant plan {get('plan')}: {plan.describe()}")
+    return plan
+  bits = float(get("kv_bits", 16))
+  if bits >= 16:
+    return None
+  from policies.registry import CALIBRATION
+  policy = CALIBRATION.make(get("calibration", "uniform") or "uniform")
+  plan = policy.calibrate(lm, calibration_tokens, bits=bits,
+                          group_size=int(get("group_size", 64)),
+                          residual=int(get("residual", 0)),
+                          sinks=int(get("sinks", 0)))
+  print(plan.describe())
+  if get("save_plan", ""):
+    print(f"saved quant plan to {plan.save(get('save_plan'))}")
+  return plan

@@ -1,0 +1,163 @@
+"""What calibration policies measure, and how they split a bit budget.
+
+``collect`` runs the model over calibration text layer by layer and keeps,
+per layer, the rotated queries and the keys (before and after RoPE) and
+values every kv head produced. ``attention_error`` is the relative error of
+one head's attention output when its cache is stored in a format.
+``allocate`` picks formats for every (layer, head) minimising a total cost
+under an average-bit budget, giving every layer the same multiset of formats
+so the packed cache has no padding rows (see ``payload``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from scipy.optimize import linear_sum_assignment
+
+from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.cache.step import append_step
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models import attention
+from lmcache_jax.models.llama import rms_norm
+from lmcache_jax.models.rope import apply_rope, inverse_frequencies
+from lmcache_jax.quant import schemes
+from lmcache_jax.quant.formats import Format, format_for_bits
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+  """Per layer, float32: queries [L, N, T, Hd] and keys_rope/values
+  [L, K, T, Hd] as the cache sees them; keys [L, K, T, Hd] before RoPE."""
+  queries: np.ndarray
+  keys: np.ndarray
+  keys_rope: np.ndarray
+  values: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "inv_freq_key"))
+def _layer(graphdef, state, x, layer_kv, step, slots, inv_freq, inv_freq_key):
+  del inv_freq_key
+  layer = nnx.merge(graphdef, state)
+  cfg = layer.cfg
+  h = rms_norm(x, layer.attn_norm[...], cfg.norm_eps)
+
+  def proj(name):
+    out = h @ getattr(layer, name)[...]
+    bias = getattr(layer, name + "_bias", None)
+    return out if bias is None else out + bias[...]
+
+  q = proj("q").reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
+  k = proj("k").reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
+  q = apply_rope(q, step.rope_positions, inv_freq)
+  x, layer_kv, _ = layer(x, layer_kv, step, slots, inv_freq)
+  return x, layer_kv, q, k
+
+
+def collect(lm: LoadedModel, tokens) -> Activations:
+  """Runs ``tokens`` (one sequence) through the model in float32, one layer
+  at a time, and returns what each layer put in (and asked of) its cache."""
+  cfg = lm.cfg
+  tokens = jnp.asarray(np.asarray(tokens, np.int32)[None])
+  steps = tokens.shape[1]
+  model = nnx.merge(lm.graphdef, lm.params)
+  graphdef, stacked = nnx.split(model.layers)
+  stacked = jax.tree.map(lambda a: a.astype(jnp.float32), stacked)
+  cache = init_cache(cfg, 1, steps, jnp.float32)
+  step = append_step(cache, jnp.array([steps], jnp.int32), steps)
+  inv_freq = inverse_frequencies(cfg)
+  x = jnp.take(model.embed[...].astype(jnp.float32), tokens, axis=0)
+  out = {"queries": [], "keys": [], "keys_rope": [], "values": []}
+  for l in range(cfg.num_layers):
+    layer_kv = attention.LayerKV(cache.keys[l], cache.values[l],
+                                 cache.positions[l], cache.scores[l])
+    x, layer_kv, q, k = _layer(graphdef, jax.tree.map(lambda a: a[l], stacked),
+                               x, layer_kv, step, step.slots[l],
+                               jnp.asarray(inv_freq), cfg.name)
+    out["queries"].append(np.asarray(jnp.swapaxes(q[0], 0, 1)))
+    out["keys"].append(np.asarray(jnp.swapaxes(k[0], 0, 1)))
+    out["keys_rope"].append(np.asarray(layer_kv.keys[0]))
+    out["values"].append(np.asarray(layer_kv.values[0]))
+  return Activations(**{k: np.stack(v) for k, v in out.items()})
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "residual"))
+def attention_error(queries, keys, values, key_scale, *, fmt: Format,
+                    group_size: int, residual: int):
+  """Relative squared error of causal attention outputs of one kv head.
+
+  Args:
+    queries: [G, T, Hd] the group's rotated queries.
+    keys, values: [T, Hd] the head's rotated keys and values.
+    key_scale: [Hd] divisors applied to keys before quantizing.
+    residual: tokens within this distance of a query are read exact.
+  """
+  steps, head_dim = keys.shape
+  kq = schemes.fake_quant(keys / key_scale, fmt, group_size) * key_scale
+  vq = schemes.fake_quant(values, fmt, group_size)
+  t = jnp.arange(steps)
+  dist = t[:, None] - t[None, :]
+  visible = dist >= 0
+  exact = dist < residual
+
+  hi = jax.lax.Precision.HIGHEST
+
+  def attend(k_near, k_far, v_near, v_far):
+    """Tokens within ``residual`` of the query read (k_near, v_near)."""
+    logits = jnp.where(exact,
+                       jnp.einsum("GTH,SH->GTS", queries, k_near, precision=hi),
+                       jnp.einsum("GTH,SH->GTS", queries, k_far, precision=hi))
+    p = jax.nn.softmax(jnp.where(visible, logits * head_dim ** -0.5, -1e30),
+                       axis=-1)
+    return (jnp.einsum("GTS,SH->GTH", jnp.where(exact, p, 0.0), v_near,
+                       precision=hi)
+            + jnp.einsum("GTS,SH->GTH", jnp.where(exact, 0.0, p), v_far,
+                         precision=hi))
+
+  want = attend(keys, keys, values, values)
+  got = attend(keys, kq, values, vq)
+  return jnp.sum((got - want) ** 2) / jnp.sum(want ** 2)
+
+
+def allocate(costs: np.ndarray, budget: float, bits=BITS) -> list[list[int]]:
+  """Bits [L][K] minimising ``sum costs[l, k, bits.index(b)]``.
+
+  Every layer gets the same multiset of bit widths (whose mean is at most
+  ``budget``); each layer assigns it to its heads optimally. Raises when no
+  multiset fits the budget.
+  """
+  num_layers, num_kv, _ = costs.shape
+  best, best_total = None, np.inf
+  for combo in itertools.combinations_with_replacement(range(len(bits)),
+                                                       num_kv):
+    if np.mean([bits[i] for i in combo]) > budget + 1e-9:
+      continue
+    total, choice = 0.0, []
+    for l in range(num_layers):
+      # cost matrix heads × slots of the multiset
+      matrix = costs[l][:, list(combo)]
+      heads, picks = linear_sum_assignment(matrix)
+      total += matrix[heads, picks].sum()
+      row = [0] * num_kv
+      for h, p in zip(heads, picks):
+        row[h] = bits[combo[p]]
+      choice.append(row)
+    if total < best_total:
+      best, best_total = choice, total
+  if best is None:
+    raise ValueError(f"no bit widths from {bits} average at most {budget}; "
+                     f"use kv_bits >= {min(bits)}")
+  return best
+
+
+def formats_of(bits_per_head: list[list[int]]) -> tuple[tuple[str, ...], ...]:
+  return tuple(tuple(format_for_bits(b).name for b in row)
+               for row in bits_per_head)

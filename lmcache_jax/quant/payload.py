@@ -1,0 +1,201 @@
+"""The quantized key or value payload of the cache, and how tokens enter it.
+
+Layout (every leaf keeps the cache's slot axis at index 3):
+
+  Packed (one per distinct format of the plan):
+    data    [L, B, R, S, W]     uint32 packed codes (int) or float8 [.., Hd]
+    scale   [L, B, R, S, Hd/g]  float16 per token and channel group
+    zero    [L, B, R, S, Hd/g]  float16 (None for fp8)
+    heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
+  QuantizedKV:
+    parts          tuple of Packed
+    exact          [L, B, K, E, Hd]  full-precision copies of sink and recent
+                                     tokens (E = sinks + residual)
+    exact_slots    [L, B, K, E]      slot each copy mirrors, -1 = none
+    channel_scale  [L, B, K, 1, Hd]  float32 key divisors (keys only, else None)
+
+R rows per part: the most heads any layer stores in that format, so a plan
+mixing formats per (layer, head) allocates each format once, not per head.
+Tokens are quantized per token (groups of channels) for keys and values
+alike, so any single slot can be rewritten after an eviction. ``exact`` is
+indexed by entry, not slot: ``exact_slots`` maps entries to slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lmcache_jax.kernels.dequantize import unpack_dequantize
+from lmcache_jax.kernels.quantize import quantize_pack
+from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.quant.formats import Format, get_format
+from lmcache_jax.quant.plan import QuantPlan
+
+
+@struct.dataclass
+class Packed:
+  data: jax.Array
+  scale: jax.Array
+  zero: jax.Array | None
+  heads: jax.Array
+  fmt: Format = struct.field(pytree_node=False)
+  group_size: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class QuantizedKV:
+  parts: tuple[Packed, ...]
+  exact: jax.Array
+  exact_slots: jax.Array
+  channel_scale: jax.Array | None
+  sinks: int = struct.field(pytree_node=False)
+  residual: int = struct.field(pytree_node=False)
+
+  @property
+  def head_dim(self) -> int:
+    return self.exact.shape[-1]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.exact.shape[-3]
+
+
+def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
+          dtype, *, keys: bool) -> QuantizedKV:
+  """An empty payload for the plan (all layers stacked)."""
+  plan.check(cfg)
+  lead = (cfg.num_layers, batch_size)
+  hd = cfg.head_dim
+  parts = []
+  for name in plan.distinct_formats():
+    fmt = get_format(name)
+    per_layer = [[k for k, f in enumerate(row) if f == name]
+                 for row in plan.formats]
+    rows = max(len(h) for h in per_layer)
+    heads = np.full((cfg.num_layers, rows), -1, np.int32)
+    for layer, h in enumerate(per_layer):
+      heads[layer, :len(h)] = h
+    shape = (*lead, rows, capacity)
+    groups = hd // plan.group_size
+    if fmt.kind == "fp8":
+      data = jnp.zeros((*shape, hd), jnp.float8_e4m3fn)
+      zero = None
+    else:
+      data = jnp.zeros((*shape, fmt.words(hd)), jnp.uint32)
+      zero = jnp.zeros((*shape, groups), jnp.float16)
+    parts.append(Packed(
+        data=data, scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
+        heads=jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],
+                               (*lead, rows, 1)),
+        fmt=fmt, group_size=plan.group_size))
+  num_exact = plan.sinks + plan.residual
+  kv = (*lead, cfg.num_kv_heads)
+  channel_scale = None
+  if keys:
+    channel_scale = jnp.broadcast_to(
+        jnp.asarray(plan.key_scale, jnp.float32)[:, None, :, None, :],
+        (*kv, 1, hd))
+  return QuantizedKV(
+      parts=tuple(parts),
+      exact=jnp.zeros((*kv, num_exact, hd), dtype),
+      exact_slots=jnp.full((*kv, num_exact), -1, jnp.int32),
+      channel_scale=channel_scale, sinks=plan.sinks, residual=plan.residual)
+
+
+def _rows(heads: jax.Array, num_kv: int) -> jax.Array:
+  """[B, R] head index per row, padding rows → num_kv (dropped by scatters)."""
+  h = heads[..., 0]
+  return jnp.where(h >= 0, h, num_kv)
+
+
+def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
+          slots: jax.Array) -> QuantizedKV:
+  """One layer: stores x [B, K, T, Hd] of tokens at positions [B, T] in slots [B, K, T].
+
+  Slots out of range are dropped. Sink tokens (position < sinks) and the
+  ``residual`` latest tokens of the step also get exact copies; older exact
+  copies of the same slots are released first, since the slot now holds
+  another token.
+  """
+  batch, num_kv, steps, _ = x.shape
+  capacity = payload.parts[0].data.shape[-2]
+  b = jnp.arange(batch)[:, None, None]
+  scaled = x if payload.channel_scale is None else (
+      x.astype(jnp.float32) / payload.channel_scale)
+  parts = []
+  for part in payload.parts:
+    rows = _rows(part.heads, num_kv)                        # [B, R]
+    safe = jnp.minimum(rows, num_kv - 1)
+    xr = jnp.take_along_axis(scaled, safe[:, :, None, None], axis=1)
+    sr = jnp.take_along_axis(slots, safe[:, :, None], axis=1)
+    sr = jnp.where((rows < num_kv)[:, :, None], sr, capacity)
+    if part.fmt.kind == "int":
+      data, scale, zero = quantize_pack(xr, fmt=part.fmt,
+                                        group_size=part.group_size)
+    else:
+      from lmcache_jax.quant.schemes import quantize
+      data, scale, zero = quantize(xr, part.fmt, part.group_size)
+    r = jnp.arange(rows.shape[1])[None, :, None]
+    put = lambda dst, src: dst.at[b, r, sr].set(src.astype(dst.dtype),
+                                                 mode="drop")
+    parts.append(part.replace(
+        data=put(part.data, data), scale=put(part.scale, scale),
+        zero=None if part.zero is None else put(part.zero, zero)))
+  exact, exact_slots = payload.exact, payload.exact_slots
+  num_exact = exact.shape[-2]
+  if num_exact:
+    valid = (token_positions >= 0)[:, None, :] & (slots < capacity)
+    stale = jnp.any((exact_slots[..., None] == slots[:, :, None, :])
+                    & valid[:, :, None, :], axis=-1)
+    exact_slots = jnp.where(stale, -1, exact_slots)
+    pos = token_positions
+    latest = jnp.max(pos, axis=1, keepdims=True)
+    entry = jnp.full_like(pos, num_exact)
+    if payload.residual:
+      recent = pos > latest - payload.residual
+      entry = jnp.where(recent, payload.sinks + pos % payload.residual, entry)
+    entry = jnp.where(pos < payload.sinks, pos, entry)
+    entry = jnp.where(valid, entry[:, None, :], num_exact)    # [B, K, T]
+    h = jnp.arange(num_kv)[None, :, None]
+    exact = exact.at[b, h, entry].set(x.astype(exact.dtype), mode="drop")
+    exact_slots = exact_slots.at[b, h, entry].set(slots, mode="drop")
+  return payload.replace(parts=tuple(parts), exact=exact,
+                         exact_slots=exact_slots)
+
+
+def mirrored(payload: QuantizedKV, capacity: int) -> jax.Array:
+  """[..., K, S] bool: slots whose token also has an exact copy."""
+  lead = payload.exact_slots.shape[:-1]
+  if not payload.exact_slots.shape[-1]:
+    return jnp.zeros((*lead, capacity), bool)
+  target = jnp.where(payload.exact_slots >= 0, payload.exact_slots, capacity)
+  flat = target.reshape(-1, target.shape[-1])
+  marks = jnp.zeros((flat.shape[0], capacity), bool)
+  marks = marks.at[jnp.arange(flat.shape[0])[:, None], flat].set(
+      True, mode="drop")
+  return marks.reshape(*lead, capacity)
+
+
+def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
+  """One layer's dense [B, K, S, Hd] (channel scales undone; exact copies
+  overlaid unless ``exact=False``)."""
+  batch, num_kv = payload.exact.shape[:2]
+  head_dim = payload.head_dim
+  capacity = payload.parts[0].data.shape[-2]
+  out = jnp.zeros((batch, num_kv, capacity, head_dim), jnp.float32)
+  b = jnp.arange(batch)[:, None]
+  for part in payload.parts:
+    dense = unpack_dequantize(part.data, part.scale, part.zero, fmt=part.fmt,
+                              group_size=part.group_size, head_dim=head_dim)
+    out = out.at[b, _rows(part.heads, num_kv)].set(dense, mode="drop")
+  if payload.channel_scale is not None:
+    out = out * payload.channel_scale
+  if exact and payload.exact.shape[-2]:
+    h = jnp.arange(num_kv)[None, :, None]
+    target = jnp.where(payload.exact_slots >= 0, payload.exact_slots, capacity)
+    out = out.at[b[:, :, None], h, target].set(
+        payload.exact.astype(jnp.float32), mode="drop")
+  return out.astype(dtype)

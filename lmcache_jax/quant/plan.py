@@ -1,0 +1,156 @@
+"""A quant plan: the storage format of every (layer, kv head), and its knobs.
+
+Calibration policies produce plans; ``init_cache(..., quant=plan)`` allocates
+the packed cache they describe. Plans are saved and loaded with
+orbax-checkpoint, so a calibration run's choice can be reused
+(``--quant_plan=PATH``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.quant.formats import FORMATS, get_format
+
+_NAMES = tuple(FORMATS)  # stable ids for saving
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantPlan:
+  """Per-(layer, kv head) formats plus the cache-wide quantization knobs.
+
+  formats:    [L][K] format names (``int2``, ``int3``, ``int4``, ``int8``, ``fp8``).
+  key_scale:  [L, K, Hd] float32 divisors applied to keys before quantizing
+              (and undone on read); equal on each RoPE pair (d, d + Hd/2), so
+              dividing post-RoPE keys equals dividing them before RoPE.
+              Ones = plain per-token quantization.
+  group_size: channels sharing a scale and zero.
+  residual:   most recent tokens also kept in full precision.
+  sinks:      first tokens (positions) kept in full precision.
+  policy:     the calibration that chose it, for reports.
+  """
+  formats: tuple[tuple[str, ...], ...]
+  key_scale: np.ndarray
+  group_size: int = 64
+  residual: int = 0
+  sinks: int = 0
+  policy: str = ""
+
+  def __post_init__(self):
+    for row in self.formats:
+      for name in row:
+        get_format(name)
+    if len({len(row) for row in self.formats}) != 1:
+      raise ValueError("every layer of a quant plan needs the same number of "
+                       "kv heads")
+    want = (len(self.formats), len(self.formats[0]))
+    if self.key_scale.ndim != 3 or self.key_scale.shape[:2] != want:
+      raise ValueError(f"key_scale must be [L, K, Hd] with (L, K) = {want}, "
+                       f"got {self.key_scale.shape}")
+    if not np.all(self.key_scale > 0):
+      raise ValueError("key_scale must be positive")
+    for name in ("group_size", "residual", "sinks"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < (name == "group_size"):
+        raise ValueError(f"QuantPlan.{name} must be a "
+                         f"{'positive' if name == 'group_size' else 'non-negative'}"
+                         f" int, got {value!r}")
+    for name in self.distinct_formats():
+      get_format(name).check(self.head_dim, self.group_size)
+
+  @classmethod
+  def uniform(cls, cfg: ModelConfig, fmt: str, *, group_size: int = 64,
+              residual: int = 0, sinks: int = 0, key_scale=None,
+              policy: str = "uniform") -> "QuantPlan":
+    formats = tuple((fmt,) * cfg.num_kv_heads for _ in range(cfg.num_layers))
+    if key_scale is None:
+      key_scale = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
+                          np.float32)
+    return cls(formats, np.asarray(key_scale, np.float32), group_size,
+               residual, sinks, policy)
+
+  def replace(self, **changes) -> "QuantPlan":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.formats)
+
+  @property
+  def num_kv_heads(self) -> int:
+    return len(self.formats[0])
+
+  @property
+  def head_dim(self) -> int:
+    return self.key_scale.shape[-1]
+
+  def distinct_formats(self) -> list[str]:
+    return sorted({f for row in self.formats for f in row},
+                  key=lambda f: (FORMATS[f].bits, f))
+
+  def average_bits(self) -> float:
+    """Mean code bits per element over layers and heads (scales excluded)."""
+    return float(np.mean([[FORMATS[f].bits for f in row]
+                          for row in self.formats]))
+
+  def check(self, cfg: ModelConfig) -> None:
+    """Raises when the plan does not fit the model's shapes."""
+    have = (self.num_layers, self.num_kv_heads, self.head_dim)
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    if have != want:
+      raise ValueError(
+          f"quant plan has (layers, kv heads, head dim) = {have} but model "
+          f"{cfg.name} has {want}")
+
+  def describe(self) -> str:
+    counts = collections.Counter(f for row in self.formats for f in row)
+    per_layer = " ".join("/".join(f.removeprefix("int") for f in row)
+                         for row in self.formats)
+    scaled = bool(np.any(self.key_scale != 1))
+    return (f"plan[{self.policy or 'custom'}] avg {self.average_bits():.2f} "
+            f"bits; {dict(sorted(counts.items()))}; group {self.group_size}, "
+            f"residual {self.residual}, sinks {self.sinks}"
+            f"{', per-channel key scales' if scaled else ''}\n"
+            f"  per layer (heads): {per_layer}")
+
+  def save(self, path) -> pathlib.Path:
+    """Writes the plan as an orbax checkpoint directory (replacing one)."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path).absolute()
+    tree = {
+        "formats": np.array([[_NAMES.index(f) for f in row]
+                             for row in self.formats], np.int32),
+        "key_scale": self.key_scale.astype(np.float32),
+        "group_size": np.int32(self.group_size),
+        "residual": np.int32(self.residual),
+        "sinks": np.int32(self.sinks),
+        "policy": np.frombuffer((self.policy or "-").encode(), np.uint8),
+    }
+    ocp.PyTreeCheckpointer().save(path, tree, force=True)
+    return path
+
+  @classmethod
+  def load(cls, path, cfg: ModelConfig | None = None) -> "QuantPlan":
+    """Reads a plan saved by ``save``; checks it against ``cfg`` if given."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path).absolute()
+    if not path.is_dir():
+      raise ValueError(f"no quant plan at {path} (expected a directory "
+                       f"written by QuantPlan.save)")
+    tree = ocp.PyTreeCheckpointer().restore(path)
+    ids = np.asarray(tree["formats"])
+    if ids.min() < 0 or ids.max() >= len(_NAMES):
+      raise ValueError(f"quant plan {path} has unknown format ids {ids}")
+    policy = bytes(np.asarray(tree["policy"], np.uint8)).decode()
+    plan = cls(tuple(tuple(_NAMES[i] for i in row) for row in ids),
+               np.asarray(tree["key_scale"], np.float32),
+               int(tree["group_size"]), int(tree["residual"]),
+               int(tree["sinks"]), "" if policy == "-" else policy)
+    if cfg is not None:
+      plan.check(cfg)
+    return plan

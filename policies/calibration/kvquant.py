@@ -1,0 +1,56 @@
+"""``kvquant``: per-channel key scales fitted before RoPE, sinks exact.
+
+KVQuant observes that a few key channels carry outliers, consistently across
+tokens, and that they are visible before RoPE mixes channel pairs. Dividing
+each key channel by its calibrated magnitude before per-token quantization
+(and multiplying back on read) keeps those outlier channels from stretching
+every token's grid. Scales are tied on each RoPE pair (d, d + Hd/2), where
+dividing commutes with the rotation, so the cache's post-RoPE keys can be
+scaled. The first ``sink_tokens`` tokens stay in full precision. Bits are
+allocated as in ``sensitivity``, measured with these scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from lmcache_jax.quant import calibration
+from lmcache_jax.quant.plan import QuantPlan
+from policies.calibration.sensitivity import head_errors
+from policies.registry import CALIBRATION
+
+
+def channel_scales(keys: np.ndarray, quantile: float) -> np.ndarray:
+  """[L, K, Hd] divisors from pre-RoPE keys [L, K, T, Hd], tied per RoPE pair.
+
+  A channel's magnitude is the ``quantile`` of |key| over tokens (robust to
+  a single extreme token); scales are normalised to mean 1.
+  """
+  mag = np.quantile(np.abs(keys), quantile, axis=2)
+  half = mag.shape[-1] // 2
+  tied = np.maximum(mag[..., :half], mag[..., half:])
+  scale = np.concatenate([tied, tied], axis=-1)
+  scale = np.maximum(scale, 1e-3 * scale.max(axis=-1, keepdims=True))
+  return (scale / scale.mean(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@CALIBRATION.register("kvquant")
+@dataclasses.dataclass(frozen=True)
+class KVQuant:
+  """Pre-RoPE per-channel key scales + exact sink tokens + per-head bits."""
+  name: ClassVar[str] = "kvquant"
+  sink_tokens: int = 4
+  quantile: float = 0.99
+
+  def calibrate(self, lm, tokens, *, bits: float, group_size: int,
+                residual: int, sinks: int) -> QuantPlan:
+    cfg = lm.cfg
+    acts = calibration.collect(lm, tokens)
+    scales = channel_scales(acts.keys, self.quantile)
+    errors = head_errors(acts, cfg.group_size, group_size, residual, scales)
+    chosen = calibration.allocate(errors, bits)
+    return QuantPlan(calibration.formats_of(chosen), scales, group_size,
+                     residual, max(sinks, self.sink_tokens), self.name)

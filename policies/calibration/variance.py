@@ -1,0 +1,44 @@
+"""``variance``: more bits for heads whose keys and values spread more.
+
+Per-token asymmetric quantization adds noise of variance ``range² / (12 (2^b
+- 1)²)`` per element, where ``range`` is the token's group range. The cost of
+giving head (l, k) b bits is that noise summed over its keys and values on
+the calibration text; ``allocate`` minimises the total under the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from lmcache_jax.quant import calibration
+from lmcache_jax.quant.plan import QuantPlan
+from policies.registry import CALIBRATION
+
+
+def spread(x: np.ndarray, group_size: int) -> np.ndarray:
+  """Mean squared per-token group range of x [L, K, T, Hd] → [L, K]."""
+  g = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+  return np.mean((g.max(-1) - g.min(-1)) ** 2, axis=(-1, -2))
+
+
+@CALIBRATION.register("variance")
+@dataclasses.dataclass(frozen=True)
+class Variance:
+  """Per-head bits from the spread of keys and values (no model queries)."""
+  name: ClassVar[str] = "variance"
+
+  def calibrate(self, lm, tokens, *, bits: float, group_size: int,
+                residual: int, sinks: int) -> QuantPlan:
+    acts = calibration.collect(lm, tokens)
+    size = spread(acts.keys_rope, group_size) + spread(acts.values, group_size)
+    levels = np.array([(1 << b) - 1 for b in calibration.BITS], np.float64)
+    costs = size[..., None] / (12.0 * levels ** 2)
+    chosen = calibration.allocate(costs, bits)
+    cfg = lm.cfg
+    return QuantPlan(calibration.formats_of(chosen),
+                     np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
+                             np.float32),
+                     group_size, residual, sinks, self.name)
