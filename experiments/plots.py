@@ -31,10 +31,10 @@ from matplotlib.figure import Figure
 _MARKERS = "osD^v<>ph*"
 
 
-def label(record: dict) -> str:
+def label(record: dict, budget: bool = True) -> str:
   """``h2o@256 4-bit uniform [store.tiers=host]`` style name of a cell."""
   name = record["policy"]
-  if record.get("budget"):
+  if budget and record.get("budget"):
     name += f"@{record['budget']:g}"
   if record.get("kv_bits", 16) < 16:
     name += f" {record['kv_bits']:g}-bit {record.get('calibration', '')}".rstrip()
@@ -73,7 +73,7 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   bits = sorted({r.get("kv_bits", 16) for r in points}, reverse=True)
   colors = _colors(policies)
   tasks = sorted({r["task"] for r in points})
-  fig = Figure(figsize=(7.5, 5))
+  fig = Figure(figsize=(9, 5))
   ax = fig.add_subplot()
   for policy in policies:
     for i, b in enumerate(bits):
@@ -92,13 +92,16 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   xs = [r["kv_bytes"] for r in points]
   if max(xs) > 8 * min(xs):
     ax.set_xscale("log")
+  ys = [r[metric] for r in points]
+  if metric == "ppl" and max(ys) > 5 * min(ys):
+    ax.set_yscale("log")
   ax.set_xlabel("KV cache payload (MiB, per sequence)")
   ax.set_ylabel("perplexity (lower is better)" if metric == "ppl"
                 else f"{metric} (higher is better)")
-  ax.set_title(f"{metric} vs KV memory ({', '.join(tasks)}, "
-               f"context {_contexts(points)})")
+  ax.set_title(f"{'Perplexity' if metric == 'ppl' else metric.capitalize()} vs "
+               f"KV memory ({', '.join(tasks)}, context {_contexts(points)})")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8, loc="best")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   return fig
 
@@ -115,7 +118,8 @@ def ppl_by_position(records: list[dict]) -> Figure | None:
     return None
   budgets = sorted({r["budget"] for r in curves if r.get("budget")}) or [0]
   references = [r for r in curves if not r.get("budget")]
-  colors = _colors(sorted({label(r) for r in curves}))
+  colors = _colors(sorted({label(r, budget=False) for r in curves
+                           if r not in references}))
   cols = min(len(budgets), 3)
   rows = -(-len(budgets) // cols)
   fig = Figure(figsize=(5.5 * cols, 4 * rows))
@@ -127,9 +131,10 @@ def ppl_by_position(records: list[dict]) -> Figure | None:
       xs = [(b["start"] + b["end"]) / 2 for b in buckets]
       ys = [b["ppl"] for b in buckets]
       reference = r in references
+      name = label(r, budget=False)
       ax.plot(xs, ys, marker="." if not reference else None,
-              color="black" if reference else colors[label(r)],
-              linestyle="--" if reference else "-", label=label(r))
+              color="black" if reference else colors[name],
+              linestyle="--" if reference else "-", label=name)
     ax.set_xlabel("token position in the stream")
     ax.set_ylabel("perplexity (per position bucket)")
     ax.set_title(f"budget {budget:g} tokens" if budget else "no budget")
@@ -137,9 +142,14 @@ def ppl_by_position(records: list[dict]) -> Figure | None:
     if ys_all and max(ys_all) > 5 * min(ys_all):
       ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+  legend = {}
+  for ax in fig.axes:
+    for handle, name in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(name, handle)
   fig.suptitle(f"Perplexity by position (context {_contexts(curves)})")
   fig.tight_layout()
+  fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center left",
+             bbox_to_anchor=(1.0, 0.5))
   return fig
 
 
@@ -246,6 +256,6 @@ def standard_plots(records: list[dict], out_dir: pathlib.Path) -> list[pathlib.P
   for name, plot in STANDARD.items():
     fig = plot(records)
     if fig is not None:
-      fig.savefig(out_dir / name, dpi=120)
+      fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
       written.append(out_dir / name)
   return written

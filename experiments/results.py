@@ -96,7 +96,7 @@ def columns(rows: Iterable[dict]) -> list[str]:
   return lead + rest + last
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
   if value is None:
     return ""
   if isinstance(value, float):
@@ -117,12 +117,29 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
       writer.writerow({c: r.get(c, "") for c in cols})
 
 
+# Bookkeeping that stays in the CSV and the cell files, out of the Markdown.
+_CSV_ONLY = ("model", "load_seconds", "cache_bytes", "nll", "kv_bytes",
+             "tokens_per_second", "code_version")
+
+
+def summary_columns(rows: list[dict]) -> list[str]:
+  """The Markdown's columns: grid coordinates that vary, then the results."""
+  cols = []
+  for c in columns(rows):
+    if c in IDENTITY:
+      if len({str(r.get(c)) for r in rows}) > 1:
+        cols.append(c)
+    elif c not in _CSV_ONLY:
+      cols.append(c)
+  return cols
+
+
 def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
-  """A GitHub Markdown table of ``rows``."""
-  cols = columns(rows) if cols is None else cols
+  """A GitHub Markdown table of ``rows`` (default: ``summary_columns``)."""
+  cols = summary_columns(rows) if cols is None else cols
   lines = ["| " + " | ".join(cols) + " |",
            "|" + "|".join("---" for _ in cols) + "|"]
-  lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
   return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,7 @@ class SweepReport:
   errors: list[dict]
   ran: int
   skipped: int
+  stale: list[str]   # cell files of another grid or config, ignored
   seconds: float
   files: list[pathlib.Path]
 
@@ -184,6 +185,12 @@ def run_sweep(config: ml_collections.ConfigDict, lm: models.LoadedModel | None =
     else:
       todo.append((cell, variant))
   skipped = len(records)
+  wanted = {results.cell_filename(c.to_dict()) for c, _ in cells}
+  stale = sorted(p.name for p in cells_dir.glob("*.json") if p.name not in wanted)
+  if stale:
+    logging.warning("%d cell file(s) in %s belong to no cell of this sweep (its "
+                    "grid or config changed since they ran); ignored", len(stale),
+                    cells_dir)
   ran = 0
   if todo and not report_only:
     if lm is None:
@@ -206,7 +213,7 @@ def run_sweep(config: ml_collections.ConfigDict, lm: models.LoadedModel | None =
       ran += 1
   rows = results.sort_rows(records)
   files = write_report(config, out_dir, rows, errors)
-  return SweepReport(out_dir, rows, errors, ran, skipped,
+  return SweepReport(out_dir, rows, errors, ran, skipped, stale,
                      time.perf_counter() - start, files)
 
 
@@ -223,7 +230,12 @@ def write_report(config, out_dir: pathlib.Path, rows: list[dict],
            f"Model `{config.model}`, dtype {config.dtype}, code "
            f"`{run_lib.code_version()}`; {len(rows)} cell(s) finished.", ""]
   for task in sorted({r["task"] for r in rows}):
-    lines += [f"## {task}", "", results.markdown([r for r in rows if r["task"] == task])]
+    task_rows = [r for r in rows if r["task"] == task]
+    fixed = [f"{c} {results.fmt(task_rows[0].get(c))}" for c in results.IDENTITY
+             if c != "task" and c not in results.summary_columns(task_rows)
+             and task_rows[0].get(c) not in (None, "")]
+    lines += [f"## {task}", "", f"In every row: {', '.join(fixed)}.", "",
+              results.markdown(task_rows)]
   lines += [f"![{p.stem}](plots/{p.name})" for p in pngs]
   if errors:
     (out_dir / "errors.json").write_text(json.dumps(errors, indent=2) + "\n")
@@ -253,6 +265,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   print(f"{report.ran} cell(s) run, {report.skipped} already done, "
         f"{len(report.errors)} failed, {report.seconds:.0f} s")
+  if report.stale:
+    print(f"{len(report.stale)} cell file(s) of another grid or config ignored")
   for path in report.files:
     print(path)
   if report.errors:

@@ -46,7 +46,7 @@ def test_ppl_by_position_panel_per_budget_with_full_reference():
   assert [ax.get_title() for ax in fig.axes] == ["budget 128 tokens", "budget 256 tokens"]
   for ax in fig.axes:
     assert ax.get_xlabel() == "token position in the stream"
-    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "full"
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == ["full", "h2o"]
   np.testing.assert_allclose(fig.axes[0].get_lines()[1].get_xdata(), [256, 768])
 
 

@@ -175,7 +175,11 @@ def test_report_only_runs_nothing(tmp_path, byte_lm, monkeypatch):
   monkeypatch.setattr(run_lib, "run", lambda *a: pytest.fail("ran a cell"))
   config.sweep.policies = ("full", "sliding_window")
   report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
-  assert report.ran == 0 and len(report.records) == 1
+  assert report.ran == 0 and len(report.records) == 1 and not report.stale
+  # A changed config does not reuse the old cells: they are reported as stale.
+  config.perplexity.buckets = 3
+  report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
+  assert report.records == [] and len(report.stale) == 1
 
 
 @pytest.mark.parametrize("name", ["eviction", "quantization",
