@@ -81,8 +81,7 @@ def generate_with_store(
   for row, prompt in enumerate(prompts):
     # The last prompt token is always fed: its logits start the answer.
     usable = (len(prompt) - 1) // store.chunk_size * store.chunk_size
-    prefix = store.load(prompt, usable)
-    cache = store.insert(cache, row, prefix)
+    cache, prefix = store.load_into(cache, row, prompt, usable)
     hits.append(prefix.num_tokens)
     sources.append(prefix.tier_counts())
   suffixes = [p[n:] for p, n in zip(prompts, hits)]

@@ -122,6 +122,35 @@ def _mark_prefix(positions, lengths, row, n):
   return positions.at[:, row].set(filled), lengths.at[row].set(n)
 
 
+def write_chunks(cache: KVCache, layout: Layout, row: int, first: int,
+                 chunks: list[Chunk], chunk_size: int) -> KVCache:
+  """Writes ``chunks`` as chunks ``first, first + 1, ...`` of sequence ``row``
+  (payload only; the cache is donated)."""
+  leaves, treedef = jax.tree_util.tree_flatten((cache.keys, cache.values))
+  groups = tuple(s.group for s in layout.leaves)
+  for i, chunk in enumerate(chunks):
+    leaves = _put_chunk(leaves, tuple(chunk), jnp.int32(row),
+                        jnp.int32((first + i) * chunk_size), groups=groups)
+  keys, values = jax.tree_util.tree_unflatten(treedef, leaves)
+  return cache.replace(keys=keys, values=values)
+
+
+def mark_prefix(cache: KVCache, row: int, n: int) -> KVCache:
+  """Positions 0..n-1 and length n for sequence ``row``, as after a prefill."""
+  positions, lengths = _mark_prefix(cache.positions, cache.lengths,
+                                    jnp.int32(row), jnp.int32(n))
+  return cache.replace(positions=positions, lengths=lengths)
+
+
+def check_fits(cache: KVCache, layout: Layout, n: int) -> None:
+  if n > cache.capacity:
+    raise ValueError(f"a prefix of {n} tokens does not fit a cache of "
+                     f"{cache.capacity} slots")
+  if Layout.of(cache) != layout:
+    raise ValueError("the cache's payload layout differs from the store's; "
+                     "build the store for this cache's dtype and quantization")
+
+
 def insert_prefix(cache: KVCache, layout: Layout, row: int,
                   chunks: list[Chunk], chunk_size: int) -> KVCache:
   """Writes ``chunks`` as tokens [0, n) of the empty sequence ``row``.
@@ -131,19 +160,6 @@ def insert_prefix(cache: KVCache, layout: Layout, row: int,
   is donated.
   """
   n = len(chunks) * chunk_size
-  if n > cache.capacity:
-    raise ValueError(f"a prefix of {n} tokens does not fit a cache of "
-                     f"{cache.capacity} slots")
-  if Layout.of(cache) != layout:
-    raise ValueError("the cache's payload layout differs from the store's; "
-                     "build the store for this cache's dtype and quantization")
-  leaves, treedef = jax.tree_util.tree_flatten((cache.keys, cache.values))
-  groups = tuple(s.group for s in layout.leaves)
-  for i, chunk in enumerate(chunks):
-    leaves = _put_chunk(leaves, tuple(chunk), jnp.int32(row),
-                        jnp.int32(i * chunk_size), groups=groups)
-  keys, values = jax.tree_util.tree_unflatten(treedef, leaves)
-  positions, lengths = _mark_prefix(cache.positions, cache.lengths,
-                                    jnp.int32(row), jnp.int32(n))
-  return cache.replace(keys=keys, values=values, positions=positions,
-                       lengths=lengths)
+  check_fits(cache, layout, n)
+  cache = write_chunks(cache, layout, row, 0, chunks, chunk_size)
+  return mark_prefix(cache, row, n)

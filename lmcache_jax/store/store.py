@@ -26,7 +26,8 @@ from lmcache_jax.store import codec
 from lmcache_jax.store.crypto import Cipher
 from lmcache_jax.store.disk import DiskTier
 from lmcache_jax.store.keys import chunk_keys, namespace
-from lmcache_jax.store.layout import Chunk, Layout, insert_prefix, slice_chunk
+from lmcache_jax.store.layout import (Chunk, Layout, check_fits, insert_prefix,
+                                      mark_prefix, slice_chunk, write_chunks)
 from lmcache_jax.store.memory import device_sharding, host_sharding
 from lmcache_jax.store.tier import MemoryTier, Tier, log
 
@@ -54,6 +55,7 @@ class KVStore:
       tier out (disk also needs ``disk_dir``).
     policy: tier policy name from ``policies.tier`` (lru, lfu, fifo).
     cipher: encrypts the host and disk tiers (see ``crypto.load_cipher``).
+    group_bytes: chunks per batched transfer, in bytes.
   """
 
   def __init__(self, layout: Layout, *, model_fingerprint: bytes,
@@ -61,7 +63,7 @@ class KVStore:
                host_bytes: int | None = None, disk_dir: str | None = None,
                disk_bytes: int | None = None, policy: str = "lru",
                cipher: Cipher | None = None, device: jax.Device | None = None,
-               read_threads: int = 4):
+               read_threads: int = 4, group_bytes: int = 1 << 30):
     layout.check_chunk_size(chunk_size)
     if (disk_dir is None) != (disk_bytes is None):
       raise ValueError("the disk tier needs both disk_dir and disk_bytes; "
@@ -74,6 +76,7 @@ class KVStore:
                           f"layers 0:{layout.num_layers}")
     self.expected = layout.chunk_shapes(chunk_size)
     self.chunk_nbytes = layout.chunk_nbytes(chunk_size)
+    self.group_bytes = group_bytes
     self.tiers: dict[str, Tier] = {}
     if device_bytes is not None:
       self.tiers["device"] = MemoryTier("device", device_bytes, policy)
@@ -131,43 +134,60 @@ class KVStore:
     # Last chunk first: under lru and fifo the head of a prefix, which every
     # longer prefix needs, is then the last to be evicted.
     todo.reverse()
+    for group in self._groups(todo):
+      self._store_group(cache, row, group)
+    if wait:
+      self.flush()
+    self._count(stored=len(todo))
+    return len(todo)
+
+  def _groups(self, items: list) -> list[list]:
+    """``items`` cut into runs of about ``group_bytes`` of chunks, which
+    bounds the device memory a transfer holds and batches the small ones."""
+    size = max(1, self.group_bytes // self.chunk_nbytes)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+  def _store_group(self, cache: KVCache, row: int, todo: list) -> None:
     chunks = [slice_chunk(cache, self.layout, row, i * self.chunk_size,
                           self.chunk_size) for i, _ in todo]
     keys = [key for _, key in todo]
     if "device" in self.tiers:
       for key, chunk in zip(keys, chunks):
         self.tiers["device"].put(key, chunk, self.chunk_nbytes)
+    host_copies = None
     if "host" in self.tiers:
-      missing = [(k, c) for k, c in zip(keys, chunks)
-                 if k not in self.tiers["host"]]
-      if missing:
-        self._put_host(*map(list, zip(*missing)))
+      host_copies = self._put_host(keys, chunks)
     if "disk" in self.tiers:
-      self._submit(self._write_disk, keys, chunks)
-    if wait:
-      self.flush()
-    self._count(stored=len(todo))
-    return len(todo)
+      # The worker gets host copies, never device ones, so HBM is freed now.
+      copies = host_copies or [
+          tuple(np.asarray(a) for a in chunk) for chunk in chunks]
+      self._submit(self._write_disk, keys, copies)
 
-  def _put_host(self, keys: list[bytes], chunks: list[Chunk]) -> None:
+  def _put_host(self, keys: list[bytes], chunks: list[Chunk]) -> list:
+    """Copies chunks to the host tier in one batched transfer; returns the
+    host copies (arrays, or sealed bytes when encrypted)."""
     host = self.tiers["host"]
     if self.cipher is not None:
-      for key, chunk in zip(keys, chunks):
-        blob = codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
+      blobs = [codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
+               for key, chunk in zip(keys, chunks)]
+      for key, blob in zip(keys, blobs):
         host.put(key, blob, len(blob))
-      return
+      return blobs
     flat = [a for chunk in chunks for a in chunk]
     moved = jax.device_put(flat, host_sharding(self.device))
     width = len(self.layout.leaves)
-    for i, key in enumerate(keys):
-      host.put(key, tuple(moved[i * width:(i + 1) * width]), self.chunk_nbytes)
+    copies = [tuple(moved[i * width:(i + 1) * width]) for i in range(len(keys))]
+    for key, copy in zip(keys, copies):
+      host.put(key, copy, self.chunk_nbytes)
+    return copies
 
-  def _write_disk(self, keys: list[bytes], chunks: list[Chunk]) -> None:
+  def _write_disk(self, keys: list[bytes], copies: list) -> None:
     disk = self.tiers["disk"]
-    for key, chunk in zip(keys, chunks):
+    for key, copy in zip(keys, copies):
       if key in disk:
         continue
-      blob = codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
+      blob = copy if isinstance(copy, bytes) else codec.encode(
+          key, [np.asarray(a) for a in copy], self.cipher)
       disk.put(key, blob, len(blob))
 
   # -- load ------------------------------------------------------------------
@@ -177,10 +197,46 @@ class KVStore:
 
     Stops at the first chunk that is missing or fails its checks (a damaged
     chunk is dropped), so the prefix may be shorter than ``lookup`` said;
-    the caller recomputes the rest.
+    the caller recomputes the rest. ``load_into`` streams into a cache
+    instead, holding less device memory.
     """
+    keys, found, sources = self._gather(tokens, n)
+    chunks = []
+    for group in self._groups(list(range(len(found)))):
+      chunks += self._to_device([found[i] for i in group],
+                                [sources[i] for i in group])
+    self._after_load(keys, chunks, found, sources)
+    return Prefix(len(chunks) * self.chunk_size, chunks, sources)
+
+  def load_into(self, cache: KVCache, row: int, tokens: Sequence[int],
+                n: int | None = None) -> tuple[KVCache, Prefix]:
+    """Loads the stored prefix of ``tokens`` (up to ``n``) into the empty
+    sequence ``row`` of ``cache`` (donated), a group of chunks at a time.
+
+    Returns the cache and the prefix (without its chunks).
+    """
+    keys, found, sources = self._gather(tokens, n)
+    check_fits(cache, self.layout, len(found) * self.chunk_size)
+    first = 0
+    for group in self._groups(list(range(len(found)))):
+      chunks = self._to_device([found[i] for i in group],
+                               [sources[i] for i in group])
+      cache = write_chunks(cache, self.layout, row, first, chunks,
+                           self.chunk_size)
+      if "device" in self.tiers:
+        self._promote_device(keys[first:first + len(group)], chunks,
+                             sources[first:first + len(group)])
+      first += len(group)
+    cache = mark_prefix(cache, row, len(found) * self.chunk_size)
+    self._after_load(keys, None, found, sources)
+    return cache, Prefix(len(found) * self.chunk_size, [], sources)
+
+  def _gather(self, tokens, n):
+    """Keys, and per chunk of the longest intact stored prefix its value in
+    the fastest tier holding it (device chunk, host copy, or verified leaves
+    read from disk in parallel), and that tier's name."""
     keys = self.keys(tokens, n)
-    found: list = []       # per chunk: device chunk, host arrays or numpy leaves
+    found: list = []
     sources: list[str] = []
     for key in keys:
       source, value = self._fast_get(key)
@@ -202,13 +258,25 @@ class KVStore:
         found, sources = found[:i], sources[:i]
         self._count(dropped=1)
         break
-    chunks = self._to_device(found, sources)
+    return keys[:len(found)], found, sources
+
+  def _after_load(self, keys, chunks, found, sources) -> None:
+    """Refreshes the hits (head of the prefix most recent) and promotes."""
     for tier in self.tiers.values():
-      tier.touch(keys[:len(chunks)][::-1])
-    self._promote(keys, chunks, found, sources)
+      tier.touch(keys[::-1])
+    if chunks is not None and "device" in self.tiers:
+      self._promote_device(keys, chunks, sources)
+    from_disk = [(key, leaves) for key, leaves, source
+                 in reversed(list(zip(keys, found, sources))) if source == "disk"]
+    if from_disk and "host" in self.tiers:
+      self._submit(self._promote_host, from_disk)
     for source in sources:
       self._count(**{f"hit_{source}": 1})
-    return Prefix(len(chunks) * self.chunk_size, chunks, sources)
+
+  def _promote_device(self, keys, chunks, sources) -> None:
+    for key, chunk, source in reversed(list(zip(keys, chunks, sources))):
+      if source != "device":
+        self.tiers["device"].put(key, chunk, self.chunk_nbytes)
 
   def _fast_get(self, key: bytes):
     for name in ("device", "host"):
@@ -238,18 +306,6 @@ class KVStore:
       chunks[i] = tuple(moved[j * width:(j + 1) * width])
     return chunks
 
-  def _promote(self, keys, chunks, found, sources) -> None:
-    """Copies chunks that came from a slower tier into the faster ones (last first)."""
-    keys = keys[:len(chunks)]
-    if "device" in self.tiers:
-      for key, chunk, source in reversed(list(zip(keys, chunks, sources))):
-        if source != "device":
-          self.tiers["device"].put(key, chunk, self.chunk_nbytes)
-    from_disk = [(key, leaves) for key, leaves, source
-                 in reversed(list(zip(keys, found, sources))) if source == "disk"]
-    if from_disk and "host" in self.tiers:
-      self._submit(self._promote_host, from_disk)
-
   def _promote_host(self, items) -> None:
     host = self.tiers["host"]
     if self.cipher is not None:
@@ -261,7 +317,7 @@ class KVStore:
     self._put_host(keys, [tuple(leaves) for _, leaves in items])
 
   def insert(self, cache: KVCache, row: int, prefix: Prefix) -> KVCache:
-    """``cache`` with ``prefix`` as the first tokens of empty sequence ``row``."""
+    """``cache`` with a loaded ``prefix`` as the first tokens of empty sequence ``row``."""
     return insert_prefix(cache, self.layout, row, prefix.chunks, self.chunk_size)
 
   # -- background work ---------------------------------------------------------
