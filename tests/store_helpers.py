@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
+from lmcache_jax.quant.formats import get_format
+from lmcache_jax.quant.payload import Packed, QuantizedKV
 from lmcache_jax.store import KVStore, Layout
 from conftest import tiny_config
 
@@ -49,14 +51,23 @@ def assert_prefix_is(prefix, cache, row: int = 0) -> None:
 
 
 def quantized_like_cache(capacity=32, group=4):
-  """A cache whose payload is a pytree: packed bytes per slot + scales per group."""
+  """A quantized payload whose scales and zeros are shared by ``group`` slots."""
   base = init_cache(tiny_config(), 1, capacity, jnp.float32)
   rng = np.random.default_rng(3)
-  shape = base.keys.shape[:3]
+  lead = base.keys.shape[:3]
 
   def payload():
-    return (jnp.asarray(rng.integers(0, 255, shape + (capacity, 4)), jnp.uint8),
-            jnp.asarray(rng.standard_normal(shape + (capacity // group, 1)),
-                        jnp.float32))
+    part = Packed(
+        data=jnp.asarray(rng.integers(0, 2**32, lead + (capacity, 2)), jnp.uint32),
+        scale=jnp.asarray(rng.standard_normal(lead + (capacity // group, 1)),
+                          jnp.float16),
+        zero=jnp.asarray(rng.standard_normal(lead + (capacity // group, 1)),
+                         jnp.float16),
+        heads=jnp.broadcast_to(jnp.arange(lead[2])[None, None, :, None],
+                               lead + (1,)),
+        fmt=get_format("int4"), group_size=8)
+    return QuantizedKV(parts=(part,), exact=jnp.zeros(lead + (0, 8)),
+                       exact_slots=jnp.zeros(lead + (0,), jnp.int32),
+                       channel_scale=None, sinks=0, residual=0)
   return KVCache(payload(), payload(), base.positions, base.scores,
                  jnp.array([capacity], jnp.int32))

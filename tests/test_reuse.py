@@ -119,3 +119,40 @@ def test_encrypted_store_writes_no_plaintext(lm, tmp_path):
                              **SHAPES)
   assert warm.sources == [{"disk": 4}]
   assert warm.generation.tokens == cold.tokens
+
+
+def test_quantized_cache_stores_its_packed_form(tmp_path):
+  from lmcache_jax.cache.kv_cache import init_cache
+  from lmcache_jax.engine.generate import decode
+  from lmcache_jax.engine.prefill import prefill
+  from lmcache_jax.quant.plan import QuantPlan
+  from lmcache_jax.store import KVStore, Layout
+  cfg = tiny_config(head_dim=32)
+  lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
+  plan = QuantPlan.uniform(cfg, "int4", group_size=32)
+  new_cache = lambda b, s: init_cache(lm.cfg, b, s, jnp.float32, quant=plan)  # noqa: E731
+  prompt = tokens_for(50, 41)
+  logits, cache = prefill(lm, new_cache(1, 96), [prompt], lm_policy(), 8)
+  cold = decode(lm, cache, logits, max_new_tokens=4)
+  layout = Layout.of(new_cache(1, 16))
+  store = KVStore(layout, model_fingerprint=model_fingerprint(lm), chunk_size=8,
+                  disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  dense = KVStore(Layout.of(init_cache(cfg, 1, 16, jnp.float32)),
+                  model_fingerprint=model_fingerprint(lm), chunk_size=8,
+                  host_bytes=1 << 20)
+  assert store.chunk_nbytes < dense.chunk_nbytes / 4
+  assert store.root != dense.root
+  generate_with_store(lm, [prompt], store, max_new_tokens=1, new_cache=new_cache,
+                      **SHAPES)
+  store.flush()
+  warm = generate_with_store(lm, [prompt], store, max_new_tokens=4,
+                             new_cache=new_cache, **SHAPES)
+  assert warm.sources == [{"disk": 5}]
+  assert warm.generation.tokens == cold.tokens
+  np.testing.assert_allclose(warm.generation.prompt_logits, cold.prompt_logits,
+                             **TOL)
+
+
+def lm_policy():
+  from lmcache_jax.cache.policy import KeepAll
+  return KeepAll()

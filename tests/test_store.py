@@ -12,7 +12,8 @@ from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.store import codec
 from lmcache_jax.store.crypto import Cipher
 from lmcache_jax.store.keys import chunk_keys, namespace
-from lmcache_jax.store.layout import Layout, insert_prefix, slice_chunk
+from lmcache_jax.store.layout import (Layout, insert_prefix, slice_chunk,
+                                      slot_arrays, with_slot_arrays)
 from lmcache_jax.store.tier import MemoryTier
 from policies.registry import TIER
 from conftest import tiny_config
@@ -168,19 +169,23 @@ def test_prefetch_warms_the_host_tier(tmp_path):
 def test_grouped_payload_layout():
   cache = quantized_like_cache()
   layout = Layout.of(cache)
-  assert [s.group for s in layout.leaves] == [1, 4, 1, 4]
+  assert [s.group for s in layout.leaves] == [1, 4, 4, 1, 4, 4]
   with pytest.raises(ValueError, match="chunk_size 6 does not divide"):
     layout.check_chunk_size(6)
   chunk = slice_chunk(cache, layout, 0, 8, 8)
-  np.testing.assert_array_equal(chunk[1], cache.keys[1][:, 0, :, 2:4])
-  empty = jax.tree.map(jnp.zeros_like, cache).replace(
-      positions=jnp.full_like(cache.positions, -1))
+  np.testing.assert_array_equal(chunk[1], cache.keys.parts[0].scale[:, 0, :, 2:4])
+  zeroed = lambda kv: with_slot_arrays(  # noqa: E731
+      kv, [jnp.zeros_like(a) for a in slot_arrays(kv)])
+  empty = cache.replace(keys=zeroed(cache.keys), values=zeroed(cache.values),
+                        positions=jnp.full_like(cache.positions, -1))
   filled = insert_prefix(empty, layout, 0, [slice_chunk(cache, layout, 0, 0, 8),
                                             chunk], 8)
-  pairs = zip(filled.keys + filled.values, cache.keys + cache.values,
-              layout.leaves)
-  for got, want, spec in pairs:
+  got = [a for kv in (filled.keys, filled.values)
+         for a in (kv.parts[0].data, kv.parts[0].scale, kv.parts[0].zero)]
+  want = [a for kv in (cache.keys, cache.values)
+          for a in (kv.parts[0].data, kv.parts[0].scale, kv.parts[0].zero)]
+  for g, w, spec in zip(got, want, layout.leaves):
     n = 16 // spec.group  # entries of the 16 inserted tokens
-    np.testing.assert_array_equal(got[:, :, :, :n], want[:, :, :, :n])
-    assert not np.asarray(got[:, :, :, n:]).any()
+    np.testing.assert_array_equal(g[:, :, :, :n], w[:, :, :, :n])
+    assert not np.asarray(g[:, :, :, n:]).any()
   assert int(filled.lengths[0]) == 16

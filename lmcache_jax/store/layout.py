@@ -1,11 +1,13 @@
-"""The cache payload as the store sees it: leaves with a slot axis at index 3.
+"""The cache payload as the store sees it: slot arrays with the slot axis at 3.
 
-A cache's keys and values may be plain arrays or pytrees (a quantized
-payload: packed integers plus scales). Every leaf is [L, B, K, S', ...] with
-S' = S / g, g >= 1 the slots one stored entry covers. A chunk of ``c`` tokens
-is, per leaf, the [L, K, c / g, ...] slice of one sequence. Everything here
-walks the leaves with ``jax.tree_util``, so a quantized cache stores and moves
-its packed bytes.
+A cache's keys and values may be dense arrays or quantized payloads
+(``quant.payload.QuantizedKV``: packed codes, scales and zeros per slot).
+Every slot array is [L, B, R, S', ...] with S' = S / g, g >= 1 the slots one
+stored entry covers. A chunk of ``c`` tokens is, per slot array, the
+[L, R, c / g, ...] slice of one sequence, so a quantized cache stores and
+moves its packed bytes. A payload's other leaves (which rows hold which
+heads, the keys' channel scales) follow from its quant plan: they are hashed
+into the layout's fingerprint, never stored.
 """
 
 from __future__ import annotations
@@ -13,53 +15,100 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache
+from lmcache_jax.quant.payload import QuantizedKV
 
 SLOT_AXIS = 3
+
+
+def slot_arrays(kv) -> list[jax.Array]:
+  """The arrays of a payload indexed by slot (in a fixed order)."""
+  if not isinstance(kv, QuantizedKV):
+    return [kv]
+  if kv.exact.shape[SLOT_AXIS]:
+    raise ValueError(
+        f"the store cannot hold a quantized cache with exact copies (sinks="
+        f"{kv.sinks}, residual={kv.residual}): they belong to the latest "
+        f"tokens, not to a chunk; use a plan with sinks=0 and residual=0")
+  return [a for p in kv.parts for a in (p.data, p.scale, p.zero)
+          if a is not None]
+
+
+def with_slot_arrays(kv, arrays: list[jax.Array]):
+  """``kv`` with its slot arrays replaced (the inverse of ``slot_arrays``)."""
+  if not isinstance(kv, QuantizedKV):
+    return arrays[0]
+  arrays = iter(arrays)
+  parts = []
+  for p in kv.parts:
+    data, scale = next(arrays), next(arrays)
+    zero = None if p.zero is None else next(arrays)
+    parts.append(p.replace(data=data, scale=scale, zero=zero))
+  return kv.replace(parts=tuple(parts))
+
+
+def _plan_digest(kv) -> str:
+  """Digest of a payload's structure and plan-given leaves (not its slots)."""
+  if not isinstance(kv, QuantizedKV):
+    return str(jnp.dtype(kv.dtype))
+  h = hashlib.sha256(str(jax.tree_util.tree_structure(kv)).encode())
+  for leaf in ([p.heads for p in kv.parts] + [kv.channel_scale]):
+    if leaf is not None:
+      h.update(np.asarray(leaf[:, :1]).tobytes())
+  return h.hexdigest()
+
+
+def _all_slot_arrays(cache: KVCache) -> list[jax.Array]:
+  return slot_arrays(cache.keys) + slot_arrays(cache.values)
+
+
+def _replace_slot_arrays(cache: KVCache, arrays: list[jax.Array]) -> KVCache:
+  n = len(slot_arrays(cache.keys))
+  return cache.replace(keys=with_slot_arrays(cache.keys, arrays[:n]),
+                       values=with_slot_arrays(cache.values, arrays[n:]))
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
   dtype: str
   group: int                 # slots per stored entry along the slot axis
-  trailing: tuple[int, ...]  # shape after the slot axis
+  trailing: tuple[int, ...]  # rows (axis 2), then the shape after the slot axis
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Shapes and dtypes of the payload leaves, independent of batch and capacity."""
-  treedef: Any
+  plan: tuple[str, str]      # digests of the keys' and values' structure
   leaves: tuple[LeafSpec, ...]
   num_layers: int
   num_kv_heads: int
 
   @classmethod
   def of(cls, cache: KVCache) -> "Layout":
-    leaves, treedef = jax.tree_util.tree_flatten((cache.keys, cache.values))
     capacity = cache.capacity
     specs = []
-    for leaf in leaves:
-      if leaf.ndim < 4 or leaf.shape[:3] != cache.positions.shape[:3]:
+    for leaf in _all_slot_arrays(cache):
+      if leaf.ndim < 4 or leaf.shape[:2] != cache.positions.shape[:2]:
         raise ValueError(
             f"a cache payload leaf of shape {leaf.shape} does not start with "
-            f"[L, B, K] = {cache.positions.shape[:3]}; the store needs the slot "
+            f"[L, B] = {cache.positions.shape[:2]}; the store needs the slot "
             f"axis at index {SLOT_AXIS}")
       slots = leaf.shape[SLOT_AXIS]
       if slots == 0 or capacity % slots:
         raise ValueError(f"a payload leaf holds {slots} entries along the slot "
                          f"axis, which does not divide the capacity {capacity}")
       specs.append(LeafSpec(str(jnp.dtype(leaf.dtype)), capacity // slots,
-                            tuple(leaf.shape[SLOT_AXIS + 1:])))
-    return cls(treedef, tuple(specs), cache.num_layers, cache.num_kv_heads)
+                            (leaf.shape[2],) + tuple(leaf.shape[SLOT_AXIS + 1:])))
+    return cls((_plan_digest(cache.keys), _plan_digest(cache.values)),
+               tuple(specs), cache.num_layers, cache.num_kv_heads)
 
   def fingerprint(self) -> bytes:
-    return hashlib.sha256(repr((str(self.treedef), self.leaves, self.num_layers,
+    return hashlib.sha256(repr((self.plan, self.leaves, self.num_layers,
                                 self.num_kv_heads)).encode()).digest()
 
   def check_chunk_size(self, chunk_size: int) -> None:
@@ -75,8 +124,8 @@ class Layout:
 
   def chunk_shapes(self, chunk_size: int) -> list[tuple[tuple[int, ...], str]]:
     """(shape, dtype) of each leaf of one chunk."""
-    return [((self.num_layers, self.num_kv_heads, chunk_size // s.group)
-             + s.trailing, s.dtype) for s in self.leaves]
+    return [((self.num_layers, s.trailing[0], chunk_size // s.group)
+             + s.trailing[1:], s.dtype) for s in self.leaves]
 
   def chunk_nbytes(self, chunk_size: int) -> int:
     return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -99,8 +148,7 @@ def _slice_chunk(leaves, row, start, *, chunk_size, groups):
 def slice_chunk(cache: KVCache, layout: Layout, row: int, start: int,
                 chunk_size: int) -> Chunk:
   """The chunk of tokens [start, start + chunk_size) of sequence ``row``."""
-  leaves = jax.tree_util.tree_leaves((cache.keys, cache.values))
-  return _slice_chunk(leaves, jnp.int32(row), jnp.int32(start),
+  return _slice_chunk(_all_slot_arrays(cache), jnp.int32(row), jnp.int32(start),
                       chunk_size=chunk_size,
                       groups=tuple(s.group for s in layout.leaves))
 
@@ -126,13 +174,12 @@ def write_chunks(cache: KVCache, layout: Layout, row: int, first: int,
                  chunks: list[Chunk], chunk_size: int) -> KVCache:
   """Writes ``chunks`` as chunks ``first, first + 1, ...`` of sequence ``row``
   (payload only; the cache is donated)."""
-  leaves, treedef = jax.tree_util.tree_flatten((cache.keys, cache.values))
+  leaves = _all_slot_arrays(cache)
   groups = tuple(s.group for s in layout.leaves)
   for i, chunk in enumerate(chunks):
     leaves = _put_chunk(leaves, tuple(chunk), jnp.int32(row),
                         jnp.int32((first + i) * chunk_size), groups=groups)
-  keys, values = jax.tree_util.tree_unflatten(treedef, leaves)
-  return cache.replace(keys=keys, values=values)
+  return _replace_slot_arrays(cache, leaves)
 
 
 def mark_prefix(cache: KVCache, row: int, n: int) -> KVCache:
