@@ -55,6 +55,8 @@ class KVStore:
       tier out (disk also needs ``disk_dir``).
     policy: tier policy name from ``policies.tier`` (lru, lfu, fifo).
     cipher: encrypts the host and disk tiers (see ``crypto.load_cipher``).
+    read_threads: threads reading and verifying disk chunks during a load.
+    write_threads: background threads (disk writes, promotions, prefetch).
     group_bytes: chunks per batched transfer, in bytes.
   """
 
@@ -63,7 +65,8 @@ class KVStore:
                host_bytes: int | None = None, disk_dir: str | None = None,
                disk_bytes: int | None = None, policy: str = "lru",
                cipher: Cipher | None = None, device: jax.Device | None = None,
-               read_threads: int = 4, group_bytes: int = 1 << 30):
+               read_threads: int = 4, write_threads: int = 4,
+               group_bytes: int = 1 << 30):
     layout.check_chunk_size(chunk_size)
     if (disk_dir is None) != (disk_bytes is None):
       raise ValueError("the disk tier needs both disk_dir and disk_bytes; "
@@ -90,7 +93,7 @@ class KVStore:
     self.stats: collections.Counter = collections.Counter()
     self._stats_lock = threading.Lock()
     self._worker = concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix="kvstore-worker")
+        write_threads, thread_name_prefix="kvstore-worker")
     self._readers = concurrent.futures.ThreadPoolExecutor(
         read_threads, thread_name_prefix="kvstore-read")
     self._pending: set[concurrent.futures.Future] = set()
