@@ -1,0 +1,82 @@
+"""Benchmark suites, one module each, found by name by ``experiments.bench``.
+
+A suite is a module ``experiments/benchmarks/<name>.py`` defining
+
+  run(config) -> dict   # {"rows": [dict, ...], ...anything else to record}
+
+where ``config`` comes from ``configs/bench/<name>.py`` (``get_config(arg)``),
+or from ``--config``; it is None when the suite has no config file. Each row
+becomes a line of the printed Markdown table; the whole dict is saved as JSON.
+
+The helpers below are shared by the suites, so every number is taken the
+same way: device work is synchronized before a clock is read, the first runs
+(compilation) are left out, and the median of the timed runs is reported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def suites() -> list[str]:
+  """Names of the suite modules in this package."""
+  return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                if not m.name.startswith("_"))
+
+
+def load_suite(name: str):
+  """The suite module ``name``; a clear error listing the valid ones."""
+  if name not in suites():
+    raise ValueError(f"unknown benchmark suite {name!r}; valid: "
+                     f"{', '.join(suites())}")
+  module = importlib.import_module(f"{__name__}.{name}")
+  if not callable(getattr(module, "run", None)):
+    raise ValueError(f"benchmark suite {name!r} defines no run(config)")
+  return module
+
+
+def sync(tree: Any) -> Any:
+  """Blocks until every array of ``tree`` is computed; returns it."""
+  return jax.block_until_ready(tree)
+
+
+def timed(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
+          max_seconds: float | None = None) -> dict:
+  """Median wall time of ``fn()`` (synchronized), after ``warmup`` calls.
+
+  Stops early once the timed calls took ``max_seconds`` in all (at least one
+  is timed). Returns {"median_s", "min_s", "runs", "result"} with the last
+  result.
+  """
+  result = None
+  for _ in range(warmup):
+    result = sync(fn())
+  times = []
+  while len(times) < max(repeats, 1):
+    start = time.perf_counter()
+    result = sync(fn())
+    times.append(time.perf_counter() - start)
+    if max_seconds is not None and sum(times) >= max_seconds:
+      break
+  return {"median_s": statistics.median(times), "min_s": min(times),
+          "runs": len(times), "result": result}
+
+
+def device_memory() -> dict:
+  """Bytes in use and the process's peak on the first device; empty where the
+  backend keeps no statistics (the CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  keys = {"bytes_in_use": "in_use", "peak_bytes_in_use": "peak",
+          "bytes_limit": "limit"}
+  return {short: stats[key] for key, short in keys.items() if key in stats}
+
+
+def device_name() -> str:
+  device = jax.local_devices()[0]
+  return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"

@@ -1,0 +1,215 @@
+"""Whole-model suite: prefill, time to first token, decode tokens/s, memory.
+
+  python -m experiments.bench --suite=model                    # Llama-2-13B shapes
+  python -m experiments.bench --suite=model --config=configs/bench/model.py:runlocal
+
+Each workload ``CONTEXTxBATCH:POLICY`` feeds ``batch`` random prompts of
+``context - decode_tokens`` tokens through this project's engine (chunked
+prefill, then greedy decode of ``decode_tokens`` tokens into a cache sized for
+the whole context), with random weights of the model's real shapes. The
+``full`` policy in the model's dtype is the project's own baseline; where
+PyTorch and transformers are installed, Hugging Face ``generate`` runs the same
+shapes on the same card in a child process first (two frameworks cannot share
+one card's memory in one process), after checking that both compute the same
+function on a small model.
+
+A workload whose estimated memory exceeds the card is skipped with the
+numbers, not attempted. Peak memory comes from the backend's statistics
+(the process-wide peak, so workloads run smallest first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import benchmarks
+from lmcache_jax import models
+from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.engine import Sampling, prefill
+from lmcache_jax.engine import steps
+from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.models.presets import get_preset
+from lmcache_jax.models.weights import expected_shapes
+from policies.registry import EVICTION, parse_spec
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  context: int
+  batch: int
+  policy: str
+
+  @classmethod
+  def parse(cls, spec: str) -> Workload:
+    """``"4096x16:full"`` or ``"32768x16:attention_sink(budget=2048)"``."""
+    shape, sep, policy = spec.partition(":")
+    context, x, batch = shape.partition("x")
+    if not (sep and x and context.isdigit() and batch.isdigit()):
+      raise ValueError(f"workload {spec!r} is not CONTEXTxBATCH:POLICY, "
+                       f"e.g. 4096x16:full")
+    parse_spec(policy)
+    return cls(int(context), int(batch), policy)
+
+  def __str__(self):
+    return f"{self.context}x{self.batch}:{self.policy}"
+
+
+def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
+  return sum(math.prod(s) for s in expected_shapes(cfg).values()) * itemsize
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, itemsize: int) -> int:
+  """Keys and values, plus the int32 positions and float32 scores per slot."""
+  slots = cfg.num_layers * batch * cfg.num_kv_heads * capacity
+  return slots * (2 * cfg.head_dim * itemsize + 8)
+
+
+def transient_bytes(cfg: ModelConfig, batch: int, chunk: int, capacity: int) -> int:
+  """Largest per-chunk temporaries: float32 attention logits and probabilities,
+  the MLP activations, and float32 last-token logits."""
+  attention = 2 * batch * cfg.num_heads * chunk * capacity * 4
+  mlp = 3 * batch * chunk * cfg.intermediate_size * 4
+  return attention + mlp + batch * cfg.vocab_size * 4
+
+
+def bench_engine(lm: models.LoadedModel, work: Workload, config) -> dict:
+  """Times one workload through the engine; returns its table row."""
+  cfg, itemsize = lm.cfg, jnp.dtype(lm.dtype).itemsize
+  policy = EVICTION.make(work.policy).bind(cfg)
+  chunk = config.prefill_chunk
+  prompt_len = work.context - config.decode_tokens
+  capacity = policy.cache_capacity(work.context, chunk)
+  row = {"impl": "lmcache_jax", "context": work.context, "batch": work.batch,
+         "policy": work.policy, "prompt_tokens": prompt_len,
+         "kv_gib": cache_bytes(cfg, work.batch, capacity, itemsize) / GIB}
+  need = (weight_bytes(cfg, itemsize) + cache_bytes(cfg, work.batch, capacity, itemsize)
+          + transient_bytes(cfg, work.batch, chunk, capacity))
+  limit = benchmarks.device_memory().get("limit")
+  if limit is not None and need > 0.97 * limit:
+    return {**row, "note": f"skipped: needs ~{need / GIB:.1f} GiB, the card "
+                           f"gives {limit / GIB:.1f} GiB"}
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, cfg.vocab_size, (work.batch, prompt_len)).tolist()
+
+  def run_prefill(tokens):
+    cache = init_cache(cfg, work.batch, capacity, lm.dtype)
+    logits, cache = prefill(lm, cache, tokens, policy, chunk)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
+
+  # Compile prefill and decode. The warm-up prompt takes the same path as the
+  # timed one: it fits in the cache only if the timed prompt does (prefill
+  # then compresses once at the end), else it streams with eviction.
+  warm = [p[:min(prompt_len, capacity + chunk)] for p in prompts]
+  first, _, cache = benchmarks.sync(run_prefill(warm))
+  decode = _decoder(lm, policy)
+  benchmarks.sync(decode(cache, first))
+  del cache
+  timing = benchmarks.timed(lambda: run_prefill(prompts), warmup=0,
+                            repeats=config.repeats, max_seconds=config.max_seconds)
+  first, logits, cache = timing.pop("result")
+  if not bool(jnp.isfinite(logits).all()):
+    raise FloatingPointError(f"{work}: non-finite logits after prefill")
+  del logits
+  memory = benchmarks.device_memory()
+  step_times = []
+  tokens = first
+  for _ in range(config.decode_tokens):
+    start = time.perf_counter()
+    tokens, cache = benchmarks.sync(decode(cache, tokens))
+    step_times.append(time.perf_counter() - start)
+  memory_after = benchmarks.device_memory()
+  step = float(np.median(step_times[1:] or step_times))
+  del cache
+  row.update({
+      "ttft_s": timing["median_s"], "runs": timing["runs"],
+      "prefill_tok_s": work.batch * prompt_len / timing["median_s"],
+      "decode_ms_step": step * 1e3, "decode_tok_s": work.batch / step,
+      "peak_gib": (max(memory.get("peak", 0), memory_after.get("peak", 0)) / GIB
+                   if memory else None),
+      "note": "",
+  })
+  return row
+
+
+def _decoder(lm, policy):
+  active = None
+  key = jax.random.key(0)
+
+  def decode(cache, tokens):
+    nonlocal active
+    if active is None or active.shape != tokens.shape:
+      active = jnp.ones(tokens.shape, bool)
+    next_tokens, _, cache = steps.decode_step(
+        lm.graphdef, lm.params, cache, tokens, active, key, policy=policy,
+        sampling=Sampling())
+    return next_tokens, cache
+  return decode
+
+
+def hf_available() -> bool:
+  return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def run_hf_baseline(cfg: ModelConfig, workloads: list[Workload], config) -> dict:
+  """Runs ``_hf_baseline`` in a child process; returns its JSON report."""
+  request = {"model": dataclasses.asdict(cfg),
+             "workloads": [dataclasses.asdict(w) for w in workloads],
+             "decode_tokens": config.decode_tokens, "repeats": config.repeats,
+             "max_seconds": config.max_seconds}
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child's JAX only checks, on the CPU
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmarks._hf_baseline", json.dumps(request)],
+      capture_output=True, text=True, env=env, timeout=config.hf_timeout_s)
+  sys.stderr.write(proc.stderr[-4000:])
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"the transformers baseline failed (exit {proc.returncode}):\n"
+                       f"{proc.stderr[-2000:]}")
+  return json.loads(lines[-1])
+
+
+def run(config) -> dict:
+  workloads = [Workload.parse(w) for w in config.workloads]
+  cfg = get_preset(config.model)
+  dtype = jnp.dtype(config.dtype) if config.dtype != "auto" else None
+  itemsize = jnp.dtype(dtype or jnp.bfloat16).itemsize
+  order = sorted(workloads, key=lambda w: cache_bytes(
+      cfg, w.batch, EVICTION.make(w.policy).cache_capacity(w.context, config.prefill_chunk),
+      itemsize))
+  out: dict = {"rows": [], "workloads": [str(w) for w in order]}
+  if config.hf_baseline and hf_available():
+    full = [w for w in order if parse_spec(w.policy)[0] == "full"]
+    hf = run_hf_baseline(cfg, full, config)
+    out["hf_check"] = hf["check"]
+    out["hf_versions"] = hf["versions"]
+    hf_rows = hf["rows"]
+  else:
+    hf_rows = []
+    out["hf_check"] = "not run: " + ("disabled" if not config.hf_baseline
+                                     else "torch or transformers not installed")
+  start = time.perf_counter()
+  lm = models.load(f"random:{config.model}", dtype, seed=config.seed)
+  out["load_s"] = time.perf_counter() - start
+  rows = []
+  for work in order:
+    rows.append(bench_engine(lm, work, config))
+    print(json.dumps(rows[-1]), flush=True)
+  # Each engine row, then the transformers row of the same shape beside it.
+  for row in rows:
+    out["rows"].append(row)
+    out["rows"] += [h for h in hf_rows if (h["context"], h["batch"]) ==
+                    (row["context"], row["batch"]) and row["policy"] == "full"]
+  return out
