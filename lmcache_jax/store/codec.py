@@ -34,16 +34,19 @@ class CorruptChunk(Exception):
 def encode(key: bytes, leaves: list[np.ndarray],
            cipher: Cipher | None = None) -> bytes:
   header = json.dumps([[list(a.shape), str(a.dtype)] for a in leaves]).encode()
-  body = b"".join([struct.pack("<I", len(header)), header]
-                  + [np.ascontiguousarray(a).tobytes() for a in leaves])
+  parts = [struct.pack("<I", len(header)), header] + [
+      memoryview(np.ascontiguousarray(a)).cast("B") for a in leaves]
   flags = ENCRYPTED if cipher else 0
   if cipher:
     associated = _PREFIX.pack(MAGIC, VERSION, flags, key, 0)[:-8]
-    body = cipher.seal(body, associated)
-  prefix = _PREFIX.pack(MAGIC, VERSION, flags, key, len(body))
-  if cipher:
-    return prefix + body
-  return prefix + body + hashlib.sha256(prefix + body).digest()
+    body = cipher.seal(b"".join(parts), associated)
+    return _PREFIX.pack(MAGIC, VERSION, flags, key, len(body)) + body
+  length = sum(len(p) for p in parts)
+  prefix = _PREFIX.pack(MAGIC, VERSION, flags, key, length)
+  digest = hashlib.sha256(prefix)
+  for part in parts:
+    digest.update(part)
+  return b"".join([prefix, *parts, digest.digest()])
 
 
 def decode(blob: bytes, key: bytes, expected: list[tuple[tuple[int, ...], str]],
@@ -62,16 +65,17 @@ def decode(blob: bytes, key: bytes, expected: list[tuple[tuple[int, ...], str]],
   tail = 0 if cipher else 32
   if len(blob) != _PREFIX.size + length + tail:
     raise CorruptChunk(f"length {len(blob)} != {_PREFIX.size + length + tail}")
-  body = blob[_PREFIX.size:_PREFIX.size + length]
+  view = memoryview(blob)  # slices of a view copy nothing
+  body = view[_PREFIX.size:_PREFIX.size + length]
   if cipher:
-    body = cipher.open(body, blob[:_PREFIX.size - 8])
+    body = cipher.open(bytes(body), blob[:_PREFIX.size - 8])
     if body is None:
       raise CorruptChunk("authentication failed (tampered or another key)")
-  elif hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+  elif hashlib.sha256(view[:-32]).digest() != blob[-32:]:
     raise CorruptChunk("checksum mismatch")
   (header_len,) = struct.unpack_from("<I", body)
   try:
-    header = json.loads(body[4:4 + header_len])
+    header = json.loads(bytes(body[4:4 + header_len]))
   except ValueError as e:
     raise CorruptChunk(f"bad header: {e}") from None
   got = [(tuple(shape), dtype) for shape, dtype in header]
