@@ -29,9 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.decode_tokens = 32        # greedy steps timed after the prefill
   config.prefill_chunk = 128       # bounds attention temporaries per chunk
   config.repeats = 3               # timed prefills (after a compile warm-up)
-  config.max_seconds = 30.0        # ...fewer when they take this long together
+  config.max_seconds = 20.0        # ...fewer when they take this long together
   config.hf_baseline = True        # transformers generate, when installed
-  config.hf_timeout_s = 400
+  config.hf_timeout_s = 300
   if arg and "runlocal" in arg.split(","):
     config.model = "tiny"
     config.dtype = "float32"
