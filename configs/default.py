@@ -40,6 +40,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.perplexity.chunk = 256      # tokens fed per forward pass
   config.perplexity.buckets = 8      # position buckets in the report
 
+  config.passkey = ml_collections.ConfigDict()
+  config.passkey.lengths = (1024,)        # prompt tokens (question and cue included)
+  config.passkey.depths = (0.1, 0.5, 0.9) # where the key sits in the filler
+  config.passkey.trials = 1               # seeded prompts per (length, depth)
+  config.passkey.digits = 5
+  config.passkey.max_new_tokens = 8
+  config.passkey.chunk = 512              # prefill chunk
+  config.passkey.mode = "prefill"         # compress after prefill, or "stream"
+
+  config.needle = ml_collections.ConfigDict()
+  config.needle.lengths = (1024,)         # the haystack is `text`
+  config.needle.depths = (0.1, 0.5, 0.9)
+  config.needle.trials = 1
+  config.needle.max_new_tokens = 6
+  config.needle.chunk = 512
+  config.needle.mode = "prefill"
+
   config.generate = ml_collections.ConfigDict()
   config.generate.prompt = "Write a short poem about the sea."
   config.generate.chat = True        # wrap the prompt in the chat template
@@ -81,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg and "runlocal" in arg.split(","):
     config.context = 256
     config.generate.max_new_tokens = 16
+    config.passkey.lengths = (256,)
+    config.needle.lengths = (256,)
     config.reuse.doc_tokens = 512
     config.reuse.max_new_tokens = 4
     config.multiturn.context_tokens = 256

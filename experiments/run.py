@@ -108,8 +108,8 @@ def build_context(config, lm: models.LoadedModel | None = None) -> RunContext:
   lm = setup.load_model(config) if lm is None else lm
   quant = setup.make_quant(config, lm)
   store = setup.make_store(config, lm)
-  return RunContext(config=config, lm=lm, policy=policy, quant=quant,
-                    store=store)
+  return RunContext(config=config, lm=lm, policy=policy.bind(lm.cfg),
+                    quant=quant, store=store)
 
 
 def write_results(config, results: dict) -> pathlib.Path:

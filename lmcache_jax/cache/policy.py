@@ -3,6 +3,11 @@
 A policy decides where new tokens go (``plan``) and what happens to the cache
 after the model has attended (``update``: accumulate scores, evict). It is a
 frozen dataclass, hence hashable, so jitted steps specialise on it.
+
+Prefill of a prompt that fits in the cache runs under ``deferring()`` (score,
+do not evict) and ends with ``after_prefill`` (compress once, with the whole
+prompt seen); ``bind`` gives a policy the model facts it needs (RoPE, to
+re-rotate kept keys).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import jax
 
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.step import Step, append_step
+from lmcache_jax.models.config import ModelConfig
 
 
 class CachePolicy(Protocol):
@@ -30,6 +36,15 @@ class CachePolicy(Protocol):
     """The cache after a forward pass; ``mass`` [L, B, K, S] is the attention
     each slot received from the step's weighted queries."""
 
+  def bind(self, cfg: ModelConfig) -> "CachePolicy":
+    """This policy specialised to a model (idempotent)."""
+
+  def deferring(self) -> "CachePolicy":
+    """The policy to prefill a prompt with when the whole prompt fits."""
+
+  def after_prefill(self, cache: KVCache) -> KVCache:
+    """The cache after a deferred prefill (e.g. compressed to a budget)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class KeepAll:
@@ -45,4 +60,14 @@ class KeepAll:
 
   def update(self, cache: KVCache, mass: jax.Array, step: Step) -> KVCache:
     del mass, step
+    return cache
+
+  def bind(self, cfg: ModelConfig) -> KeepAll:
+    del cfg
+    return self
+
+  def deferring(self) -> KeepAll:
+    return self
+
+  def after_prefill(self, cache: KVCache) -> KVCache:
     return cache

@@ -88,6 +88,7 @@ def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
   Separate from ``generate`` so that callers that build the cache another way
   (a prefix loaded from a store, a restored session) share the loop.
   """
+  policy = policy.bind(lm.cfg)
   stop = np.array(lm.cfg.eos_token_ids if stop_tokens is None else stop_tokens,
                   np.int32)
   key = jax.random.key(0) if key is None else key

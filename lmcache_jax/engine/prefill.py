@@ -31,9 +31,18 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   prompts fit in memory. Every chunk has the same shape, so one compilation
   serves all of them.
 
+  When every prompt fits in the free slots, the policy only scores during the
+  chunks and compresses once at the end (``after_prefill``: SnapKV's
+  observation window is then the prompt's last queries, over all of it);
+  otherwise the prompt streams through the cache, evicting after each chunk.
+
   Returns the logits [B, V] after each prompt's last token, and the cache.
   """
   tokens, lengths = pad_batch(prompts)
+  policy = policy.bind(lm.cfg)
+  live = np.asarray(cache.live_slots()).max(axis=(0, 2))
+  fits = bool(np.all(live + lengths <= cache.capacity))
+  chunk_policy = policy.deferring() if fits else policy
   width = tokens.shape[1]
   chunk = max(1, min(chunk, width))
   num_chunks = -(-width // chunk)
@@ -44,8 +53,10 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
     num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
     logits, cache = steps.forward(
         lm.graphdef, lm.params, cache, jnp.asarray(tokens[:, start:start + chunk]),
-        jnp.asarray(num_new), policy=policy, logits_for="last")
+        jnp.asarray(num_new), policy=chunk_policy, logits_for="last")
     has_tokens = jnp.asarray(num_new > 0)[:, None]
     last_logits = logits if last_logits is None else jnp.where(
         has_tokens, logits, last_logits)
+  if fits:
+    cache = policy.after_prefill(cache)
   return last_logits, cache

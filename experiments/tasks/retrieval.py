@@ -1,0 +1,94 @@
+"""Shared by the retrieval tasks: answer a batch of prompts through the cache.
+
+Two modes. ``prefill`` (the papers' setting): the cache is large enough for the
+prompt, so the policy sees the whole prompt, compresses it once to its budget
+after prefill (SnapKV-style) and keeps to the budget while the answer is
+decoded. ``stream``: the cache has budget + chunk slots and the prompt streams
+through it, evicting after every chunk (StreamingLLM-style). Either way the
+answer cue is fed after the compression and every answer token is predicted
+from the compressed cache.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from experiments.context import RunContext
+from lmcache_jax.data.passkey import Sample, first_answer
+from lmcache_jax.engine.generate import decode
+from lmcache_jax.engine.prefill import prefill
+
+MODES = ("prefill", "stream")
+
+
+def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
+           chunk: int, mode: str) -> tuple[list[str], object]:
+  """Greedy answers (text) to ``samples`` in one batch, and the final cache."""
+  if mode not in MODES:
+    raise ValueError(f"retrieval mode must be one of {MODES}, got {mode!r}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  lm = ctx.lm
+  total = max(s.num_tokens for s in samples) + max_new_tokens
+  capacity = ctx.capacity_for(total, chunk)
+  if mode == "prefill":
+    capacity = max(capacity, total)
+  cache = ctx.new_cache(len(samples), capacity)
+  _, cache = prefill(lm, cache, [s.prompt for s in samples], ctx.policy, chunk)
+  logits, cache = prefill(lm, cache, [s.cue for s in samples], ctx.policy,
+                          chunk)
+  out = decode(lm, cache, logits, max_new_tokens=max_new_tokens,
+               policy=ctx.policy, stop_tokens=())
+  texts = [lm.tokenizer.decode(t, skip_special=True) for t in out.tokens]
+  return texts, out.cache
+
+
+def evaluate(ctx: RunContext, make_sample, conf) -> dict:
+  """Accuracy over ``conf.lengths`` x ``conf.depths`` x ``conf.trials``.
+
+  ``make_sample(length, depth, seed)`` builds one prompt; seeds derive from
+  the run's seed, so every policy is asked the same questions.
+  """
+  if ctx.lm.tokenizer is None:
+    raise ValueError("retrieval tasks need a tokenizer; use the default model "
+                     "or a .gguf file")
+  if conf.trials < 1:
+    raise ValueError(f"trials must be >= 1, got {conf.trials}")
+  if not conf.lengths or not conf.depths:
+    raise ValueError("give at least one length and one depth")
+  start = time.perf_counter()
+  records, cache = [], None
+  for length in conf.lengths:
+    batch = [(depth, trial) for depth in conf.depths
+             for trial in range(conf.trials)]
+    samples = [make_sample(int(length), float(depth),
+                           ctx.config.seed * 100_003 + 1_009 * trial + i)
+               for i, (depth, trial) in enumerate(batch)]
+    texts, cache = answer(ctx, samples, max_new_tokens=conf.max_new_tokens,
+                          chunk=conf.chunk, mode=conf.mode)
+    for (depth, trial), sample, text in zip(batch, samples, texts):
+      records.append({"length": int(length), "depth": float(depth),
+                      "trial": trial, "answer": sample.answer, "output": text,
+                      "correct": first_answer(text, sample.answer)})
+  seconds = time.perf_counter() - start
+  correct = np.array([r["correct"] for r in records], float)
+  results = {
+      "accuracy": float(correct.mean()),
+      "trials": len(records),
+      "mode": conf.mode,
+      "kv_bytes": cache.payload_nbytes,
+      "cache_capacity": cache.capacity,
+      "live_slots_max": int(np.asarray(cache.live_slots()).max()),
+      "seconds": seconds,
+      "samples": records,
+  }
+  for depth in conf.depths:
+    hits = [r["correct"] for r in records if r["depth"] == float(depth)]
+    results[f"acc_depth_{float(depth):g}"] = float(np.mean(hits))
+  if len(conf.lengths) > 1:
+    for length in conf.lengths:
+      hits = [r["correct"] for r in records if r["length"] == int(length)]
+      results[f"acc_len_{int(length)}"] = float(np.mean(hits))
+  return results

@@ -1,0 +1,190 @@
+"""The eviction mechanism's invariants, for every policy, on simulated steps.
+
+A simulated step does what the model does to the cache (write the new tokens'
+positions and keys into the planned slots, reset their scores, advance the
+lengths) and hands the policy random attention mass, so hypothesis can explore
+budgets, chunk sizes and ragged batches without running a model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import tiny_config
+from lmcache_jax.cache.eviction import EvictionPolicy
+from lmcache_jax.cache.kv_cache import init_cache
+from policies.registry import EVICTION
+
+CFG = tiny_config(num_layers=3)
+
+# name -> parameters that fit small budgets (one table drives every test).
+POLICIES = {
+    "sliding_window": {},
+    "attention_sink": {"sinks": 2},
+    "h2o": {},
+    "tova": {},
+    "snapkv": {"window": 2, "kernel": 3},
+    "pyramidkv": {"window": 2, "kernel": 3},
+    "adakv": {"inner": "snapkv(window=2, kernel=3)"},
+    "knorm": {},
+    "random": {"seed": 3},
+}
+BUDGETS = (4, 7)
+CHUNKS = (1, 3)
+BATCH = 2
+
+
+@functools.cache
+def make(name: str, budget: int) -> EvictionPolicy:
+  return EVICTION.make(name, budget=budget, **POLICIES[name]).bind(CFG)
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "num_tokens"))
+def simulated_step(cache, num_new, new_keys, mass, *, policy, num_tokens):
+  """Plan, write the tokens as the model would, then update with ``mass``."""
+  step = policy.plan(cache, num_new, num_tokens)
+  layers, batch, heads, _ = cache.positions.shape
+  index = (jnp.arange(layers)[:, None, None, None],
+           jnp.arange(batch)[None, :, None, None],
+           jnp.arange(heads)[None, None, :, None], step.slots)
+  new_pos = jnp.broadcast_to(step.positions[None, :, None, :], step.slots.shape)
+  written = cache.replace(
+      keys=cache.keys.at[index].set(new_keys, mode="drop"),
+      positions=cache.positions.at[index].set(new_pos, mode="drop"),
+      scores=cache.scores.at[index].set(0.0, mode="drop"),
+      lengths=cache.lengths + num_new)
+  mass = mass * (written.positions >= 0)
+  return step, written, policy.update(written, mass, step)
+
+
+def row_budgets(policy, num_layers):
+  return np.asarray(policy.layer_budgets(num_layers))
+
+
+def check_invariants(policy, before, step, written, after, num_new):
+  pos = np.asarray(after.positions)
+  lengths = np.asarray(after.lengths)
+  live = pos >= 0
+  layers, batch, heads, _ = pos.shape
+  # New tokens went only into slots that were free.
+  slots = np.asarray(step.slots)
+  old = np.asarray(before.positions)
+  for l, b, h in np.ndindex(layers, batch, heads):
+    real = slots[l, b, h, :num_new[b]]
+    assert np.all(old[l, b, h, real] < 0), "a live slot was overwritten"
+    assert len(set(real.tolist())) == len(real)
+  # Budgets.
+  counts = live.sum(-1)
+  if policy.name == "adakv":
+    assert np.all(counts.sum(-1) <= heads * policy.budget)
+    assert np.all(counts <= policy.max_row_slots)
+  else:
+    assert np.all(counts <= row_budgets(policy, layers)[:, None, None])
+  # Rows that held more than their budget are cut to exactly the budget.
+  written_counts = (np.asarray(written.positions) >= 0).sum(-1)
+  if policy.name != "adakv":
+    want = np.minimum(written_counts, row_budgets(policy, layers)[:, None, None])
+    np.testing.assert_array_equal(counts, want)
+  # Positions: unique, in range; protected tokens all still live.
+  for l, b, h in np.ndindex(layers, batch, heads):
+    kept = pos[l, b, h][live[l, b, h]]
+    assert len(np.unique(kept)) == len(kept)
+    assert np.all(kept < lengths[b])
+    protected = set(range(min(policy.sinks, lengths[b])))
+    protected |= set(range(max(lengths[b] - policy.window, 0), lengths[b]))
+    assert protected <= set(kept.tolist()), (protected, kept)
+  # Sequences that took no token are untouched.
+  for b in np.flatnonzero(np.asarray(num_new) == 0):
+    np.testing.assert_array_equal(pos[:, b], old[:, b])
+    np.testing.assert_array_equal(np.asarray(after.scores)[:, b],
+                                  np.asarray(before.scores)[:, b])
+
+
+def stream(policy, chunk, schedule, seed):
+  """Runs the schedule of per-step token counts; yields each step's arrays."""
+  capacity = policy.cache_capacity(10_000, chunk)
+  cache = init_cache(CFG, BATCH, capacity, jnp.float32)
+  rng = np.random.default_rng(seed)
+  for num_new in schedule:
+    num_new = np.asarray(num_new, np.int32)
+    new_keys = rng.standard_normal(
+        (CFG.num_layers, BATCH, CFG.num_kv_heads, chunk, CFG.head_dim))
+    mass = rng.random(cache.scores.shape)
+    step, written, after = simulated_step(
+        cache, jnp.asarray(num_new), jnp.asarray(new_keys, jnp.float32),
+        jnp.asarray(mass, jnp.float32), policy=policy, num_tokens=chunk)
+    yield cache, step, written, after, num_new
+    cache = after
+
+
+def schedules(chunk):
+  """Per-step token counts of a ragged batch (0 = the sequence sits idle)."""
+  counts = st.integers(0, chunk)
+  return st.lists(st.lists(counts, min_size=BATCH, max_size=BATCH),
+                  min_size=1, max_size=9)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_invariants_hold_on_every_step(name, data):
+  budget = data.draw(st.sampled_from(BUDGETS))
+  chunk = data.draw(st.sampled_from(CHUNKS))
+  schedule = data.draw(schedules(chunk))
+  policy = make(name, budget)
+  for before, step, written, after, num_new in stream(policy, chunk, schedule,
+                                                      seed=len(schedule)):
+    check_invariants(policy, before, step, written, after, num_new)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_same_seed_same_result(name):
+  policy = make(name, 4)
+  schedule = [[3, 1], [2, 3], [3, 3], [1, 0], [3, 2]]
+  runs = [list(stream(policy, 3, schedule, seed=7))[-1][3] for _ in range(2)]
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_random_seed_changes_the_choice():
+  schedule = [[3, 2]] * 6
+  kept = []
+  for seed in (1, 2):
+    policy = EVICTION.make("random", budget=4, seed=seed)
+    kept.append(np.asarray(list(stream(policy, 3, schedule, 0))[-1][3].positions))
+  assert not np.array_equal(kept[0], kept[1])
+
+
+def test_deferred_prefill_scores_without_evicting_then_compresses():
+  policy = make("snapkv", 4)
+  cache = init_cache(CFG, BATCH, 12, jnp.float32)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    _, _, cache = simulated_step(
+        cache, jnp.array([3, 3]),
+        jnp.asarray(rng.standard_normal(cache.keys.shape[:3] + (3, 8)),
+                    jnp.float32),
+        jnp.asarray(rng.random(cache.scores.shape), jnp.float32),
+        policy=policy.deferring(), num_tokens=3)
+  assert np.all(np.asarray(cache.live_slots()) == 9)
+  compressed = policy.after_prefill(cache)
+  assert np.all(np.asarray(compressed.live_slots()) == 4)
+
+
+def test_reposition_needs_the_models_rope():
+  policy = EVICTION.make("attention_sink", budget=4, sinks=2)
+  with pytest.raises(ValueError, match="bind"):
+    list(stream(policy, 1, [[1, 1]] * 6, 0))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_capacity_is_budget_plus_chunk(name):
+  policy = make(name, 7)
+  assert policy.cache_capacity(10_000, 16) == policy.max_row_slots + 16
+  assert policy.cache_capacity(12, 16) == 12

@@ -1,0 +1,152 @@
+"""Eviction inside the real engine: prefill, decode and position re-assignment."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config, tiny_weights
+from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.cache.policy import KeepAll
+from lmcache_jax.engine import steps
+from lmcache_jax.engine.generate import generate
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.engine.prefill import prefill
+from lmcache_jax.engine.sampling import Sampling
+from lmcache_jax.models.llama import from_weights
+from policies.registry import EVICTION
+from test_eviction import POLICIES
+
+
+def load(cfg):
+  return LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg),
+                                              jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return load(tiny_config())
+
+
+def run(lm, policy, prompts, new_tokens=6, capacity=None):
+  return generate(lm, prompts, max_new_tokens=new_tokens, policy=policy,
+                  capacity=capacity, prefill_chunk=8)
+
+
+def test_full_is_bit_identical_to_no_policy(lm):
+  prompts = [[5, 9, 2, 7, 7, 3, 11, 4, 8, 1 + 2], [4, 4, 6]]
+  plain = generate(lm, prompts, max_new_tokens=5, prefill_chunk=8)
+  named = run(lm, EVICTION.make("full"), prompts, new_tokens=5)
+  assert plain.tokens == named.tokens
+  np.testing.assert_array_equal(plain.prompt_logits, named.prompt_logits)
+  for a, b in zip(jax.tree.leaves(plain.cache), jax.tree.leaves(named.cache)):
+    np.testing.assert_array_equal(a, b)
+
+
+# One policy per mechanism path: re-rotation, observation window, cross-head
+# selection. (pyramidkv never qualifies: its upper layers keep less than the
+# mean budget.)
+@pytest.mark.parametrize("name", ["attention_sink", "snapkv", "adakv"])
+def test_policy_that_never_needs_to_evict_equals_full(lm, name):
+  """Plan/update are exact no-ops while everything fits: same bits as full."""
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(2, 97, 13)), list(rng.integers(2, 97, 9))]
+  context = 13 + 6
+  want = run(lm, KeepAll(), prompts, capacity=context)
+  policy = EVICTION.make(name, budget=context, **POLICIES[name])
+  got = run(lm, policy, prompts, capacity=context)
+  assert want.tokens == got.tokens
+  np.testing.assert_array_equal(want.prompt_logits, got.prompt_logits)
+  np.testing.assert_array_equal(want.cache.keys, got.cache.keys)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_decoding_far_past_the_budget(lm, name):
+  policy = EVICTION.make(name, budget=8, **POLICIES[name])
+  rng = np.random.default_rng(2)
+  prompts = [list(rng.integers(2, 97, 21)), list(rng.integers(2, 97, 5))]
+  result = generate(lm, prompts, max_new_tokens=30, policy=policy,
+                    prefill_chunk=4, stop_tokens=(), sampling=Sampling(1.0),
+                    key=jax.random.key(0))
+  cache = result.cache
+  assert cache.capacity == policy.max_row_slots + 4
+  np.testing.assert_array_equal(cache.lengths, [21 + 29, 5 + 29])
+  live = np.asarray(cache.live_slots())
+  if name == "adakv":
+    assert np.all(live.sum(-1) == cache.num_kv_heads * 8)
+  else:
+    budgets = np.asarray(policy.layer_budgets(cache.num_layers))
+    np.testing.assert_array_equal(live, np.broadcast_to(
+        budgets[:, None, None], live.shape))
+  assert all(len(t) == 30 for t in result.tokens)
+  assert np.all(np.isfinite(result.prompt_logits))
+
+
+def test_compress_after_prefill_when_the_prompt_fits(lm):
+  policy = EVICTION.make("snapkv", budget=6, window=2, kernel=3)
+  prompt = list(np.random.default_rng(3).integers(2, 97, 30))
+  cache = init_cache(lm.cfg, 1, 32, jnp.float32)
+  logits_deferred, cache = prefill(lm, cache, [prompt], policy, chunk=8)
+  np.testing.assert_array_equal(cache.live_slots(), 6)
+  # The prompt's logits are those of full attention: nothing was evicted
+  # until the whole prompt had been seen.
+  full_cache = init_cache(lm.cfg, 1, 32, jnp.float32)
+  logits_full, _ = prefill(lm, full_cache, [prompt], KeepAll(), chunk=8)
+  np.testing.assert_array_equal(logits_deferred, logits_full)
+  # A cache too small for the prompt streams it, evicting as it goes.
+  small = init_cache(lm.cfg, 1, policy.cache_capacity(30, 8), jnp.float32)
+  logits_streamed, small = prefill(lm, small, [prompt], policy, chunk=8)
+  np.testing.assert_array_equal(small.live_slots(), 6)
+  assert not np.allclose(logits_streamed, logits_full)
+
+
+def test_attention_sink_sees_kept_tokens_as_contiguous():
+  """StreamingLLM's position re-assignment, checked against recomputation.
+
+  In a one-layer model a token's key and value depend only on the token and
+  its position, so decoding under attention_sink must give the logits of a
+  fresh pass over [sinks + recent window + new token] at positions 0..n.
+  """
+  cfg = tiny_config(num_layers=1)
+  lm = load(cfg)
+  budget, sinks = 7, 2
+  policy = EVICTION.make("attention_sink", budget=budget, sinks=sinks)
+  tokens = list(np.random.default_rng(4).integers(2, 97, 40))
+  cache = init_cache(cfg, 1, policy.cache_capacity(len(tokens), 1),
+                     jnp.float32)
+  bound = policy.bind(cfg)
+  for t, token in enumerate(tokens):
+    logits, cache = steps.forward(lm.graphdef, lm.params, cache,
+                                  jnp.array([[token]]), jnp.array([1]),
+                                  policy=bound, logits_for="last")
+    kept = tokens[:min(sinks, t)] + tokens[max(sinks, t - budget + sinks):t]
+    seen = kept + [token]
+    fresh = init_cache(cfg, 1, len(seen), jnp.float32)
+    want, _ = steps.forward(lm.graphdef, lm.params, fresh,
+                            jnp.array([seen]), jnp.array([len(seen)]),
+                            policy=KeepAll(), logits_for="last")
+    np.testing.assert_allclose(logits, want, rtol=2e-5, atol=2e-5,
+                               err_msg=f"step {t}")
+
+
+def test_sliding_window_is_not_contiguous_positions():
+  """Without re-assignment the distance to old tokens keeps growing: the same
+  recomputation as above must then differ (the test above can fail)."""
+  cfg = tiny_config(num_layers=1)
+  lm = load(cfg)
+  policy = EVICTION.make("attention_sink", budget=7, sinks=2, reposition=False)
+  tokens = list(np.random.default_rng(4).integers(2, 97, 30))
+  cache = init_cache(cfg, 1, policy.cache_capacity(len(tokens), 1),
+                     jnp.float32)
+  for token in tokens:
+    logits, cache = steps.forward(lm.graphdef, lm.params, cache,
+                                  jnp.array([[token]]), jnp.array([1]),
+                                  policy=policy, logits_for="last")
+  seen = tokens[:2] + tokens[-6:]
+  fresh = init_cache(cfg, 1, len(seen), jnp.float32)
+  want, _ = steps.forward(lm.graphdef, lm.params, fresh, jnp.array([seen]),
+                          jnp.array([len(seen)]), policy=KeepAll(),
+                          logits_for="last")
+  assert not np.allclose(logits, want, rtol=1e-3, atol=1e-3)
