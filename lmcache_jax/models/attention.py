@@ -132,27 +132,31 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
   q_pos = query_positions[:, 0]
   b = jnp.arange(batch)[:, None]
   # Slots with an exact copy are read from the copy, not the packed codes.
-  packed_pos = jnp.where(qpayload.mirrored(keys, capacity), -1,
-                         layer.positions)
+  packed_pos = layer.positions
+  if keys.exact.shape[-2]:
+    packed_pos = jnp.where(qpayload.mirrored(keys, capacity), -1, packed_pos)
   out = jnp.zeros(qg.shape, jnp.float32)
   lse = jnp.full(qg.shape[:-1], _MASKED, jnp.float32)
-  logits = jnp.full((*qg.shape[:-1], capacity), _MASKED, jnp.float32)
+  logits = jnp.full((*qg.shape[:-1], capacity), _MASKED, jnp.float32)  # [B, K, G, S]
   for kp, vp in zip(keys.parts, values.parts):
+    identity = qpayload.identity_rows(keys, kp)
     rows = qpayload._rows(kp.heads, num_kv)                # [B, R]
     safe = jnp.minimum(rows, num_kv - 1)
-    q_rows = jnp.take_along_axis(qg.astype(jnp.float32),
-                                 safe[:, :, None, None], axis=1)
+    take = ((lambda a: a) if identity else
+            (lambda a: jnp.take_along_axis(
+                a, safe.reshape(*safe.shape, *([1] * (a.ndim - 2))), axis=1)))
+    q_rows = take(qg.astype(jnp.float32))
     if keys.channel_scale is not None:
-      scale = jnp.take_along_axis(keys.channel_scale, safe[:, :, None, None],
-                                  axis=1)
-      q_rows = q_rows * scale
-    pos_rows = jnp.take_along_axis(packed_pos, safe[:, :, None], axis=1)
+      q_rows = q_rows * take(keys.channel_scale)
     o, l, s = decode_attention(
-        q_rows, q_pos, pos_rows, kp.data, kp.scale, kp.zero, vp.data,
+        q_rows, q_pos, take(packed_pos), kp.data, kp.scale, kp.zero, vp.data,
         vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size)
-    out = out.at[b, rows].set(o, mode="drop")
-    lse = lse.at[b, rows].set(l, mode="drop")
-    logits = logits.at[b, rows].set(s, mode="drop")
+    if identity:
+      out, lse, logits = o, l, s
+    else:
+      out = out.at[b, rows].set(o, mode="drop")
+      lse = lse.at[b, rows].set(l, mode="drop")
+      logits = logits.at[b, rows].set(s, mode="drop")
   if keys.exact.shape[-2]:
     slot = jnp.maximum(keys.exact_slots, 0)
     pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]

@@ -22,7 +22,19 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMATS", "Format", "QuantPlan", "from_config", "get_format"]
 
 
-def from_config(quant_config, lm, calibration_tokens) -> QuantPlan | None:
+def calibration_tokens_for(quant_config, lm):
+  """Token ids of the config's calibration text (``calibration_text``, a
+  Shakespeare work, default ``macbeth``; first ``calibration_tokens`` = 512)."""
+  from lmcache_jax.data import shakespeare
+  if lm.tokenizer is None:
+    raise ValueError(f"model {lm.cfg.name} has no tokenizer to read "
+                     f"calibration text; pass calibration_tokens")
+  get = quant_config.get
+  text = shakespeare.load_text(get("calibration_text", "macbeth") or "macbeth")
+  return lm.tokenizer.encode(text)[:int(get("calibration_tokens", 512) or 512)]
+
+
+def from_config(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   """The quant plan a run asks for, or None for a full-precision cache.
 
   Fields of ``quant_config`` (a ConfigDict or dict): ``plan`` (path of a
@@ -30,7 +42,8 @@ def from_config(quant_config, lm, calibration_tokens) -> QuantPlan | None:
   code bits), ``calibration`` (a policy name or call string, e.g.
   ``kvquant(sink_tokens=4)``), ``group_size`` (64), ``residual`` (0),
   ``sinks`` (0) and ``save_plan`` (path to save the chosen plan).
-  ``calibration_tokens`` is real text (token ids) for policies that measure.
+  ``calibration_tokens`` is real text (token ids) for policies that
+  measure; None reads ``calibration_text`` (see ``calibration_tokens_for``).
   """
   get = quant_config.get
   if get("plan", ""):
@@ -42,6 +55,8 @@ def from_config(quant_config, lm, calibration_tokens) -> QuantPlan | None:
     return None
   from policies.registry import CALIBRATION
   policy = CALIBRATION.make(get("calibration", "uniform") or "uniform")
+  if calibration_tokens is None and policy.name != "uniform":
+    calibration_tokens = calibration_tokens_for(quant_config, lm)
   plan = policy.calibrate(lm, calibration_tokens, bits=bits,
                           group_size=int(get("group_size", 64)),
                           residual=int(get("residual", 0)),

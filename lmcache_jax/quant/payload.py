@@ -23,6 +23,8 @@ indexed by entry, not slot: ``exact_slots`` maps entries to slots.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +32,11 @@ from flax import struct
 
 from lmcache_jax.kernels.dequantize import unpack_dequantize
 from lmcache_jax.kernels.quantize import quantize_pack
-from lmcache_jax.models.config import ModelConfig
 from lmcache_jax.quant.formats import Format, get_format
 from lmcache_jax.quant.plan import QuantPlan
+
+if TYPE_CHECKING:
+  from lmcache_jax.models.config import ModelConfig
 
 
 @struct.dataclass
@@ -105,6 +109,12 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
       channel_scale=channel_scale, sinks=plan.sinks, residual=plan.residual)
 
 
+def identity_rows(payload: QuantizedKV, part: Packed) -> bool:
+  """True when the part's rows are the kv heads in order (a one-format plan:
+  every layer lists all heads), so no gather/scatter by row is needed."""
+  return len(payload.parts) == 1 and part.heads.shape[-2] == payload.num_kv_heads
+
+
 def _rows(heads: jax.Array, num_kv: int) -> jax.Array:
   """[B, R] head index per row, padding rows → num_kv (dropped by scatters)."""
   h = heads[..., 0]
@@ -127,18 +137,21 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
       x.astype(jnp.float32) / payload.channel_scale)
   parts = []
   for part in payload.parts:
-    rows = _rows(part.heads, num_kv)                        # [B, R]
-    safe = jnp.minimum(rows, num_kv - 1)
-    xr = jnp.take_along_axis(scaled, safe[:, :, None, None], axis=1)
-    sr = jnp.take_along_axis(slots, safe[:, :, None], axis=1)
-    sr = jnp.where((rows < num_kv)[:, :, None], sr, capacity)
+    if identity_rows(payload, part):
+      xr, sr = scaled, slots
+    else:
+      rows = _rows(part.heads, num_kv)                      # [B, R]
+      safe = jnp.minimum(rows, num_kv - 1)
+      xr = jnp.take_along_axis(scaled, safe[:, :, None, None], axis=1)
+      sr = jnp.take_along_axis(slots, safe[:, :, None], axis=1)
+      sr = jnp.where((rows < num_kv)[:, :, None], sr, capacity)
     if part.fmt.kind == "int":
       data, scale, zero = quantize_pack(xr, fmt=part.fmt,
                                         group_size=part.group_size)
     else:
       from lmcache_jax.quant.schemes import quantize
       data, scale, zero = quantize(xr, part.fmt, part.group_size)
-    r = jnp.arange(rows.shape[1])[None, :, None]
+    r = jnp.arange(part.heads.shape[-2])[None, :, None]
     put = lambda dst, src: dst.at[b, r, sr].set(src.astype(dst.dtype),
                                                  mode="drop")
     parts.append(part.replace(
@@ -190,7 +203,10 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
   for part in payload.parts:
     dense = unpack_dequantize(part.data, part.scale, part.zero, fmt=part.fmt,
                               group_size=part.group_size, head_dim=head_dim)
-    out = out.at[b, _rows(part.heads, num_kv)].set(dense, mode="drop")
+    if identity_rows(payload, part):
+      out = dense.astype(jnp.float32)
+    else:
+      out = out.at[b, _rows(part.heads, num_kv)].set(dense, mode="drop")
   if payload.channel_scale is not None:
     out = out * payload.channel_scale
   if exact and payload.exact.shape[-2]:
@@ -199,3 +215,4 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
     out = out.at[b[:, :, None], h, target].set(
         payload.exact.astype(jnp.float32), mode="drop")
   return out.astype(dtype)
+

@@ -8,14 +8,18 @@ orbax-checkpoint, so a calibration run's choice can be reused
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import collections
 import dataclasses
 import pathlib
 
 import numpy as np
 
-from lmcache_jax.models.config import ModelConfig
 from lmcache_jax.quant.formats import FORMATS, get_format
+
+if TYPE_CHECKING:
+  from lmcache_jax.models.config import ModelConfig
 
 _NAMES = tuple(FORMATS)  # stable ids for saving
 
@@ -154,3 +158,4 @@ class QuantPlan:
     if cfg is not None:
       plan.check(cfg)
     return plan
+

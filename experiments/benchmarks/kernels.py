@@ -1,0 +1,192 @@
+"""Kernel suite: fused decode attention over a 4-bit cache vs bf16 attention.
+
+  python -m experiments.bench --suite=kernels
+  python -m experiments.benchmarks.kernels [OUT.json]   # same, without absl
+  python -m experiments.benchmarks.kernels --runlocal   # small shapes, any backend
+
+Llama-3-8B attention shapes (32 query heads, 8 kv heads, head dim 128), one
+decode token for each of 16 sequences over a 32K-token cache. First checks,
+on the card, the Pallas kernels against their jnp references (quantize,
+dequantize, fused attention); then times:
+
+* copy: the card's copy bandwidth (read + write of a 2 GiB buffer);
+* bf16: this project's dense ``attention.attend`` over a bfloat16 cache
+  (XLA), with the per-slot attention mass;
+* int4 kernel: the Pallas ``decode_attention`` call alone, for each block
+  size tried, as a fraction of the copy bandwidth on the bytes it moves
+  (packed codes, scales, zeros and positions read; logits and partial
+  states written);
+* int4 attend: ``attention.attend`` over a packed int4 cache (kernel + merge
+  + mass), the end-to-end speed-up over bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import benchmarks
+from lmcache_jax.kernels import decode_attention as da
+from lmcache_jax.kernels import dequantize, quantize
+from lmcache_jax.models import attention
+from lmcache_jax.quant import payload as qpayload
+from lmcache_jax.quant import schemes
+from lmcache_jax.quant.formats import FORMATS
+
+BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
+FMT, GROUP_SIZE = FORMATS["int4"], 128
+if "--runlocal" in sys.argv:   # a seconds-long smoke run of the script's logic
+  BATCH, KV_HEADS, CONTEXT = 2, 2, 1024
+BLOCKS = ((128, 4), (256, 4), (256, 8), (512, 8))
+
+
+def copy_bandwidth() -> float:
+  """Bytes/s of an elementwise pass over 2 GiB (1 GiB read + 1 GiB written)."""
+  x = jnp.ones((2**29 if CONTEXT == 32768 else 2**20,), jnp.bfloat16)
+  bump = jax.jit(lambda a: a + 1)
+  t = benchmarks.timed(lambda: bump(x), warmup=2, repeats=10)["median_s"]
+  return 2 * x.nbytes / t
+
+
+def check_kernels() -> list[str]:
+  """Kernel vs reference on the card; raises on a mismatch."""
+  notes = []
+  x = jax.random.normal(jax.random.key(0), (4096, HEAD_DIM), jnp.float32)
+  for name in ("int2", "int3", "int4", "int8"):
+    fmt = FORMATS[name]
+    got = quantize.quantize_pack(x, fmt=fmt, group_size=GROUP_SIZE)
+    want = quantize.quantize_pack_reference(x, fmt=fmt, group_size=GROUP_SIZE)
+    codes_got = schemes.dequantize(*got, fmt, GROUP_SIZE, HEAD_DIM)
+    codes_want = schemes.dequantize(*want, fmt, GROUP_SIZE, HEAD_DIM)
+    step = float(jnp.max(want[1].astype(jnp.float32)))
+    off = float(jnp.max(jnp.abs(codes_got - codes_want)))
+    if off > step * 1.01 + 1e-3:   # at most one rounding step apart
+      raise AssertionError(f"quantize_pack {name}: off by {off} > step {step}")
+    dense = dequantize.unpack_dequantize(*want, fmt=fmt, group_size=GROUP_SIZE,
+                                         head_dim=HEAD_DIM)
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(codes_want),
+                               rtol=1e-6, atol=1e-6)
+    notes.append(f"{name} quantize/dequantize ok (max diff {off:.2g})")
+  return notes
+
+
+def dense_dtype():
+  """bfloat16, except on the CPU (no bf16 dot there) in --runlocal runs."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def dense_cache(slots):
+  shape = (BATCH, KV_HEADS, slots, HEAD_DIM)
+  keys = jax.random.normal(jax.random.key(1), shape, dense_dtype())
+  values = jax.random.normal(jax.random.key(2), shape, dense_dtype())
+  return keys, values
+
+
+def run(config=None) -> dict:
+  del config
+  notes = check_kernels()
+  bandwidth = copy_bandwidth()
+  keys, values = dense_cache(CONTEXT)
+  kq = jax.jit(lambda a: schemes.quantize(a, FMT, GROUP_SIZE))(keys)
+  vq = jax.jit(lambda a: schemes.quantize(a, FMT, GROUP_SIZE))(values)
+  q = jax.random.normal(jax.random.key(3), (BATCH, KV_HEADS, GROUP, HEAD_DIM),
+                        dense_dtype())
+  q_pos = jnp.full((BATCH,), CONTEXT - 1, jnp.int32)
+  q_pos = q_pos.at[1].set(CONTEXT // 3)          # ragged lengths
+  slot_pos = jnp.broadcast_to(jnp.arange(CONTEXT, dtype=jnp.int32),
+                              (BATCH, KV_HEADS, CONTEXT))
+  want = jax.jit(lambda *a: da.decode_attention_reference(
+      *a, fmt=FMT, group_size=GROUP_SIZE))(q, q_pos, slot_pos, *kq, *vq)
+
+  rows = [{"what": "copy bandwidth", "GB/s": bandwidth / 1e9}]
+  kernel_bytes = (sum(a.nbytes for a in (*kq, *vq)) + slot_pos.nbytes
+                  + BATCH * KV_HEADS * GROUP * CONTEXT * 4)
+  best = None
+  for block, warps in BLOCKS:
+    fn = jax.jit(lambda *a, b=block, w=warps: da.decode_attention(
+        *a, fmt=FMT, group_size=GROUP_SIZE, block_s=b, num_warps=w))
+    got = fn(q, q_pos, slot_pos, *kq, *vq)
+    for g, w, name in zip(got, want, ("out", "lse", "logits")):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
+                                 atol=2e-3, err_msg=f"{name} block {block}")
+    t = benchmarks.timed(lambda: fn(q, q_pos, slot_pos, *kq, *vq),
+                         repeats=20)["median_s"]
+    rows.append({"what": f"int4 kernel block {block} warps {warps}",
+                 "ms": 1e3 * t, "MB moved": kernel_bytes / 1e6,
+                 "GB/s": kernel_bytes / t / 1e9,
+                 "of copy bw": kernel_bytes / t / bandwidth})
+    if best is None or t < best[0]:
+      best = (t, block, warps)
+  notes.append(f"fused attention matches the reference at {BATCH}x{CONTEXT}")
+
+  # End to end: attention.attend over a dense bf16 and a packed int4 cache.
+  positions = slot_pos
+  scores = jnp.zeros(positions.shape, jnp.float32)
+  qt = q.reshape(BATCH, 1, KV_HEADS * GROUP, HEAD_DIM)
+  query_positions = q_pos[:, None]
+  weights = jnp.ones((BATCH, 1), jnp.float32)
+  dense = attention.LayerKV(keys, values, positions, scores)
+  attend = jax.jit(attention.attend)
+  t_bf16 = benchmarks.timed(lambda: attend(qt, dense, query_positions, weights),
+                            repeats=20)["median_s"]
+  mass_bytes = positions.size * 4
+  bf16_bytes = keys.nbytes + values.nbytes + positions.nbytes + mass_bytes
+  rows.append({"what": f"{jnp.dtype(dense_dtype()).name} attend (XLA)", "ms": 1e3 * t_bf16,
+               "MB moved": bf16_bytes / 1e6,
+               "GB/s": bf16_bytes / t_bf16 / 1e9,
+               "of copy bw": bf16_bytes / t_bf16 / bandwidth})
+  heads = jnp.broadcast_to(jnp.arange(KV_HEADS, dtype=jnp.int32)[None, :, None],
+                           (BATCH, KV_HEADS, 1))
+  def payload(data, scale, zero, channel):
+    part = qpayload.Packed(data, scale, zero, heads, FMT, GROUP_SIZE)
+    return qpayload.QuantizedKV(
+        (part,), jnp.zeros((BATCH, KV_HEADS, 0, HEAD_DIM), dense_dtype()),
+        jnp.zeros((BATCH, KV_HEADS, 0), jnp.int32), channel, 0, 0)
+  ones = jnp.ones((BATCH, KV_HEADS, 1, HEAD_DIM), jnp.float32)
+  packed = attention.LayerKV(payload(*kq, ones), payload(*vq, None), positions,
+                             scores)
+  out_dense, mass_dense = attend(qt, dense, query_positions, weights)
+  out_q, mass_q = attend(qt, packed, query_positions, weights)
+  ref_out = want[0].reshape(BATCH, 1, KV_HEADS * GROUP, HEAD_DIM)
+  np.testing.assert_allclose(np.asarray(out_q, np.float32),
+                             np.asarray(ref_out, np.float32), atol=2e-2)
+  np.testing.assert_allclose(np.asarray(mass_q.sum(-1)), GROUP, rtol=1e-3)
+  t_q = benchmarks.timed(lambda: attend(qt, packed, query_positions, weights),
+                         repeats=20)["median_s"]
+  attend_bytes = kernel_bytes + BATCH * KV_HEADS * GROUP * CONTEXT * 4 + mass_bytes
+  rows.append({"what": "int4 attend (kernel + merge + mass)", "ms": 1e3 * t_q,
+               "MB moved": attend_bytes / 1e6, "GB/s": attend_bytes / t_q / 1e9,
+               "of copy bw": attend_bytes / t_q / bandwidth,
+               "speed-up vs bf16": t_bf16 / t_q})
+  err = float(jnp.max(jnp.abs(out_q.astype(jnp.float32)
+                              - out_dense.astype(jnp.float32))))
+  notes.append(f"int4 vs bf16 attention output max |diff| {err:.3g} "
+               f"(quantization error); best block {best[1]}, warps {best[2]}")
+  return {"rows": rows, "notes": notes,
+          "shape": {"batch": BATCH, "kv_heads": KV_HEADS, "q_per_kv": GROUP,
+                    "head_dim": HEAD_DIM, "context": CONTEXT,
+                    "format": FMT.name, "group_size": GROUP_SIZE}}
+
+
+def main() -> None:
+  print(f"device: {benchmarks.device_name()}", flush=True)
+  out = run()
+  print("\n".join(out["notes"]))
+  cols = list(dict.fromkeys(k for r in out["rows"] for k in r))
+  print("| " + " | ".join(cols) + " |")
+  print("|" + "---|" * len(cols))
+  for r in out["rows"]:
+    print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float)
+                            else str(r.get(c, "")) for c in cols) + " |")
+  paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+  if paths:
+    with open(paths[0], "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

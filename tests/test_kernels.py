@@ -1,0 +1,111 @@
+"""Pallas kernels (interpret mode) against their pure-jnp references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from lmcache_jax.kernels import decode_attention as da
+from lmcache_jax.kernels import dequantize, quantize
+from lmcache_jax.quant import schemes
+from lmcache_jax.quant.formats import FORMATS
+
+INT_FORMATS = ["int2", "int3", "int4", "int8"]
+
+
+@pytest.mark.parametrize("name", INT_FORMATS)
+@pytest.mark.parametrize("rows,head_dim,group", [(13, 64, 32), (5, 32, 32),
+                                                 (9, 128, 64)])
+def test_quantize_and_dequantize_match_reference(name, rows, head_dim, group):
+  fmt = FORMATS[name]
+  x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, head_dim))
+                  * 2, jnp.float32)
+  want = quantize.quantize_pack_reference(x, fmt=fmt, group_size=group)
+  got = quantize.quantize_pack(x, fmt=fmt, group_size=group, block_rows=4,
+                               interpret=True)
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(g))
+  dense = dequantize.unpack_dequantize(*got, fmt=fmt, group_size=group,
+                                       head_dim=head_dim, block_rows=8,
+                                       interpret=True)
+  np.testing.assert_array_equal(
+      dense, dequantize.unpack_dequantize_reference(
+          *want, fmt=fmt, group_size=group, head_dim=head_dim))
+
+
+def _packed(rng, fmt, shape, group):
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return schemes.quantize(x, fmt, group)
+
+
+@pytest.mark.parametrize("name,batch,rows,heads,slots,head_dim,block", [
+    ("int4", 2, 3, 3, 75, 64, 32),     # ragged S, G = 3 padded to 4
+    ("int2", 1, 2, 4, 64, 32, 16),
+    ("int3", 2, 1, 2, 40, 32, 16),
+    ("int8", 1, 2, 1, 33, 64, 32),
+])
+def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
+                                            head_dim, block):
+  fmt = FORMATS[name]
+  rng = np.random.default_rng(slots)
+  group = 32
+  kq = _packed(rng, fmt, (batch, rows, slots, head_dim), group)
+  vq = _packed(rng, fmt, (batch, rows, slots, head_dim), group)
+  q = jnp.asarray(rng.standard_normal((batch, rows, heads, head_dim)),
+                  jnp.float32)
+  # ragged: each sequence sees a different prefix; some slots empty
+  q_pos = jnp.asarray(rng.integers(slots // 2, slots, batch), jnp.int32)
+  slot_pos = np.tile(np.arange(slots, dtype=np.int32), (batch, rows, 1))
+  slot_pos[rng.random(slot_pos.shape) < 0.2] = -1
+  slot_pos = jnp.asarray(slot_pos)
+  want = da.decode_attention_reference(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
+                                       group_size=group)
+  got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
+                            group_size=group, block_s=block, interpret=True)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                               atol=1e-5)
+  # the reference itself: softmax over visible slots of dequantized keys
+  keys = schemes.dequantize(*kq, fmt, group, head_dim)
+  logits = np.einsum("brgh,brsh->brgs", np.asarray(q), np.asarray(keys)) / np.sqrt(head_dim)
+  visible = (np.asarray(slot_pos) >= 0) & (np.asarray(slot_pos) <= np.asarray(q_pos)[:, None, None])
+  logits = np.where(visible[:, :, None], logits, -np.inf)
+  lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+  np.testing.assert_allclose(np.asarray(want[1]), lse, rtol=1e-5)
+
+
+def test_decode_attention_with_nothing_visible():
+  fmt = FORMATS["int4"]
+  rng = np.random.default_rng(0)
+  kq = _packed(rng, fmt, (1, 1, 16, 32), 32)
+  q = jnp.ones((1, 1, 2, 32), jnp.float32)
+  out, lse, logits = da.decode_attention(
+      q, jnp.array([3]), jnp.full((1, 1, 16), -1, jnp.int32), *kq, *kq,
+      fmt=fmt, group_size=32, block_s=16, interpret=True)
+  assert np.all(np.asarray(out) == 0) and np.all(np.asarray(lse) <= -1e29)
+  assert np.all(np.asarray(logits) <= -1e29)
+
+
+@pytest.mark.parametrize("name", ["int4", "int3"])
+def test_kernels_lower_to_triton(name):
+  """The GPU lowering (Pallas → Triton) is built on the CPU too."""
+  fmt = FORMATS[name]
+  sds = jax.ShapeDtypeStruct
+  check = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  lower = lambda f, *a: export.export(jax.jit(f), platforms=["cuda"],
+                                      disabled_checks=check)(*a)
+  words = fmt.words(128)
+  packed = [sds((2, 8, 256, words), jnp.uint32),
+            sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
+  exported = lower(da._build(2, 8, 4, 256, 128, fmt, 64, 128, 4, False),
+                   sds((2, 8, 4, 128), jnp.bfloat16), sds((2, 1), jnp.int32),
+                   sds((2, 8, 256), jnp.int32), *packed, *packed)
+  assert "triton" in exported.mlir_module()
+  lower(quantize._build(64, 128, fmt, 64, 32, False),
+        sds((64, 128), jnp.float32))
+  lower(dequantize._build(64, 128, fmt, 64, jnp.bfloat16, 32, False),
+        sds((64, words), jnp.uint32), sds((64, 2), jnp.float16),
+        sds((64, 2), jnp.float16))
