@@ -71,10 +71,12 @@ def test_memory_tier_evicts_within_capacity():
 def leaves_of(seed):
   rng = np.random.default_rng(seed)
   return [rng.standard_normal((3, 2, 8, 8)).astype(np.float32),
-          rng.integers(0, 255, (3, 2, 2, 4), dtype=np.uint8)]
+          rng.integers(0, 255, (3, 2, 2, 4), dtype=np.uint8),
+          np.asarray(rng.standard_normal((3, 2, 8, 8)), jnp.bfloat16)]
 
 
-EXPECTED = [((3, 2, 8, 8), "float32"), ((3, 2, 2, 4), "uint8")]
+EXPECTED = [((3, 2, 8, 8), "float32"), ((3, 2, 2, 4), "uint8"),
+            ((3, 2, 8, 8), "bfloat16")]
 
 
 @pytest.mark.parametrize("encrypted", [False, True])
@@ -108,7 +110,7 @@ def test_codec_rejects_truncation_other_key_other_layout_other_cipher():
       (blob[:-1], key, EXPECTED, None),
       (blob[:10], key, EXPECTED, None),
       (blob, b"\1" * 32, EXPECTED, None),
-      (blob, key, [((3, 2, 8, 8), "bfloat16"), EXPECTED[1]], None),
+      (blob, key, [((3, 2, 8, 8), "bfloat16")] + EXPECTED[1:], None),
       (blob, key, EXPECTED, Cipher(bytes(32))),
   ]:
     with pytest.raises(codec.CorruptChunk):

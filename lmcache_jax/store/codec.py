@@ -35,7 +35,8 @@ def encode(key: bytes, leaves: list[np.ndarray],
            cipher: Cipher | None = None) -> bytes:
   header = json.dumps([[list(a.shape), str(a.dtype)] for a in leaves]).encode()
   parts = [struct.pack("<I", len(header)), header] + [
-      memoryview(np.ascontiguousarray(a)).cast("B") for a in leaves]
+      # Bytes views (a buffer of bfloat16 or fp8 items cannot be cast).
+      np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in leaves]
   flags = ENCRYPTED if cipher else 0
   if cipher:
     associated = _PREFIX.pack(MAGIC, VERSION, flags, key, 0)[:-8]
