@@ -8,9 +8,10 @@ these result keys, and skip themselves when no record has them:
   Pareto front across policies;
 - ``ppl_by_position``: ``[{"start", "end", "ppl"}]``, perplexity along the
   stream (StreamingLLM's figure);
-- ``by_depth``: ``[{"depth", "accuracy" or "correct", optional "length" or
-  "context"}]``, retrieval accuracy by needle depth and context length (a heat
-  map; the cell's ``context`` is the length when a record gives none);
+- ``samples`` (or ``by_depth``): ``[{"depth", "correct" or "accuracy",
+  optional "length" or "context"}]``, retrieval accuracy by needle depth and
+  context length (a heat map; the cell's ``context`` is the length when a
+  record gives none);
 - ``ttft_cold_s`` and ``ttft_warm_s`` (or ``*_ms``): time to first token
   recomputing vs loading a cached prefix.
 
@@ -27,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 _MARKERS = "osD^v<>ph*"
 
@@ -95,6 +97,9 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   ys = [r[metric] for r in points]
   if metric == "ppl" and max(ys) > 5 * min(ys):
     ax.set_yscale("log")
+  for axis in (ax.xaxis, ax.yaxis):  # plain numbers on log axes, not 10^k
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(FormatStrFormatter(""))
   ax.set_xlabel("KV cache payload (MiB, per sequence)")
   ax.set_ylabel("perplexity (lower is better)" if metric == "ppl"
                 else f"{metric} (higher is better)")
@@ -156,9 +161,11 @@ def ppl_by_position(records: list[dict]) -> Figure | None:
 def _depth_records(record: dict) -> list[tuple[float, int, float]]:
   """(depth, length, accuracy) triples of a retrieval cell."""
   out = []
-  for item in record.get("by_depth") or []:
+  for item in record.get("samples") or record.get("by_depth") or []:
+    if not isinstance(item, dict) or "depth" not in item:
+      continue
     accuracy = item.get("accuracy", item.get("correct"))
-    if "depth" not in item or accuracy is None:
+    if accuracy is None:
       continue
     length = item.get("length", item.get("context", record["context"]))
     out.append((float(item["depth"]), int(length), float(accuracy)))

@@ -131,11 +131,19 @@ def grid(config: ml_collections.ConfigDict) -> tuple[list[Cell], list[dict]]:
       if name not in {i["cell"] for i in invalid}:
         invalid.append({"cell": name, "error": str(e)})
       continue
-    key = results.cell_key(cell.to_dict())
+    key = results.cell_key(identity(cell))
     if key not in seen:
       seen.add(key)
       cells.append((cell, variant))
   return cells, invalid
+
+
+def identity(cell: ml_collections.ConfigDict) -> dict:
+  """What names a cell's result: its config without the sections of other
+  tasks (``passkey`` settings do not change a perplexity cell), so adding a
+  task's defaults does not orphan finished cells."""
+  others = set(TASKS.names()) - {cell.task}
+  return {k: v for k, v in cell.to_dict().items() if k not in others}
 
 
 def _check_quant() -> None:
@@ -179,13 +187,13 @@ def run_sweep(config: ml_collections.ConfigDict, lm: models.LoadedModel | None =
 
   records, todo = [], []
   for cell, variant in cells:
-    saved = results.load_cell(cells_dir, cell.to_dict())
+    saved = results.load_cell(cells_dir, identity(cell))
     if saved is not None:
-      records.append(_record(cell.to_dict(), saved, variant))
+      records.append(_record(identity(cell), saved, variant))
     else:
       todo.append((cell, variant))
   skipped = len(records)
-  wanted = {results.cell_filename(c.to_dict()) for c, _ in cells}
+  wanted = {results.cell_filename(identity(c)) for c, _ in cells}
   stale = sorted(p.name for p in cells_dir.glob("*.json") if p.name not in wanted)
   if stale:
     logging.warning("%d cell file(s) in %s belong to no cell of this sweep (its "
@@ -205,11 +213,11 @@ def run_sweep(config: ml_collections.ConfigDict, lm: models.LoadedModel | None =
         if not config.sweep.keep_going:
           raise
         logging.warning("cell failed: %s", traceback.format_exc())
-        errors.append({"cell": results.cell_filename(cell.to_dict()),
+        errors.append({"cell": results.cell_filename(identity(cell)),
                        "error": f"{type(e).__name__}: {e}"})
         continue
-      results.save_cell(cells_dir, cell.to_dict(), cell_results)
-      records.append(_record(cell.to_dict(), cell_results, variant))
+      results.save_cell(cells_dir, identity(cell), cell_results)
+      records.append(_record(identity(cell), cell_results, variant))
       ran += 1
   rows = results.sort_rows(records)
   files = write_report(config, out_dir, rows, errors)

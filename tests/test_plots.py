@@ -55,7 +55,7 @@ def test_heatmap_averages_by_depth_and_length():
     return {"task": "passkey", "policy": policy, "budget": 256.0,
             "kv_bits": 16.0, "context": context, "accuracy": float(np.mean(hits)),
             "kv_bytes": 1,
-            "by_depth": [{"depth": d, "correct": h} for d, h in zip((0.0, 0.5, 0.5), hits)]}
+            "samples": [{"depth": d, "correct": h} for d, h in zip((0.0, 0.5, 0.5), hits)]}
   records = [retrieval("snapkv", 1024, [1, 1, 0]), retrieval("snapkv", 2048, [0, 1, 1])]
   fig = plots.accuracy_heatmap(records)
   ax = fig.axes[0]

@@ -176,7 +176,11 @@ def test_report_only_runs_nothing(tmp_path, byte_lm, monkeypatch):
   config.sweep.policies = ("full", "sliding_window")
   report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
   assert report.ran == 0 and len(report.records) == 1 and not report.stale
-  # A changed config does not reuse the old cells: they are reported as stale.
+  # Another task's settings do not change a perplexity cell...
+  config.generate.max_new_tokens += 1
+  report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
+  assert len(report.records) == 1
+  # ...but its own do: the old cell is not reused, and is reported as stale.
   config.perplexity.buckets = 3
   report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
   assert report.records == [] and len(report.stale) == 1
