@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,13 +33,18 @@ def cache_of(n, capacity=None, order=None, keys=None):
   return cache
 
 
-def after_update(policy, cache, mass):
-  """The cache after the policy sees ``mass`` [L, 1, K, S] for the last token."""
-  n = int(cache.lengths[0])
-  step = Step(positions=jnp.array([[n - 1]]), rope_positions=jnp.array([[n - 1]]),
+@functools.partial(jax.jit, static_argnames=("policy",))
+def _update(cache, mass, *, policy):
+  n = cache.lengths[:1, None] - 1
+  step = Step(positions=n, rope_positions=n,
               slots=jnp.zeros((CFG.num_layers, 1, CFG.num_kv_heads, 1), jnp.int32),
               query_weights=jnp.ones((1, 1)))
-  return policy.bind(CFG).update(cache, jnp.asarray(mass, jnp.float32), step)
+  return policy.update(cache, mass, step)
+
+
+def after_update(policy, cache, mass):
+  """The cache after the policy sees ``mass`` [L, 1, K, S] for the last token."""
+  return _update(cache, jnp.asarray(mass, jnp.float32), policy=policy.bind(CFG))
 
 
 def kept(cache, layer=0, head=0):

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmcache_jax.models.rope import apply_rope
 
 _LAST = np.iinfo(np.int32).max
 
@@ -27,7 +26,10 @@ def position_order(positions: jax.Array) -> jax.Array:
 
 
 def inverse_permutation(order: jax.Array) -> jax.Array:
-  return jnp.argsort(order, axis=-1)
+  """Where each slot went in ``order`` (a scatter: far cheaper than a sort)."""
+  iota = jax.lax.broadcasted_iota(order.dtype, order.shape, order.ndim - 1)
+  return jnp.put_along_axis(jnp.zeros_like(order), order, iota, axis=-1,
+                            inplace=False)
 
 
 def rank_descending(primary: jax.Array, secondary: jax.Array) -> jax.Array:
@@ -51,6 +53,15 @@ def shift_keys(keys: jax.Array, shift: jax.Array,
   """Rotates post-RoPE keys [..., S, Hd] forward by ``shift`` [..., S] positions.
 
   RoPE rotations compose additively, so this moves a key from position p to
-  p + shift. A zero shift is exactly the identity (cos 0 = 1, sin 0 = 0).
+  p + shift (the "rotate half" convention of ``models.rope``). A row cannot
+  lose more than its S slots, so shifts lie in [0, S]: the cosines and sines
+  come from an [S + 1, Hd / 2] table instead of one evaluation per key
+  element. A zero shift is exactly the identity (cos 0 = 1, sin 0 = 0).
   """
-  return apply_rope(keys[..., None, :], shift, inv_freq)[..., 0, :]
+  table = (jnp.arange(keys.shape[-2] + 1, dtype=jnp.float32)[:, None]
+           * jnp.asarray(inv_freq))
+  cos = jnp.cos(table)[shift]
+  sin = jnp.sin(table)[shift]
+  x1, x2 = jnp.split(keys.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(keys.dtype)
