@@ -225,6 +225,9 @@ class KVStore:
     """
     keys, found, sources = self._gather(tokens, n)
     check_fits(cache, self.layout, len(found) * self.chunk_size)
+    # Committed to the device whatever the hit, so the jitted steps that
+    # follow see one kind of input and compile once.
+    cache = jax.device_put(cache, device_sharding(self.device))
     first = 0
     for group in self._groups(list(range(len(found)))):
       chunks = self._to_device([found[i] for i in group],
