@@ -16,9 +16,9 @@ from lmcache_jax.quant.formats import FORMATS
 INT_FORMATS = ["int2", "int3", "int4", "int8"]
 
 
-@pytest.mark.parametrize("name", INT_FORMATS)
-@pytest.mark.parametrize("rows,head_dim,group", [(13, 64, 32), (5, 32, 32),
-                                                 (9, 128, 64)])
+@pytest.mark.parametrize("name,rows,head_dim,group", [
+    ("int2", 13, 64, 32), ("int3", 5, 32, 32), ("int4", 9, 128, 64),
+    ("int8", 13, 64, 16), ("int3", 9, 128, 128)])
 def test_quantize_and_dequantize_match_reference(name, rows, head_dim, group):
   fmt = FORMATS[name]
   x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, head_dim))
@@ -41,14 +41,15 @@ def _packed(rng, fmt, shape, group):
   return schemes.quantize(x, fmt, group)
 
 
-@pytest.mark.parametrize("name,batch,rows,heads,slots,head_dim,block", [
-    ("int4", 2, 3, 3, 75, 64, 32),     # ragged S, G = 3 padded to 4
-    ("int2", 1, 2, 4, 64, 32, 16),
-    ("int3", 2, 1, 2, 40, 32, 16),
-    ("int8", 1, 2, 1, 33, 64, 32),
+@pytest.mark.parametrize("name,batch,rows,heads,slots,head_dim,block,split", [
+    ("int4", 2, 3, 3, 75, 64, 16, 32),    # ragged S, G = 3 padded to 4
+    ("int4", 1, 2, 4, 40, 128, 16, 32),   # 16-channel chunks: dot path
+    ("int2", 1, 2, 4, 64, 32, 16, 64),
+    ("int3", 2, 1, 2, 40, 32, 16, 16),
+    ("int8", 1, 2, 1, 33, 64, 32, 32),
 ])
 def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
-                                            head_dim, block):
+                                            head_dim, block, split):
   fmt = FORMATS[name]
   rng = np.random.default_rng(slots)
   group = 32
@@ -64,7 +65,8 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
   want = da.decode_attention_reference(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
                                        group_size=group)
   got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
-                            group_size=group, block_s=block, interpret=True)
+                            group_size=group, block_s=block, split_s=split,
+                            interpret=True)
   for w, g in zip(want, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
                                atol=1e-5)
@@ -100,8 +102,9 @@ def test_kernels_lower_to_triton(name):
   words = fmt.words(128)
   packed = [sds((2, 8, 256, words), jnp.uint32),
             sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
-  exported = lower(da._build(2, 8, 4, 256, 128, fmt, 64, 128, 4, False),
-                   sds((2, 8, 4, 128), jnp.bfloat16), sds((2, 1), jnp.int32),
+  exported = lower(da._build(2, 8, 16, 4, 256, 128, fmt, 64, 64, 128, 4,
+                             False),
+                   sds((2, 8, 16, 128), jnp.bfloat16), sds((2, 1), jnp.int32),
                    sds((2, 8, 256), jnp.int32), *packed, *packed)
   assert "triton" in exported.mlir_module()
   lower(quantize._build(64, 128, fmt, 64, 32, False),

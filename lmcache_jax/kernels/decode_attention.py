@@ -2,10 +2,13 @@
 
 One query token per sequence. For each (sequence b, cache row r) the G query
 heads sharing that kv head attend over S slots. The grid splits S into
-blocks of ``block_s`` slots (flash-decoding): each program unpacks its block
-of keys and values straight from the packed words with their scales, and
-writes its partial softmax state (max m, sum l, unnormalised output acc) plus
-the block's logits; a small jnp epilogue merges the blocks. The logits let
+``split_s`` slots per program (flash-decoding); a program loops over blocks of
+``block_s`` slots with an online softmax, unpacking keys and values straight
+from the packed words. Scales and zeros are folded out of the products
+(q·k = scale·(q·code) + zero·Σq), so the inner products run on integer codes
+cast to the query dtype, on tensor cores once the query heads are padded to
+16 rows. Each program writes its softmax state (max m, sum l, unnormalised
+output acc) and its slots' logits; a small jnp epilogue merges the programs. The logits let
 the caller merge other sources (the exact residual window) and derive the
 per-slot attention mass eviction scorers need, without a second read of the
 cache.
@@ -28,59 +31,119 @@ from lmcache_jax.quant.formats import Format
 MASKED = -1e30
 
 
+def _qk(q, codes, dtype):
+  """[G, w] x [bs, w] codes → [G, bs] float32, on tensor cores when wide enough."""
+  if q.shape[1] >= 16 and q.shape[0] >= 16:
+    return jax.lax.dot_general(
+        q, codes.astype(dtype), (((1,), (1,)), ((), ())),
+        precision=_precision(dtype), preferred_element_type=jnp.float32)
+  return jnp.sum(q.astype(jnp.float32)[:, None, :]
+                 * codes.astype(jnp.float32)[None, :, :], axis=2)
+
+
+def _pv(p, codes, dtype):
+  """[G, bs] x [bs, w] codes → [G, w] float32."""
+  if codes.shape[1] >= 16 and p.shape[0] >= 16:
+    return jax.lax.dot_general(
+        p.astype(dtype), codes.astype(dtype), (((1,), (0,)), ((), ())),
+        precision=_precision(dtype), preferred_element_type=jnp.float32)
+  return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
+
+
+def _precision(dtype):
+  return (jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32
+          else jax.lax.Precision.DEFAULT)
+
+
 def _kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref,
             vz_ref, acc_ref, m_ref, l_ref, logits_ref, *, fmt: Format,
-            group_size: int):
-  # q_ref [G, Hd]; qpos_ref [1]; pos_ref [bs]; k/v words [bs, W];
-  # k/v scale, zero [bs, Hd/g]; acc_ref [G, Hd]; m_ref, l_ref [G];
-  # logits_ref [G, bs]
-  head_dim = q_ref.shape[-1]
-  pos = pos_ref[...]
-  visible = (pos >= 0) & (pos <= jnp.max(qpos_ref[...]))
-  keys = ChunkReader(kw_ref, fmt, head_dim)
-  width = keys.chunk
-  logits = None
-  for c in range(keys.num_chunks()):
-    gi = c * width // group_size
-    k = (keys.codes(c).astype(jnp.float32)
-         * ks_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
-         + kz_ref[:, pl.ds(gi, 1)].astype(jnp.float32))          # [bs, w]
-    qc = q_ref[:, pl.ds(c * width, width)].astype(jnp.float32)   # [G, w]
-    part = jnp.sum(qc[:, None, :] * k[None, :, :], axis=2)        # [G, bs]
-    logits = part if logits is None else logits + part
-  logits = jnp.where(visible[None, :], logits * (head_dim ** -0.5), MASKED)
-  logits_ref[...] = logits
-  m = jnp.max(logits, axis=1)
-  p = jnp.where(visible[None, :], jnp.exp(logits - m[:, None]), 0.0)
+            group_size: int, block_s: int):
+  # q_ref [G, Hd]; qpos_ref [1]; pos_ref [split]; k/v words [split, W];
+  # k/v scale, zero [split, Hd/g]; acc_ref [G, Hd]; m_ref, l_ref [G];
+  # logits_ref [Go, split] (Go <= G real rows written)
+  heads, head_dim = q_ref.shape
+  rows_out = logits_ref.shape[0]
+  dtype = q_ref.dtype
+  width = fmt.chunk(head_dim)
+  per_group = group_size // width
+  groups = head_dim // group_size
+  q_pos = jnp.max(qpos_ref[...])
+  qc = [q_ref[:, pl.ds(c * width, width)] for c in range(head_dim // width)]
+  # Keys dequantize as code * scale + zero per (slot, group): fold both out of
+  # the dot, q·k = scale * (q·code) + zero * sum(q over the group).
+  qsum = [sum(jnp.sum(qc[c].astype(jnp.float32), axis=1)
+              for c in range(gi * per_group, (gi + 1) * per_group))
+          for gi in range(groups)]
+  row = jax.lax.broadcasted_iota(jnp.int32, (heads, block_s), 0)
+
+  def body(i, carry):
+    m, l, accs = carry
+    start = pl.multiple_of(i * block_s, block_s)
+    rows = pl.ds(start, block_s)
+    pos = pos_ref[rows]
+    visible = ((pos >= 0) & (pos <= q_pos))[None, :]
+    keys = ChunkReader(kw_ref, fmt, head_dim, rows)
+    logits = None
+    for gi in range(groups):
+      dots = None
+      for c in range(gi * per_group, (gi + 1) * per_group):
+        d = _qk(qc[c], keys.codes(c), dtype)
+        dots = d if dots is None else dots + d
+      scale = ks_ref[rows, gi].astype(jnp.float32)[None, :]
+      zero = kz_ref[rows, gi].astype(jnp.float32)[None, :]
+      part = dots * scale + qsum[gi][:, None] * zero
+      logits = part if logits is None else logits + part
+    logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
+    if rows_out == heads:
+      logits_ref[:, rows] = logits
+    else:
+      for g in range(rows_out):
+        logits_ref[pl.ds(g, 1), rows] = jnp.sum(
+            jnp.where(row == g, logits, 0.0), axis=0)[None, :]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+    l = l * alpha + jnp.sum(p, axis=1)
+    values = ChunkReader(vw_ref, fmt, head_dim, rows)
+    new = []
+    for gi in range(groups):
+      scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
+      zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
+      p_scaled = p * scale
+      p_zero = jnp.sum(p * zero, axis=1)[:, None]
+      for c in range(gi * per_group, (gi + 1) * per_group):
+        new.append(accs[c] * alpha[:, None]
+                   + _pv(p_scaled, values.codes(c), dtype) + p_zero)
+    return m_new, l, tuple(new)
+
+  init = (jnp.full((heads,), MASKED, jnp.float32),
+          jnp.zeros((heads,), jnp.float32),
+          tuple(jnp.zeros((heads, width), jnp.float32) for _ in qc))
+  m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
   m_ref[...] = m
-  l_ref[...] = jnp.sum(p, axis=1)
-  values = ChunkReader(vw_ref, fmt, head_dim)
-  for c in range(values.num_chunks()):
-    gi = c * width // group_size
-    v = (values.codes(c).astype(jnp.float32)
-         * vs_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
-         + vz_ref[:, pl.ds(gi, 1)].astype(jnp.float32))          # [bs, w]
-    acc_ref[:, pl.ds(c * width, width)] = jnp.sum(
-        p[:, :, None] * v[None, :, :], axis=1)
+  l_ref[...] = l
+  for c, acc in enumerate(accs):
+    acc_ref[:, pl.ds(c * width, width)] = acc
 
 
-def _build(batch: int, rows: int, heads: int, slots: int, head_dim: int,
-           fmt: Format, group_size: int, block_s: int, num_warps: int,
-           interpret: bool):
-  blocks = slots // block_s
+def _build(batch: int, rows: int, heads: int, rows_out: int, slots: int,
+           head_dim: int, fmt: Format, group_size: int, block_s: int,
+           split: int, num_warps: int, interpret: bool):
+  splits = slots // split
   words = fmt.words(head_dim)
   groups = head_dim // group_size
   per_slot = lambda b, r, j: (b, r, j, 0)
-  packed = [pl.BlockSpec((None, None, block_s, words), per_slot),
-            pl.BlockSpec((None, None, block_s, groups), per_slot),
-            pl.BlockSpec((None, None, block_s, groups), per_slot)]
+  packed = [pl.BlockSpec((None, None, split, words), per_slot),
+            pl.BlockSpec((None, None, split, groups), per_slot),
+            pl.BlockSpec((None, None, split, groups), per_slot)]
   return pl.pallas_call(
-      functools.partial(_kernel, fmt=fmt, group_size=group_size),
-      grid=(batch, rows, blocks),
+      functools.partial(_kernel, fmt=fmt, group_size=group_size,
+                        block_s=block_s),
+      grid=(batch, rows, splits),
       in_specs=[pl.BlockSpec((None, None, heads, head_dim),
                              lambda b, r, j: (b, r, 0, 0)),
                 pl.BlockSpec((None, 1), lambda b, r, j: (b, 0)),
-                pl.BlockSpec((None, None, block_s), lambda b, r, j: (b, r, j)),
+                pl.BlockSpec((None, None, split), lambda b, r, j: (b, r, j)),
                 *packed, *packed],
       out_specs=[pl.BlockSpec((None, None, None, heads, head_dim),
                               lambda b, r, j: (b, r, j, 0, 0)),
@@ -88,14 +151,14 @@ def _build(batch: int, rows: int, heads: int, slots: int, head_dim: int,
                               lambda b, r, j: (b, r, j, 0)),
                  pl.BlockSpec((None, None, None, heads),
                               lambda b, r, j: (b, r, j, 0)),
-                 pl.BlockSpec((None, None, heads, block_s),
+                 pl.BlockSpec((None, None, rows_out, split),
                               lambda b, r, j: (b, r, 0, j))],
       out_shape=[
-          jax.ShapeDtypeStruct((batch, rows, blocks, heads, head_dim),
+          jax.ShapeDtypeStruct((batch, rows, splits, heads, head_dim),
                                jnp.float32),
-          jax.ShapeDtypeStruct((batch, rows, blocks, heads), jnp.float32),
-          jax.ShapeDtypeStruct((batch, rows, blocks, heads), jnp.float32),
-          jax.ShapeDtypeStruct((batch, rows, heads, slots), jnp.float32)],
+          jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
+          jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
+          jax.ShapeDtypeStruct((batch, rows, rows_out, slots), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret)
 
@@ -114,10 +177,10 @@ def _merge(acc, m, l):
 
 def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                                v_words, v_scale, v_zero, *, fmt: Format,
-                               group_size: int, block_s: int = 128,
-                               num_warps: int = 4,
+                               group_size: int, block_s: int = 64,
+                               split_s: int = 1024, num_warps: int = 4,
                                interpret: bool | None = None):
-  del block_s, num_warps, interpret
+  del block_s, split_s, num_warps, interpret
   head_dim = q.shape[-1]
   keys = schemes.dequantize(k_words, k_scale, k_zero, fmt, group_size,
                             head_dim)
@@ -140,11 +203,11 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "fmt", "group_size", "block_s", "num_warps", "interpret"))
+    "fmt", "group_size", "block_s", "split_s", "num_warps", "interpret"))
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      v_scale, v_zero, *, fmt: Format, group_size: int,
-                     block_s: int = 128, num_warps: int = 4,
-                     interpret: bool | None = None):
+                     block_s: int = 64, split_s: int = 1024,
+                     num_warps: int = 2, interpret: bool | None = None):
   """Attention of one query per sequence over packed keys and values.
 
   Args:
@@ -155,7 +218,9 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     k_words, v_words: [B, R, S, W] uint32 packed codes (``fmt``).
     k_scale, k_zero, v_scale, v_zero: [B, R, S, Hd/g] float16.
     fmt, group_size: the int format and its group.
-    block_s: slots per program (a power of two; S is padded to a multiple).
+    block_s: slots per loop step of a program (a power of two).
+    split_s: slots per program (a multiple of block_s; S is padded to a
+      multiple); the programs' partial results are merged after.
     num_warps: Triton warps per program.
     interpret: Pallas interpret mode (CPU tests).
 
@@ -173,8 +238,13 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
         v_zero, fmt=fmt, group_size=group_size)
   block = min(floor_pow2(block_s), next_pow2(slots))
-  padded = -(-slots // block) * block
-  g_pad = next_pow2(heads)
+  split = min(max(block, split_s // block * block), -(-slots // block) * block)
+  padded = -(-slots // split) * split
+  # Query heads padded to 16 rows feed tensor-core dots (when the format's
+  # chunks are 16 channels wide); only the real rows' logits are written.
+  wide = fmt.chunk(head_dim) >= 16
+  g_pad = max(16, next_pow2(heads)) if wide else next_pow2(heads)
+  rows_out = next_pow2(heads)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, g_pad - heads), (0, 0)))
   if padded != slots:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
@@ -183,8 +253,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
   acc, m, l, logits = _build(
-      batch, rows, g_pad, padded, head_dim, fmt, group_size, block, num_warps,
-      backend == "interpret")(
+      batch, rows, g_pad, rows_out, padded, head_dim, fmt, group_size, block,
+      split, num_warps, backend == "interpret")(
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
           k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)

@@ -22,8 +22,9 @@ from lmcache_jax.quant.formats import Format
 class ChunkReader:
   """Reads int32 codes [rows, chunk] of channels [c*chunk, (c+1)*chunk)."""
 
-  def __init__(self, words_ref, fmt: Format, head_dim: int):
+  def __init__(self, words_ref, fmt: Format, head_dim: int, rows=slice(None)):
     self.words_ref = words_ref
+    self.rows = rows
     self.fmt = fmt
     self.head_dim = head_dim
     self.chunk = fmt.chunk(head_dim)
@@ -31,7 +32,8 @@ class ChunkReader:
 
   def _load(self, start: int, width: int):
     if (start, width) not in self._loaded:
-      self._loaded[(start, width)] = self.words_ref[:, pl.ds(start, width)]
+      self._loaded[(start, width)] = self.words_ref[self.rows,
+                                                    pl.ds(start, width)]
     return self._loaded[(start, width)]
 
   def codes(self, c: int) -> jax.Array:

@@ -145,9 +145,9 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
     take = ((lambda a: a) if identity else
             (lambda a: jnp.take_along_axis(
                 a, safe.reshape(*safe.shape, *([1] * (a.ndim - 2))), axis=1)))
-    q_rows = take(qg.astype(jnp.float32))
+    q_rows = take(qg)             # kept in q's dtype: bf16 tensor-core dots
     if keys.channel_scale is not None:
-      q_rows = q_rows * take(keys.channel_scale)
+      q_rows = (q_rows * take(keys.channel_scale)).astype(q.dtype)
     o, l, s = decode_attention(
         q_rows, q_pos, take(packed_pos), kp.data, kp.scale, kp.zero, vp.data,
         vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size)

@@ -1,0 +1,181 @@
+"""The packed cache inside the model: writes, slot reuse, fused decode, bytes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config, tiny_weights
+from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.cache.policy import KeepAll
+from lmcache_jax.engine import steps
+from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.engine.prefill import prefill
+from lmcache_jax.engine.sampling import Sampling
+from lmcache_jax.kernels.backend import interpret_mode
+from lmcache_jax.models import attention
+from lmcache_jax.models.llama import from_weights
+from lmcache_jax.quant import payload as qpayload
+from lmcache_jax.quant import schemes, slots
+from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.quant.plan import QuantPlan
+
+CFG = tiny_config(head_dim=32, num_heads=6, num_kv_heads=3, hidden_size=64)
+MIXED = (("int4", "int8", "int4"), ("int8", "int4", "int4"),
+         ("int2", "int4", "int4"))
+
+
+def plan(formats=None, **kw):
+  if formats is None:
+    return QuantPlan.uniform(CFG, "int8", group_size=32, **kw)
+  return QuantPlan(formats, np.ones((3, 3, 32), np.float32), 32,
+                   kw.get("residual", 0), kw.get("sinks", 0))
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return LoadedModel.from_module(from_weights(CFG, tiny_weights(CFG),
+                                              jnp.float32))
+
+
+def layer_of(cache, l):
+  take = lambda t: jax.tree.map(lambda a: a[l], t)
+  return attention.LayerKV(take(cache.keys), take(cache.values),
+                           cache.positions[l], cache.scores[l])
+
+
+def write(layer, rng, positions, slot_ids):
+  batch, steps_ = positions.shape
+  k = jnp.asarray(rng.standard_normal((batch, steps_, 3, 32)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((batch, steps_, 3, 32)), jnp.float32)
+  slot_ids = jnp.broadcast_to(jnp.asarray(slot_ids)[:, None, :], (batch, 3, steps_))
+  return attention.write_slots(layer, k, v, jnp.asarray(positions), slot_ids), k, v
+
+
+@pytest.mark.parametrize("formats,residual,sinks", [
+    (None, 0, 0), (MIXED, 4, 2)])
+def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks):
+  rng = np.random.default_rng(0)
+  cache = init_cache(CFG, 2, 16, jnp.float32, quant=plan(formats, residual=residual, sinks=sinks))
+  layer = layer_of(cache, 1)
+  pos = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], np.int32)
+  layer, k, v = write(layer, rng, pos, np.where(pos >= 0, pos, 16))
+  keys = qpayload.dequantize(layer.keys, jnp.float32)
+  fmt_of = (formats or (("int8",) * 3,) * 3)[1]
+  for h in range(3):
+    want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
+    exact = (pos < sinks) | (pos > pos.max(1, keepdims=True) - residual)
+    want = jnp.where(jnp.asarray(exact)[..., None], k[:, :, h], want)
+    for b in range(2):
+      n = int((pos[b] >= 0).sum())
+      np.testing.assert_allclose(keys[b, h, :n], want[b, :n], rtol=1e-6, atol=1e-6)
+      assert np.all(np.asarray(keys[b, h, n:]) == 0)
+
+
+def test_reused_slot_holds_the_new_token_only():
+  """An evicted slot rewritten by a later token: codes, scales and exact
+  copies all describe the new token."""
+  rng = np.random.default_rng(1)
+  cache = init_cache(CFG, 1, 8, jnp.float32, quant=plan(MIXED, residual=2, sinks=1))
+  layer = layer_of(cache, 0)
+  layer, _, _ = write(layer, rng, np.arange(6, dtype=np.int32)[None],
+                      np.arange(6)[None])
+  # evict slot 0 (a sink, exact) and slot 5 (recent, exact), then reuse them
+  layer = layer._replace(positions=layer.positions.at[:, :, jnp.array([0, 5])].set(-1))
+  layer, k, _ = write(layer, rng, np.array([[6, 7]], np.int32), np.array([[5, 0]]))
+  keys = qpayload.dequantize(layer.keys, jnp.float32)
+  # token 7 (slot 0) and token 6 (slot 5) are the two latest: exact copies
+  np.testing.assert_allclose(keys[0, :, 5], k[0, 0], rtol=1e-6)
+  np.testing.assert_allclose(keys[0, :, 0], k[0, 1], rtol=1e-6)
+  mirrored = np.asarray(layer.keys.exact_slots[0])
+  for h in range(3):
+    assert sorted(mirrored[h][mirrored[h] >= 0]) == [0, 5]   # no stale copies
+  # without the exact copies the codes alone are the new tokens, quantized
+  packed = qpayload.dequantize(layer.keys, jnp.float32, exact=False)
+  for h, name in enumerate(MIXED[0]):
+    np.testing.assert_allclose(
+        packed[0, h, 0], schemes.fake_quant(k[0, 1, h], FORMATS[name], 32),
+        rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("formats,residual,sinks", [
+    (None, 0, 0), (MIXED, 3, 1)])
+def test_fused_decode_equals_dequantized_attention(formats, residual, sinks):
+  rng = np.random.default_rng(2)
+  cache = init_cache(CFG, 2, 24, jnp.float32, quant=plan(formats, residual=residual, sinks=sinks))
+  layer = layer_of(cache, 2)
+  pos = np.array([np.arange(10), np.r_[np.arange(7), [-1] * 3]], np.int32)
+  layer, _, _ = write(layer, rng, pos, np.where(pos >= 0, pos, 24))
+  layer = layer._replace(positions=layer.positions.at[0, :, 4].set(-1))  # evicted
+  q = jnp.asarray(rng.standard_normal((2, 1, 6, 32)), jnp.float32)
+  qpos = jnp.array([[9], [6]], jnp.int32)
+  weights = jnp.array([[1.0], [0.5]])
+  keys = qpayload.dequantize(layer.keys, jnp.float32)
+  values = qpayload.dequantize(layer.values, jnp.float32)
+  want = attention._attend_dense(q, keys, values, layer.positions, qpos, weights)
+  with interpret_mode():
+    got = jax.jit(attention.attend)(q, layer, qpos, weights)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got[1]).sum(-1), [[2, 2, 2], [1, 1, 1]],
+                             rtol=1e-5)
+
+
+def test_int8_model_decode_tracks_full_precision(lm):
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (12, 7)]
+  results = []
+  for quant in (None, plan(MIXED, residual=4), plan()):
+    cache = init_cache(CFG, 2, 24, jnp.float32, quant=quant)
+    last, cache = prefill(lm, cache, prompts, KeepAll(), chunk=5)
+    logits = [last]
+    for token in (5, 9):
+      _, step_logits, cache = steps.decode_step(
+          lm.graphdef, lm.params, cache, jnp.array([token, token]),
+          jnp.ones(2, bool), jax.random.key(0), policy=KeepAll(),
+          sampling=Sampling())
+      logits.append(step_logits)
+    results.append((np.stack(logits), cache))
+  dense, mixed, int8 = results
+  np.testing.assert_allclose(int8[0], dense[0], atol=0.05)
+  assert np.abs(mixed[0] - dense[0]).max() > np.abs(int8[0] - dense[0]).max()
+  np.testing.assert_array_equal(int8[1].positions, dense[1].positions)
+
+
+def test_bytes_count_codes_scales_and_exact_copies():
+  cache = init_cache(CFG, 2, 64, jnp.bfloat16, quant=plan(MIXED, residual=8, sinks=2))
+  L, B, K, S, Hd = 3, 2, 3, 64, 32
+  # per layer: two int4 rows and one int8 row, except layer 2 (int2 + 2x int4)
+  # -> parts int2 (1 row), int4 (2 rows), int8 (1 row)
+  codes = sum(rows * S * Hd * bits // 8 for bits, rows in ((2, 1), (4, 2), (8, 1)))
+  scales = 4 * S * 2 * 2 * (Hd // 32)             # 4 rows, scale + zero, f16
+  heads = 4 * 4                                   # int32 per row
+  exact = K * 10 * Hd * 2 + K * 10 * 4            # copies (bf16) + slot map
+  per_lb = 2 * (codes + scales + heads + exact)   # keys and values
+  per_lb += K * Hd * 4                            # key channel scales (f32)
+  assert cache.payload_nbytes == L * B * per_lb
+  dense = init_cache(CFG, 2, 64, jnp.bfloat16)
+  assert dense.payload_nbytes == 2 * L * B * K * S * Hd * 2
+
+
+def test_slot_helpers():
+  rng = np.random.default_rng(4)
+  cache = init_cache(CFG, 1, 16, jnp.float32, quant=plan(MIXED, residual=2))
+  layer = layer_of(cache, 0)
+  layer, _, _ = write(layer, rng, np.arange(8, dtype=np.int32)[None],
+                      np.arange(8)[None])
+  full = jax.tree.map(lambda a: a[None], layer.keys)          # L = 1
+  part = slots.slice_slots(full, 4, 8)
+  for leaf in jax.tree.leaves(part.parts):
+    assert leaf.shape[3] in (4, 1)
+  np.testing.assert_array_equal(
+      slots.dequantize_slots(full, 4, 8),
+      qpayload.dequantize(layer.keys, jnp.float32)[None, :, :, 4:8])
+  assert slots.payload_nbytes(part) < slots.payload_nbytes(full)
+  with pytest.raises(ValueError, match="outside the cache's 16 slots"):
+    slots.slice_slots(full, 10, 20)
+  dense = jnp.arange(2 * 1 * 3 * 16 * 2, dtype=jnp.float32).reshape(2, 1, 3, 16, 2)
+  np.testing.assert_array_equal(slots.dequantize_slots(dense, 3, 5),
+                                dense[:, :, :, 3:5])
