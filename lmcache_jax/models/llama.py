@@ -96,16 +96,27 @@ class Transformer(nnx.Module):
     inv_freq = inverse_frequencies(cfg)
     graphdef, layer_params = nnx.split(self.layers)
 
-    def body(x, per_layer):
-      params, layer_kv, layer_slots = per_layer
+    def body(carry, per_layer):
+      # The whole cache rides in the carry and each layer's slice is updated
+      # in place, so the forward pass holds one cache, not an input and an
+      # output copy.
+      x, stacked_kv = carry
+      params, layer_slots, index = per_layer
+      layer_kv = jax.tree.map(
+          lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+          stacked_kv)
       layer = nnx.merge(graphdef, params)
       x, layer_kv, mass = layer(x, layer_kv, step, layer_slots, inv_freq)
-      return x, (layer_kv, mass)
+      stacked_kv = jax.tree.map(
+          lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
+          stacked_kv, layer_kv)
+      return (x, stacked_kv), mass
 
     stacked_kv = attention.LayerKV(cache.keys, cache.values, cache.positions,
                                    cache.scores)
-    x, (new_kv, mass) = jax.lax.scan(body, x,
-                                     (layer_params, stacked_kv, step.slots))
+    layer_index = jnp.arange(cfg.num_layers)
+    (x, new_kv), mass = jax.lax.scan(
+        body, (x, stacked_kv), (layer_params, step.slots, layer_index))
     valid = step.positions >= 0
     new_lengths = jnp.maximum(cache.lengths,
                               jnp.max(jnp.where(valid, step.positions + 1, 0),
