@@ -116,21 +116,23 @@ def _contexts(records: list[dict]) -> str:
 
 
 def ppl_by_position(records: list[dict]) -> Figure | None:
-  """Perplexity along the stream, one panel per budget; budget-free cells
-  (``full``) are drawn in every panel as the reference."""
+  """Perplexity along the stream, one panel per budget. Full-precision cells
+  without a budget (``full``) are the reference, drawn in every panel;
+  budget-free quantized cells get a panel of their own."""
   curves = [r for r in records if r.get("ppl_by_position")]
   if not curves:
     return None
-  budgets = sorted({r["budget"] for r in curves if r.get("budget")}) or [0]
-  references = [r for r in curves if not r.get("budget")]
-  colors = _colors(sorted({label(r, budget=False) for r in curves
-                           if r not in references}))
+  references = [r for r in curves
+                if not r.get("budget") and r.get("kv_bits", 16) >= 16]
+  others = [r for r in curves if r not in references]
+  budgets = sorted({r.get("budget") or 0 for r in others}) or [0]
+  colors = _colors(sorted({label(r, budget=False) for r in others}))
   cols = min(len(budgets), 3)
   rows = -(-len(budgets) // cols)
   fig = Figure(figsize=(5.5 * cols, 4 * rows))
   for i, budget in enumerate(budgets):
     ax = fig.add_subplot(rows, cols, i + 1)
-    panel = [r for r in curves if r.get("budget") == budget] if budget else []
+    panel = [r for r in others if (r.get("budget") or 0) == budget]
     for r in references + panel:
       buckets = r["ppl_by_position"]
       xs = [(b["start"] + b["end"]) / 2 for b in buckets]
@@ -142,7 +144,7 @@ def ppl_by_position(records: list[dict]) -> Figure | None:
               linestyle="--" if reference else "-", label=name)
     ax.set_xlabel("token position in the stream")
     ax.set_ylabel("perplexity (per position bucket)")
-    ax.set_title(f"budget {budget:g} tokens" if budget else "no budget")
+    ax.set_title(f"budget {budget:g} tokens" if budget else "no eviction")
     ys_all = [b["ppl"] for r in references + panel for b in r["ppl_by_position"]]
     if ys_all and max(ys_all) > 5 * min(ys_all):
       ax.set_yscale("log")

@@ -79,3 +79,16 @@ def test_ttft_reads_seconds_or_milliseconds(tmp_path):
   np.testing.assert_allclose(widths, [250, 300, 900, 2000])
   written = plots.standard_plots(records, tmp_path)
   assert [p.name for p in written] == ["ttft_cold_warm.png"]
+
+
+def test_ppl_by_position_quantized_cells_are_not_the_reference():
+  curve = [{"start": 0, "end": 100, "ppl": 10.0}]
+  records = [record("full", 0.0, 10.0, 8, ppl_by_position=curve),
+             {**record("full", 0.0, 11.0, 2, ppl_by_position=curve),
+              "kv_bits": 4.0, "calibration": "uniform"}]
+  fig = plots.ppl_by_position(records)
+  assert [ax.get_title() for ax in fig.axes] == ["no eviction"]
+  lines = fig.axes[0].get_lines()
+  assert [line.get_linestyle() for line in lines] == ["--", "-"]
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+      "full", "full 4-bit uniform"]
