@@ -97,9 +97,8 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   ys = [r[metric] for r in points]
   if metric == "ppl" and max(ys) > 5 * min(ys):
     ax.set_yscale("log")
-  for axis in (ax.xaxis, ax.yaxis):  # plain numbers on log axes, not 10^k
-    axis.set_major_formatter(FormatStrFormatter("%g"))
-    axis.set_minor_formatter(FormatStrFormatter(""))
+  _plain_ticks(ax.xaxis)
+  _plain_ticks(ax.yaxis)
   ax.set_xlabel("KV cache payload (MiB, per sequence)")
   ax.set_ylabel("perplexity (lower is better)" if metric == "ppl"
                 else f"{metric} (higher is better)")
@@ -109,6 +108,12 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   return fig
+
+
+def _plain_ticks(axis) -> None:
+  """Plain numbers (30, 100) on a log axis instead of 3x10^1."""
+  axis.set_major_formatter(FormatStrFormatter("%g"))
+  axis.set_minor_formatter(FormatStrFormatter(""))
 
 
 def _contexts(records: list[dict]) -> str:
@@ -148,6 +153,7 @@ def ppl_by_position(records: list[dict]) -> Figure | None:
     ys_all = [b["ppl"] for r in references + panel for b in r["ppl_by_position"]]
     if ys_all and max(ys_all) > 5 * min(ys_all):
       ax.set_yscale("log")
+      _plain_ticks(ax.yaxis)
     ax.grid(True, alpha=0.3)
   legend = {}
   for ax in fig.axes:
