@@ -41,18 +41,19 @@ def _packed(rng, fmt, shape, group):
   return schemes.quantize(x, fmt, group)
 
 
-@pytest.mark.parametrize("name,batch,rows,heads,slots,head_dim,block,split", [
-    ("int4", 2, 3, 3, 75, 64, 16, 32),    # ragged S, G = 3 padded to 4
-    ("int4", 1, 2, 4, 40, 128, 16, 32),   # 16-channel chunks: dot path
-    ("int2", 1, 2, 4, 64, 32, 16, 64),
-    ("int3", 2, 1, 2, 40, 32, 16, 16),
-    ("int8", 1, 2, 1, 33, 64, 32, 32),
-])
+@pytest.mark.parametrize(
+    "name,batch,rows,heads,slots,head_dim,group,block,split", [
+        ("int4", 2, 3, 3, 75, 64, 32, 16, 32),    # ragged S, G = 3
+        ("int4", 1, 2, 4, 40, 128, 128, 16, 32),  # one group: scales folded
+        ("int2", 1, 2, 4, 64, 32, 32, 16, 64),
+        ("int3", 2, 1, 2, 40, 32, 32, 16, 16),    # two planes: chunk path
+        ("int3", 1, 1, 4, 20, 128, 64, 16, 32),   # two planes, Hd 128
+        ("int8", 1, 2, 1, 33, 64, 16, 32, 32),
+    ])
 def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
-                                            head_dim, block, split):
+                                            head_dim, group, block, split):
   fmt = FORMATS[name]
   rng = np.random.default_rng(slots)
-  group = 32
   kq = _packed(rng, fmt, (batch, rows, slots, head_dim), group)
   vq = _packed(rng, fmt, (batch, rows, slots, head_dim), group)
   q = jnp.asarray(rng.standard_normal((batch, rows, heads, head_dim)),

@@ -43,7 +43,7 @@ BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
 FMT, GROUP_SIZE = FORMATS["int4"], 128
 if "--runlocal" in sys.argv:   # a seconds-long smoke run of the script's logic
   BATCH, KV_HEADS, CONTEXT = 2, 2, 1024
-BLOCKS = ((32, 2, 1024), (64, 2, 1024), (32, 1, 512), (64, 1, 1024))
+BLOCKS = ((64, 4, 1024), (128, 4, 1024), (64, 2, 1024), (128, 8, 2048), (256, 8, 2048))
 
 
 def copy_bandwidth() -> float:

@@ -50,6 +50,35 @@ def _pv(p, codes, dtype):
   return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
 
 
+def _tile(words_ref, rows, fmt: Format, head_dim: int):
+  """int32 codes [bs, Hd] of a one-plane format in one shift: the planar
+  layout puts channel i*W + j in word j at bits p*i, so shifting the word
+  block by every p*i and flattening (i, j) restores channel order."""
+  (p,) = fmt.planes
+  words = words_ref[rows, :]                                    # [bs, W]
+  shifts = p * jax.lax.broadcasted_iota(jnp.uint32, (32 // p, 1, 1), 0)
+  codes = (words[None, :, :] >> shifts) & ((1 << p) - 1)        # [n, bs, W]
+  return jnp.transpose(codes, (1, 0, 2)).reshape(
+      words.shape[0], head_dim).astype(jnp.int32)
+
+
+def _dense_tile(words_ref, scale_ref, zero_ref, rows, fmt, head_dim, dtype):
+  """Dequantized [bs, Hd] in ``dtype`` (groups narrower than the head)."""
+  codes = _tile(words_ref, rows, fmt, head_dim).astype(jnp.float32)
+  groups = scale_ref.shape[-1]
+  expand = lambda a: jnp.broadcast_to(
+      a.astype(jnp.float32)[:, :, None],
+      (a.shape[0], groups, head_dim // groups)).reshape(a.shape[0], head_dim)
+  return (codes * expand(scale_ref[rows, :])
+          + expand(zero_ref[rows, :])).astype(dtype)
+
+
+def _dot(a, b, contract, dtype):
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype),
+                             (contract, ((), ())), precision=_precision(dtype),
+                             preferred_element_type=jnp.float32)
+
+
 def _precision(dtype):
   return (jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32
           else jax.lax.Precision.DEFAULT)
@@ -68,20 +97,31 @@ def _kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref,
   per_group = group_size // width
   groups = head_dim // group_size
   q_pos = jnp.max(qpos_ref[...])
-  qc = [q_ref[:, pl.ds(c * width, width)] for c in range(head_dim // width)]
-  # Keys dequantize as code * scale + zero per (slot, group): fold both out of
-  # the dot, q·k = scale * (q·code) + zero * sum(q over the group).
-  qsum = [sum(jnp.sum(qc[c].astype(jnp.float32), axis=1)
-              for c in range(gi * per_group, (gi + 1) * per_group))
-          for gi in range(groups)]
+  tiled = len(fmt.planes) == 1 and heads >= 16
+  if tiled:
+    q_all = q_ref[...]
+    q_sum = jnp.sum(q_all.astype(jnp.float32), axis=1)[:, None]
+  else:
+    qc = [q_ref[:, pl.ds(c * width, width)] for c in range(head_dim // width)]
+    # Keys dequantize as code * scale + zero per (slot, group): fold both out
+    # of the dot, q·k = scale * (q·code) + zero * sum(q over the group).
+    qsum = [sum(jnp.sum(qc[c].astype(jnp.float32), axis=1)
+                for c in range(gi * per_group, (gi + 1) * per_group))
+            for gi in range(groups)]
   row = jax.lax.broadcasted_iota(jnp.int32, (heads, block_s), 0)
 
-  def body(i, carry):
-    m, l, accs = carry
-    start = pl.multiple_of(i * block_s, block_s)
-    rows = pl.ds(start, block_s)
-    pos = pos_ref[rows]
-    visible = ((pos >= 0) & (pos <= q_pos))[None, :]
+
+  def scores(rows):
+    """[G, bs] q·k of the block's slots (before the 1/sqrt(Hd) scale)."""
+    if tiled and groups == 1:
+      # one scale and zero per slot: fold them out of the product
+      dots = _dot(q_all, _tile(kw_ref, rows, fmt, head_dim), ((1,), (1,)),
+                  dtype)
+      return (dots * ks_ref[rows, 0].astype(jnp.float32)[None, :]
+              + q_sum * kz_ref[rows, 0].astype(jnp.float32)[None, :])
+    if tiled:
+      keys = _dense_tile(kw_ref, ks_ref, kz_ref, rows, fmt, head_dim, dtype)
+      return _dot(q_all, keys, ((1,), (1,)), dtype)
     keys = ChunkReader(kw_ref, fmt, head_dim, rows)
     logits = None
     for gi in range(groups):
@@ -93,7 +133,37 @@ def _kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref,
       zero = kz_ref[rows, gi].astype(jnp.float32)[None, :]
       part = dots * scale + qsum[gi][:, None] * zero
       logits = part if logits is None else logits + part
-    logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
+    return logits
+
+  def weighted_values(p, rows, accs):
+    """accs * 1 + p @ values of the block, per chunk (or one whole tile)."""
+    if tiled and groups == 1:
+      scale = vs_ref[rows, 0].astype(jnp.float32)[None, :]
+      zero = vz_ref[rows, 0].astype(jnp.float32)[None, :]
+      return (accs[0] + _dot(p * scale, _tile(vw_ref, rows, fmt, head_dim),
+                             ((1,), (0,)), dtype)
+              + jnp.sum(p * zero, axis=1)[:, None],)
+    if tiled:
+      values = _dense_tile(vw_ref, vs_ref, vz_ref, rows, fmt, head_dim, dtype)
+      return (accs[0] + _dot(p, values, ((1,), (0,)), dtype),)
+    values = ChunkReader(vw_ref, fmt, head_dim, rows)
+    new = []
+    for gi in range(groups):
+      scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
+      zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
+      p_scaled = p * scale
+      p_zero = jnp.sum(p * zero, axis=1)[:, None]
+      for c in range(gi * per_group, (gi + 1) * per_group):
+        new.append(accs[c] + _pv(p_scaled, values.codes(c), dtype) + p_zero)
+    return tuple(new)
+
+  def body(i, carry):
+    m, l, accs = carry
+    start = pl.multiple_of(i * block_s, block_s)
+    rows = pl.ds(start, block_s)
+    pos = pos_ref[rows]
+    visible = ((pos >= 0) & (pos <= q_pos))[None, :]
+    logits = jnp.where(visible, scores(rows) * (head_dim ** -0.5), MASKED)
     if rows_out == heads:
       logits_ref[:, rows] = logits
     else:
@@ -104,26 +174,22 @@ def _kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref,
     alpha = jnp.exp(m - m_new)
     p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
     l = l * alpha + jnp.sum(p, axis=1)
-    values = ChunkReader(vw_ref, fmt, head_dim, rows)
-    new = []
-    for gi in range(groups):
-      scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
-      zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
-      p_scaled = p * scale
-      p_zero = jnp.sum(p * zero, axis=1)[:, None]
-      for c in range(gi * per_group, (gi + 1) * per_group):
-        new.append(accs[c] * alpha[:, None]
-                   + _pv(p_scaled, values.codes(c), dtype) + p_zero)
-    return m_new, l, tuple(new)
+    accs = tuple(a * alpha[:, None] for a in accs)
+    return m_new, l, weighted_values(p, rows, accs)
 
   init = (jnp.full((heads,), MASKED, jnp.float32),
           jnp.zeros((heads,), jnp.float32),
-          tuple(jnp.zeros((heads, width), jnp.float32) for _ in qc))
+          (jnp.zeros((heads, head_dim), jnp.float32),) if tiled else
+          tuple(jnp.zeros((heads, width), jnp.float32)
+                for _ in range(head_dim // width)))
   m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
   m_ref[...] = m
   l_ref[...] = l
-  for c, acc in enumerate(accs):
-    acc_ref[:, pl.ds(c * width, width)] = acc
+  if tiled:
+    acc_ref[...] = accs[0]
+  else:
+    for c, acc in enumerate(accs):
+      acc_ref[:, pl.ds(c * width, width)] = acc
 
 
 def _build(batch: int, rows: int, heads: int, rows_out: int, slots: int,
@@ -240,9 +306,10 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   block = min(floor_pow2(block_s), next_pow2(slots))
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
   padded = -(-slots // split) * split
-  # Query heads padded to 16 rows feed tensor-core dots (when the format's
-  # chunks are 16 channels wide); only the real rows' logits are written.
-  wide = fmt.chunk(head_dim) >= 16
+  # Query heads padded to 16 rows feed tensor-core dots (one-plane formats
+  # unpack whole [block, Hd] tiles; others need 16-channel chunks); only the
+  # real rows' logits are written.
+  wide = len(fmt.planes) == 1 or fmt.chunk(head_dim) >= 16
   g_pad = max(16, next_pow2(heads)) if wide else next_pow2(heads)
   rows_out = next_pow2(heads)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, g_pad - heads), (0, 0)))
