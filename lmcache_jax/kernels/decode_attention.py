@@ -273,7 +273,7 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      v_scale, v_zero, *, fmt: Format, group_size: int,
                      block_s: int = 64, split_s: int = 1024,
-                     num_warps: int = 2, interpret: bool | None = None):
+                     num_warps: int = 4, interpret: bool | None = None):
   """Attention of one query per sequence over packed keys and values.
 
   Args:
