@@ -29,10 +29,16 @@ METRICS = ("ppl", "accuracy", "kv_bytes", "kv_mib", "ttft_cold_s",
 _LAST = ("code_version",)
 
 
+def _content(cell: dict) -> dict:
+  """The cell's config as JSON would return it, without fields that do not
+  change its result."""
+  content = {k: v for k, v in cell.items() if k not in _NOT_IN_KEY}
+  return json.loads(json.dumps(content, default=str))
+
+
 def cell_key(cell: dict) -> str:
   """A short hash that names a cell's resolved config."""
-  content = {k: v for k, v in cell.items() if k not in _NOT_IN_KEY}
-  text = json.dumps(content, sort_keys=True, default=str)
+  text = json.dumps(_content(cell), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -64,7 +70,8 @@ def load_cell(cells_dir: pathlib.Path, cell: dict) -> dict | None:
   except (OSError, ValueError):
     return None
   if (not isinstance(saved, dict) or saved.get("key") != cell_key(cell)
-      or saved.get("cell") != json.loads(json.dumps(cell, default=str))
+      or not isinstance(saved.get("cell"), dict)
+      or _content(saved["cell"]) != _content(cell)
       or not isinstance(saved.get("results"), dict)):
     return None
   return saved["results"]

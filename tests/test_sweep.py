@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -176,6 +177,12 @@ def test_report_only_runs_nothing(tmp_path, byte_lm, monkeypatch):
   config.sweep.policies = ("full", "sliding_window")
   report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
   assert report.ran == 0 and len(report.records) == 1 and not report.stale
+  # A sweep directory moved elsewhere keeps its finished cells.
+  moved = tmp_path / "moved"
+  shutil.copytree(tmp_path / "sweep" / "cells", moved / "cells")
+  config.output_dir = str(moved)
+  report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
+  assert len(report.records) == 1
   # Another task's settings do not change a perplexity cell...
   config.generate.max_new_tokens += 1
   report = sweep.run_sweep(config, byte_lm, progress=False, report_only=True)
