@@ -5,7 +5,9 @@ A record is one cell's results with its grid coordinates (``task``,
 these result keys, and skip themselves when no record has them:
 
 - ``kv_bytes`` with ``ppl`` or ``accuracy``: quality vs cache memory, with the
-  Pareto front across policies;
+  Pareto front across policies (with ``live_slots_max`` and
+  ``cache_capacity``, the bytes of the slots kept, e.g. after compressing a
+  prompt, rather than of the slots allocated);
 - ``ppl_by_position``: ``[{"start", "end", "ppl"}]``, perplexity along the
   stream (StreamingLLM's figure);
 - ``samples`` (or ``by_depth``): ``[{"depth", "correct" or "accuracy",
@@ -28,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator
 
 _MARKERS = "osD^v<>ph*"
 
@@ -63,6 +65,18 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool
   return front
 
 
+def _compressed(record: dict) -> bool:
+  return bool(record.get("live_slots_max") and record.get("cache_capacity"))
+
+
+def _kept_mib(record: dict) -> float:
+  """KV payload in MiB: of the live slots when the record says how many."""
+  mib = record["kv_bytes"] / 2**20
+  if _compressed(record):
+    mib *= record["live_slots_max"] / record["cache_capacity"]
+  return mib
+
+
 def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   """``metric`` (ppl or accuracy) vs KV bytes, a series per policy, with the
   Pareto front across all of them."""
@@ -79,7 +93,7 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
   ax = fig.add_subplot()
   for policy in policies:
     for i, b in enumerate(bits):
-      series = sorted((r["kv_bytes"] / 2**20, r[metric]) for r in points
+      series = sorted((_kept_mib(r), r[metric]) for r in points
                       if r["policy"] == policy and r.get("kv_bits", 16) == b)
       if not series:
         continue
@@ -87,11 +101,11 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
       name = policy if len(bits) == 1 else f"{policy}, {b:g}-bit"
       ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=colors[policy],
               linestyle="-" if len(series) > 1 else "none", label=name)
-  front = pareto_front([(r["kv_bytes"] / 2**20, r[metric]) for r in points], higher)
+  front = pareto_front([(_kept_mib(r), r[metric]) for r in points], higher)
   fx, fy = zip(*front)
   ax.step(fx, fy, where="post", color="black", linestyle="--", linewidth=1,
           alpha=0.6, label="Pareto front")
-  xs = [r["kv_bytes"] for r in points]
+  xs = [_kept_mib(r) for r in points]
   if max(xs) > 8 * min(xs):
     ax.set_xscale("log")
   ys = [r[metric] for r in points]
@@ -99,7 +113,8 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
     ax.set_yscale("log")
   _plain_ticks(ax.xaxis)
   _plain_ticks(ax.yaxis)
-  ax.set_xlabel("KV cache payload (MiB, per sequence)")
+  ax.set_xlabel("KV cache payload kept (MiB)" if any(_compressed(r) for r in points)
+                else "KV cache payload (MiB)")
   ax.set_ylabel("perplexity (lower is better)" if metric == "ppl"
                 else f"{metric} (higher is better)")
   ax.set_title(f"{'Perplexity' if metric == 'ppl' else metric.capitalize()} vs "
@@ -111,7 +126,8 @@ def quality_vs_memory(records: list[dict], metric: str) -> Figure | None:
 
 
 def _plain_ticks(axis) -> None:
-  """Plain numbers (30, 100) on a log axis instead of 3x10^1."""
+  """Plain numbers (20, 50, 100) on a log axis instead of 3x10^1."""
+  axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
   axis.set_major_formatter(FormatStrFormatter("%g"))
   axis.set_minor_formatter(FormatStrFormatter(""))
 
@@ -181,8 +197,8 @@ def _depth_records(record: dict) -> list[tuple[float, int, float]]:
 
 
 def accuracy_heatmap(records: list[dict]) -> Figure | None:
-  """Accuracy by needle depth (rows) and context length (columns), a panel per
-  cell (task, policy, budget, bits)."""
+  """Accuracy of each cell (rows: task, policy, budget, bits) at each context
+  length and needle depth (columns), in one matrix."""
   groups: dict[str, list] = collections.defaultdict(list)
   for r in records:
     triples = _depth_records(r)
@@ -190,33 +206,29 @@ def accuracy_heatmap(records: list[dict]) -> Figure | None:
       groups[f"{r['task']}: {label(r)}"].extend(triples)
   if not groups:
     return None
-  depths = sorted({d for t in groups.values() for d, _, _ in t})
-  lengths = sorted({n for t in groups.values() for _, n, _ in t})
-  cols = min(len(groups), 4)
-  rows = -(-len(groups) // cols)
-  fig = Figure(figsize=(1.2 + max(2.5, 0.9 * len(lengths)) * cols,
-                        1.0 + max(2.5, 0.45 * len(depths)) * rows))
-  image = None
-  for i, (name, triples) in enumerate(sorted(groups.items())):
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    sums = collections.defaultdict(list)
-    for d, n, a in triples:
-      sums[(d, n)].append(a)
-    for (d, n), values in sums.items():
-      grid[depths.index(d), lengths.index(n)] = np.mean(values)
-    ax = fig.add_subplot(rows, cols, i + 1)
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto",
-                      origin="upper")
+  columns = sorted({(n, d) for t in groups.values() for d, n, _ in t})
+  names = sorted(groups, key=lambda g: (g.split(": ")[0], " full" not in g, g))
+  grid = np.full((len(names), len(columns)), np.nan)
+  for i, name in enumerate(names):
+    hits = collections.defaultdict(list)
+    for d, n, a in groups[name]:
+      hits[(n, d)].append(a)
+    for (n, d), values in hits.items():
+      grid[i, columns.index((n, d))] = np.mean(values)
+  fig = Figure(figsize=(3.5 + 0.7 * len(columns), 1.5 + 0.3 * len(names)))
+  ax = fig.add_subplot()
+  image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  if grid.size <= 400:
     for (y, x), value in np.ndenumerate(grid):
       if not np.isnan(value):
         ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (% of context)")
-    ax.set_title(name, fontsize=9)
-  fig.colorbar(image, ax=fig.axes, label="retrieval accuracy (0-1)", shrink=0.8)
-  fig.suptitle("Retrieval accuracy by needle depth and context length")
+  ax.set_xticks(range(len(columns)), [f"{d:.0%}\n{n}" for n, d in columns],
+                fontsize=8)
+  ax.set_yticks(range(len(names)), names, fontsize=8)
+  ax.set_xlabel("needle depth (% of context) / context length (tokens)")
+  ax.set_title("Retrieval accuracy by needle depth and context length")
+  fig.colorbar(image, ax=ax, label="retrieval accuracy (0-1)")
+  fig.tight_layout()
   return fig
 
 

@@ -27,7 +27,7 @@ def test_quality_vs_memory_has_series_per_policy_and_front():
              record("attention_sink", 128.0, 24.0, 1 << 20)]
   fig = plots.quality_vs_memory(records, "ppl")
   ax = fig.axes[0]
-  assert "MiB" in ax.get_xlabel() and "perplexity" in ax.get_ylabel()
+  assert ax.get_xlabel() == "KV cache payload (MiB)" and "perplexity" in ax.get_ylabel()
   legend = [t.get_text() for t in ax.get_legend().get_texts()]
   assert legend == ["full", "attention_sink", "h2o", "Pareto front"]
   front = ax.get_lines()[-1]
@@ -57,12 +57,16 @@ def test_heatmap_averages_by_depth_and_length():
             "kv_bytes": 1,
             "samples": [{"depth": d, "correct": h} for d, h in zip((0.0, 0.5, 0.5), hits)]}
   records = [retrieval("snapkv", 1024, [1, 1, 0]), retrieval("snapkv", 2048, [0, 1, 1])]
+  records.append({**retrieval("full", 1024, [1, 1, 1]), "budget": 0.0})
   fig = plots.accuracy_heatmap(records)
   ax = fig.axes[0]
   grid = ax.get_images()[0].get_array()
-  np.testing.assert_allclose(grid, [[1.0, 0.0], [0.5, 1.0]])
-  assert ax.get_xlabel() == "context length (tokens)"
-  assert "depth" in ax.get_ylabel()
+  # Columns (length, depth): (1024, 0%), (1024, 50%), (2048, 0%), (2048, 50%).
+  np.testing.assert_allclose(grid.filled(np.nan), [[1, 1, np.nan, np.nan],
+                                                   [1, 0.5, 0, 1]])
+  assert [t.get_text() for t in ax.get_yticklabels()] == [
+      "passkey: full", "passkey: snapkv@256"]
+  assert "depth" in ax.get_xlabel() and "length" in ax.get_xlabel()
   assert plots.accuracy_heatmap([record("full", 0.0, 1.0, 1)]) is None
 
 
