@@ -34,7 +34,8 @@ class CachePolicy(Protocol):
 
   def update(self, cache: KVCache, mass: jax.Array, step: Step) -> KVCache:
     """The cache after a forward pass; ``mass`` [L, B, K, S] is the attention
-    each slot received from the step's weighted queries."""
+    each slot received from the step's weighted queries (None for a policy
+    whose class sets ``uses_attention_mass = False``)."""
 
   def bind(self, cfg: ModelConfig) -> "CachePolicy":
     """This policy specialised to a model (idempotent)."""
@@ -50,6 +51,7 @@ class CachePolicy(Protocol):
 class KeepAll:
   """Keeps every token: slot = position, nothing is ever evicted."""
   name: ClassVar[str] = "full"
+  uses_attention_mass: ClassVar[bool] = False
 
   def cache_capacity(self, context: int, chunk: int) -> int:
     del chunk

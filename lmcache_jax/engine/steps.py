@@ -19,6 +19,11 @@ from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.engine.sampling import Sampling, sample
 
 
+def uses_mass(policy: CachePolicy) -> bool:
+  """Whether the policy scores with attention mass (else attention skips it)."""
+  return getattr(policy, "uses_attention_mass", True)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "logits_for"),
                    donate_argnames=("cache",))
 def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
@@ -31,7 +36,8 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
   """
   model = nnx.merge(graphdef, params)
   step = policy.plan(cache, num_new, tokens.shape[1])
-  logits, cache, mass = model(tokens, cache, step, logits_for=logits_for)
+  logits, cache, mass = model(tokens, cache, step, logits_for=logits_for,
+                              with_mass=uses_mass(policy))
   return logits, policy.update(cache, mass, step)
 
 
@@ -53,7 +59,8 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
   model = nnx.merge(graphdef, params)
   num_new = active.astype(jnp.int32)
   step = policy.plan(cache, num_new, 1)
-  logits, cache, mass = model(tokens[:, None], cache, step, logits_for="last")
+  logits, cache, mass = model(tokens[:, None], cache, step, logits_for="last",
+                              with_mass=uses_mass(policy))
   cache = policy.update(cache, mass, step)
   return sample(logits, key, sampling), logits, cache
 

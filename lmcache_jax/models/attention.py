@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from lmcache_jax.kernels.decode_attention import decode_attention
+from lmcache_jax.models.blocked_attention import block_size_for, blocked_attend
 from lmcache_jax.quant import payload as qpayload
 
 _MASKED = -1e30
+# Steps with fewer queries (decode) attend densely: their logits are small.
+_MIN_BLOCKED_QUERIES = 16
 
 
 class LayerKV(NamedTuple):
@@ -73,7 +76,8 @@ def write_slots(layer: LayerKV, k: jax.Array, v: jax.Array,
 
 
 def attend(q: jax.Array, layer: LayerKV, query_positions: jax.Array,
-           query_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+           query_weights: jax.Array, with_mass: bool = True
+           ) -> tuple[jax.Array, jax.Array | None]:
   """Causal attention of q [B, T, N, Hd] over the cache's slots.
 
   Args:
@@ -81,20 +85,37 @@ def attend(q: jax.Array, layer: LayerKV, query_positions: jax.Array,
     layer: the cache after this step's keys were written.
     query_positions: [B, T] original positions; -1 marks padding.
     query_weights: [B, T] weight of each query in the returned slot mass.
+    with_mass: compute the slot mass (policies that score by attention need
+      it; skipping it saves a second pass over the keys).
 
   Returns:
     out [B, T, N, Hd] in q's dtype (zeros for padding queries), and
     mass [B, K, S] float32: attention each slot received, summed over the
-    group's heads and weighted queries.
+    group's heads and weighted queries (None without ``with_mass``).
   """
   if not is_quantized(layer):
-    return _attend_dense(q, layer.keys, layer.values, layer.positions,
-                         query_positions, query_weights)
-  if q.shape[1] == 1:
-    return _attend_packed_decode(q, layer, query_positions, query_weights)
-  keys = qpayload.dequantize(layer.keys, q.dtype)
-  values = qpayload.dequantize(layer.values, q.dtype)
-  return _attend_dense(q, keys, values, layer.positions, query_positions,
+    out, mass = _attend_any(q, layer.keys, layer.values, layer.positions,
+                            query_positions, query_weights, with_mass)
+  elif q.shape[1] == 1:
+    out, mass = _attend_packed_decode(q, layer, query_positions, query_weights)
+  else:
+    keys = qpayload.dequantize(layer.keys, q.dtype)
+    values = qpayload.dequantize(layer.values, q.dtype)
+    out, mass = _attend_any(q, keys, values, layer.positions, query_positions,
+                            query_weights, with_mass)
+  return out, (mass if with_mass else None)
+
+
+def _attend_any(q, keys, values, positions, query_positions, query_weights,
+                with_mass):
+  """Blocked attention for multi-token steps over large caches (bounded
+  memory, causal block skipping); dense otherwise (decode, small caches)."""
+  block = block_size_for(keys.shape[2])
+  if q.shape[1] >= _MIN_BLOCKED_QUERIES and block is not None:
+    return blocked_attend(q, keys, values, positions, query_positions,
+                          query_weights, block=block, with_mass=with_mass,
+                          precision=matmul_precision(q.dtype))
+  return _attend_dense(q, keys, values, positions, query_positions,
                        query_weights)
 
 

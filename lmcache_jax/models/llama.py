@@ -38,7 +38,8 @@ class Layers(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, layer_kv: attention.LayerKV, step: Step,
-               layer_slots: jax.Array, inv_freq: np.ndarray):
+               layer_slots: jax.Array, inv_freq: np.ndarray,
+               with_mass: bool = True):
     """One layer (parameters already sliced by the scan)."""
     cfg = self.cfg
     batch, steps, _ = x.shape
@@ -58,7 +59,7 @@ class Layers(nnx.Module):
     layer_kv = attention.write_slots(layer_kv, k, v, step.positions,
                                      layer_slots)
     attn, mass = attention.attend(q, layer_kv, step.positions,
-                                  step.query_weights)
+                                  step.query_weights, with_mass)
     x = x + jnp.matmul(attn.reshape(batch, steps, -1), self.o[...],
                        precision=precision)
     h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
@@ -81,15 +82,17 @@ class Transformer(nnx.Module):
     self.layers = Layers(cfg, dtype)
 
   def __call__(self, tokens: jax.Array, cache: KVCache, step: Step,
-               logits_for: str = "all"):
+               logits_for: str = "all", with_mass: bool = True):
     """Runs ``tokens`` [B, T] through the model, writing their KV into ``cache``.
 
     Args:
       logits_for: "all" → logits [B, T, V]; "last" → [B, V] for each
         sequence's last non-padding token; "none" → no logits.
+      with_mass: also return the attention mass each slot received.
 
     Returns:
-      (logits, cache with the new keys/values, attention mass [L, B, K, S]).
+      (logits, cache with the new keys/values, attention mass [L, B, K, S]
+      or None).
     """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0)
@@ -106,7 +109,8 @@ class Transformer(nnx.Module):
           lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
           stacked_kv)
       layer = nnx.merge(graphdef, params)
-      x, layer_kv, mass = layer(x, layer_kv, step, layer_slots, inv_freq)
+      x, layer_kv, mass = layer(x, layer_kv, step, layer_slots, inv_freq,
+                                with_mass)
       stacked_kv = jax.tree.map(
           lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
           stacked_kv, layer_kv)
