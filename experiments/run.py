@@ -91,7 +91,7 @@ def code_version() -> str:
 def listing(config) -> str | None:
   """Text for the 'list' values of --task, --policy and --model, if asked."""
   if config.task == "list":
-    return TASKS.describe()
+    return TASKS.describe(with_parameters=False)
   if config.policy.name == "list":
     return EVICTION.describe()
   if config.model == "list":

@@ -75,13 +75,15 @@ class Registry:
                        f"{', '.join(unknown)}; valid: {', '.join(valid) or 'none'}")
     return self.get(name)(**kwargs)
 
-  def describe(self) -> str:
-    """One block per policy: name, first docstring line, parameters and defaults."""
+  def describe(self, with_parameters: bool = True) -> str:
+    """One block per entry: name, first docstring line, parameters and defaults."""
     lines = []
     for name in self.names():
       factory = self._factories[name]
       doc = (inspect.getdoc(factory) or "").splitlines()
       lines.append(f"{name}: {doc[0] if doc else ''}")
+      if not with_parameters:
+        continue
       for param, default in self.parameters(name).items():
         shown = "required" if default is inspect.Parameter.empty else repr(default)
         lines.append(f"    {param} = {shown}")
