@@ -150,3 +150,34 @@ def test_sliding_window_is_not_contiguous_positions():
                           jnp.array([len(seen)]), policy=KeepAll(),
                           logits_for="last")
   assert not np.allclose(logits, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("steps", [1, 20])
+def test_heads_that_keep_different_tokens_attend_only_to_their_own(steps):
+  """Per-head policies leave each kv head its own set of live slots; a query
+  group must see exactly its head's set (checked against uniform masks)."""
+  from lmcache_jax.models import attention
+  rng = np.random.default_rng(5)
+  batch, heads, group, slots, dim = 1, 2, 3, 40, 8
+  keys = jnp.asarray(rng.standard_normal((batch, heads, slots, dim)), jnp.float32)
+  values = jnp.asarray(rng.standard_normal((batch, heads, slots, dim)), jnp.float32)
+  base = np.tile(rng.permutation(slots)[None, None], (batch, heads, 1))
+  drop = [rng.choice(slots, 15, replace=False) for _ in range(heads)]
+  per_head = base.copy()
+  for h in range(heads):
+    per_head[:, h, np.isin(base[0, h], drop[h])] = -1
+  q = jnp.asarray(rng.standard_normal((batch, steps, heads * group, dim)),
+                  jnp.float32)
+  q_pos = jnp.asarray(slots - steps + np.arange(steps))[None]
+  weights = jnp.ones((batch, steps))
+  layer = lambda pos: attention.LayerKV(keys, values, jnp.asarray(pos, jnp.int32),
+                                        jnp.zeros((batch, heads, slots)))
+  out, mass = attention.attend(q, layer(per_head), q_pos, weights)
+  for h in range(heads):
+    uniform = np.where(np.isin(base, drop[h]), -1, base)
+    want, want_mass = attention.attend(q, layer(uniform), q_pos, weights)
+    group_slice = slice(h * group, (h + 1) * group)
+    np.testing.assert_allclose(out[:, :, group_slice], want[:, :, group_slice],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mass[:, h], want_mass[:, h], rtol=1e-5,
+                               atol=1e-6)

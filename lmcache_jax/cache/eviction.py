@@ -57,6 +57,7 @@ class EvictionPolicy:
   # Plain class attributes, not fields: a subclass that declares one as a
   # field makes it a parameter, placed after ``budget``.
   observe = "all"
+  uses_attention_mass = True   # False: attention skips computing ``mass``
   sinks = 0
   window = 0
   reposition = False
@@ -94,7 +95,7 @@ class EvictionPolicy:
 
     ``cache`` holds this step's keys (their slots' old score reset to 0);
     ``mass`` [L, B, K, S] is the attention each slot received from the
-    queries ``observe`` selects.
+    queries ``observe`` selects (None if ``uses_attention_mass`` is False).
     """
     raise NotImplementedError(f"{type(self).__name__} must define score()")
 

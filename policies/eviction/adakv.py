@@ -49,7 +49,8 @@ class AdaKV(EvictionPolicy):
     object.__setattr__(self, "_scorer", scorer)
     # What is observed and protected is the inner scorer's (instance
     # attributes shadow the base's class-level defaults).
-    for attr in ("observe", "sinks", "window", "reposition"):
+    for attr in ("observe", "uses_attention_mass", "sinks", "window",
+                 "reposition"):
       object.__setattr__(self, attr, getattr(scorer, attr))
     super().__post_init__()
     if not 0.0 <= self.alpha <= 1.0:

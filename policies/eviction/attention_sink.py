@@ -26,6 +26,7 @@ from policies.registry import EVICTION
 class AttentionSink(EvictionPolicy):
   """StreamingLLM: ``sinks`` first tokens + the most recent, positions re-assigned."""
   name = "attention_sink"
+  uses_attention_mass = False
   sinks: int = 4
   reposition: bool = True
 

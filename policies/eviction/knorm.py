@@ -24,6 +24,7 @@ from policies.registry import EVICTION
 class KNorm(EvictionPolicy):
   """Keeps the keys with the lowest L2 norm (no attention needed)."""
   name = "knorm"
+  uses_attention_mass = False
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step

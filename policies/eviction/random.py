@@ -34,6 +34,7 @@ def uniform_hash(seed: int, *fields: jax.Array) -> jax.Array:
 class Random(EvictionPolicy):
   """Evicts random tokens (reproducible from ``seed``)."""
   name = "random"
+  uses_attention_mass = False
   seed: int = 0
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:

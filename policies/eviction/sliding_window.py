@@ -23,6 +23,7 @@ from policies.registry import EVICTION
 class SlidingWindow(EvictionPolicy):
   """Keeps the newest ``budget`` tokens (a pure recency window)."""
   name = "sliding_window"
+  uses_attention_mass = False
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step
