@@ -181,3 +181,30 @@ def test_heads_that_keep_different_tokens_attend_only_to_their_own(steps):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mass[:, h], want_mass[:, h], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_attention_sink_in_a_quantized_cache_rotates_the_exact_sinks():
+  """Sinks kept exact by the quant plan are re-rotated there; the decode then
+  tracks the float cache's up to int8 noise. Without exact sinks: an error."""
+  from lmcache_jax.quant.plan import QuantPlan
+  cfg = tiny_config(num_layers=1, head_dim=32, num_heads=4)
+  lm = load(cfg)
+  policy = EVICTION.make("attention_sink", budget=7).bind(cfg)
+  tokens = list(np.random.default_rng(6).integers(2, 97, 24))
+
+  def decode_all(quant):
+    cache = init_cache(cfg, 1, policy.cache_capacity(len(tokens), 1),
+                       jnp.float32, **({} if quant is None else {"quant": quant}))
+    out = []
+    for token in tokens:
+      logits, cache = steps.forward(lm.graphdef, lm.params, cache,
+                                    jnp.array([[token]]), jnp.array([1]),
+                                    policy=policy, logits_for="last")
+      out.append(np.asarray(logits))
+    return np.stack(out)
+
+  exact = decode_all(None)
+  quantized = decode_all(QuantPlan.uniform(cfg, "int8", group_size=32, sinks=4))
+  np.testing.assert_allclose(quantized, exact, atol=0.05)
+  with pytest.raises(ValueError, match="sinks exact"):
+    decode_all(QuantPlan.uniform(cfg, "int8", group_size=32, sinks=0))

@@ -61,6 +61,7 @@ class EvictionPolicy:
   sinks = 0
   window = 0
   reposition = False
+  only_sinks_move = False      # True: eviction never shifts a non-sink key
 
   budget: int
   # Set by ``bind`` / ``deferring``, not by users (not parameters).
@@ -173,12 +174,27 @@ class EvictionPolicy:
             f"frequencies: use policy.bind(cfg) (engine.prefill, engine.decode "
             f"and experiments.run bind it for you)")
       shift = pos_lib.newer_evicted(cache.positions, evicted)
-      keys = pos_lib.shift_keys(keys, shift, np.asarray(self._inv_freq,
-                                                        np.float32))
+      inv_freq = np.asarray(self._inv_freq, np.float32)
+      if isinstance(keys, jax.Array):
+        keys = pos_lib.shift_keys(keys, shift, inv_freq)
+      else:
+        self._check_quantized_shift(keys)
+        keys = pos_lib.shift_exact_copies(keys, shift, inv_freq)
     return cache.replace(
         keys=keys,
         positions=jnp.where(evicted, EMPTY, cache.positions),
         scores=jnp.where(evicted, 0.0, cache.scores))
+
+  def _check_quantized_shift(self, keys) -> None:
+    """Quantized keys are re-rotated through their exact copies only: every
+    key that can move must have one."""
+    if not self.only_sinks_move or keys.sinks < self.sinks:
+      raise ValueError(
+          f"{self.name} re-assigns positions, which in a quantized cache "
+          f"re-rotates only the full-precision copies: it needs a policy that "
+          f"moves only its sink tokens (attention_sink) and a quant plan "
+          f"keeping at least its {self.sinks} sinks exact (plan sinks: "
+          f"{keys.sinks}); raise the plan's sinks or use reposition=False")
 
   def bind(self, cfg: ModelConfig) -> EvictionPolicy:
     """This policy for a model: re-rotation needs its RoPE frequencies."""

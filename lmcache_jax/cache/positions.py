@@ -48,20 +48,32 @@ def newer_evicted(positions: jax.Array, evicted: jax.Array) -> jax.Array:
   return jnp.take_along_axis(after, inverse_permutation(order), axis=-1)
 
 
-def shift_keys(keys: jax.Array, shift: jax.Array,
-               inv_freq: np.ndarray) -> jax.Array:
-  """Rotates post-RoPE keys [..., S, Hd] forward by ``shift`` [..., S] positions.
+def shift_keys(keys: jax.Array, shift: jax.Array, inv_freq: np.ndarray,
+               max_shift: int | None = None) -> jax.Array:
+  """Rotates post-RoPE keys [..., N, Hd] forward by ``shift`` [..., N] positions.
 
   RoPE rotations compose additively, so this moves a key from position p to
-  p + shift (the "rotate half" convention of ``models.rope``). A row cannot
-  lose more than its S slots, so shifts lie in [0, S]: the cosines and sines
-  come from an [S + 1, Hd / 2] table instead of one evaluation per key
+  p + shift (the "rotate half" convention of ``models.rope``). Shifts lie in
+  [0, max_shift] (default N: a row cannot lose more than its slots), so the
+  cosines and sines come from a small table instead of one evaluation per key
   element. A zero shift is exactly the identity (cos 0 = 1, sin 0 = 0).
   """
-  table = (jnp.arange(keys.shape[-2] + 1, dtype=jnp.float32)[:, None]
+  max_shift = keys.shape[-2] if max_shift is None else max_shift
+  table = (jnp.arange(max_shift + 1, dtype=jnp.float32)[:, None]
            * jnp.asarray(inv_freq))
   cos = jnp.cos(table)[shift]
   sin = jnp.sin(table)[shift]
   x1, x2 = jnp.split(keys.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(keys.dtype)
+
+
+def shift_exact_copies(keys, shift: jax.Array, inv_freq: np.ndarray):
+  """A quantized payload whose full-precision copies are rotated by the shift
+  of the slot each mirrors (``quant.payload``: sinks and recent tokens)."""
+  mirrored = keys.exact_slots >= 0
+  entry_shift = jnp.take_along_axis(shift, jnp.maximum(keys.exact_slots, 0),
+                                    axis=-1)
+  entry_shift = jnp.where(mirrored, entry_shift, 0)
+  return keys.replace(exact=shift_keys(keys.exact, entry_shift, inv_freq,
+                                       max_shift=shift.shape[-1]))

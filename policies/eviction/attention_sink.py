@@ -27,6 +27,7 @@ class AttentionSink(EvictionPolicy):
   """StreamingLLM: ``sinks`` first tokens + the most recent, positions re-assigned."""
   name = "attention_sink"
   uses_attention_mass = False
+  only_sinks_move = True   # the oldest non-sink goes first: nothing older moves
   sinks: int = 4
   reposition: bool = True
 
