@@ -208,3 +208,18 @@ def test_attention_sink_in_a_quantized_cache_rotates_the_exact_sinks():
   np.testing.assert_allclose(quantized, exact, atol=0.05)
   with pytest.raises(ValueError, match="sinks exact"):
     decode_all(QuantPlan.uniform(cfg, "int8", group_size=32, sinks=0))
+
+
+@pytest.mark.parametrize("name", ["knorm", "h2o"])
+def test_scoring_policies_run_on_a_quantized_cache(name):
+  from lmcache_jax.quant.plan import QuantPlan
+  cfg = tiny_config(num_layers=2, head_dim=32, num_heads=4)
+  lm = load(cfg)
+  policy = EVICTION.make(name, budget=8)
+  quant = QuantPlan.uniform(cfg, "int4", group_size=32)
+  cache = init_cache(cfg, 1, policy.cache_capacity(40, 4), jnp.float32,
+                     quant=quant)
+  prompt = list(np.random.default_rng(7).integers(2, 97, 30))
+  logits, cache = prefill(lm, cache, [prompt], policy, chunk=4)
+  assert np.all(np.isfinite(logits))
+  np.testing.assert_array_equal(cache.live_slots(), 8)

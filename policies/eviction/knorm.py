@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from lmcache_jax.cache.eviction import EvictionPolicy
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.step import Step
+from lmcache_jax.quant import payload
 from policies.registry import EVICTION
 
 
@@ -28,5 +29,8 @@ class KNorm(EvictionPolicy):
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step
-    keys = cache.keys.astype(jnp.float32)
+    keys = cache.keys
+    if not isinstance(keys, jax.Array):   # quantized payload: score what is read
+      keys = jax.vmap(lambda layer: payload.dequantize(layer, jnp.float32))(keys)
+    keys = keys.astype(jnp.float32)
     return -jnp.sqrt(jnp.sum(keys * keys, axis=-1))
