@@ -15,30 +15,18 @@ import datetime
 import importlib
 import json
 import pathlib
-import subprocess
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import benchmarks
+from experiments.version import code_version
 
 _SUITE = flags.DEFINE_string("suite", None, "Suite to run ('list' prints them).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Suite config; default configs/bench/<suite>.py.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/bench", "Where results go.")
-
-
-def code_version() -> str:
-  root = pathlib.Path(__file__).parent.parent
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                            capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=root, capture_output=True, text=True).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown (no git checkout)"
 
 
 def default_config(suite: str):

@@ -17,7 +17,6 @@ import datetime
 import json
 import pathlib
 import re
-import subprocess
 import sys
 import time
 
@@ -25,10 +24,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import setup
+from experiments.version import code_version
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
-from lmcache_jax import __version__, models
+from lmcache_jax import models
 from lmcache_jax.fetch import FetchError
 from policies.registry import EVICTION
 
@@ -73,19 +73,6 @@ def resolved_config():
       node = node[parent]
     node[leaf] = value
   return config.lock()
-
-
-def code_version() -> str:
-  """The git commit of the code (with '-dirty' for local changes), or the version."""
-  root = pathlib.Path(__file__).parent.parent
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                            capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=root, capture_output=True, text=True).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return __version__
 
 
 def listing(config) -> str | None:

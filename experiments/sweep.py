@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from experiments import plots, results, setup
 from experiments import run as run_lib
 from experiments.tasks import TASKS
+from experiments.version import code_version
 from lmcache_jax import models
 from policies.registry import EVICTION, parse_spec
 
@@ -182,7 +183,7 @@ def run_sweep(config: ml_collections.ConfigDict, lm: models.LoadedModel | None =
                      f"(set --config.sweep.keep_going=True to run the others)")
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "sweep.json").write_text(json.dumps(
-      {"config": config.to_dict(), "code_version": run_lib.code_version(),
+      {"config": config.to_dict(), "code_version": code_version(),
        "argv": sys.argv}, indent=2, default=str) + "\n")
 
   records, todo = [], []
@@ -236,7 +237,7 @@ def write_report(config, out_dir: pathlib.Path, rows: list[dict],
   files += pngs
   lines = [f"# Sweep `{config.sweep.name}`", "",
            f"Model `{config.model}`, dtype {config.dtype}, code "
-           f"`{run_lib.code_version()}`; {len(rows)} cell(s) finished.", ""]
+           f"`{code_version()}`; {len(rows)} cell(s) finished.", ""]
   for task in sorted({r["task"] for r in rows}):
     task_rows = [r for r in rows if r["task"] == task]
     fixed = [f"{c} {results.fmt(task_rows[0].get(c))}" for c in results.IDENTITY

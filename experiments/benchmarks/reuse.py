@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarks
-from lmcache_jax import models  # noqa: F401  (first: the package imports in a cycle)
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.engine.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill

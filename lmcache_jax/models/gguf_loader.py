@@ -27,7 +27,7 @@ import numpy as np
 
 from lmcache_jax.models import rope
 from lmcache_jax.models.config import ModelConfig
-from lmcache_jax.models.weights import check_weights, expected_shapes
+from lmcache_jax.models.weights import check_weights, gather_weights
 
 # Architecture -> whether its Q/K rows were permuted by the converter.
 _PERMUTED = {"llama": True, "qwen2": False}
@@ -271,16 +271,9 @@ def _assemble(cfg: ModelConfig, tensors: dict, permuted: bool,
       array = _unpermute(array, heads[name])
     return array.T if matrix else array
 
-  weights = {}
-  for name, shape in expected_shapes(cfg).items():
-    if name in _GLOBAL_TENSORS:
-      array = canonical(name, _GLOBAL_TENSORS[name], shape)
-      weights[name] = array.astype(dtype)
-      continue
-    stacked = np.empty(shape, dtype)
-    for i in range(cfg.num_layers):
-      stacked[i] = canonical(name, f"blk.{i}.{_LAYER_TENSORS[name]}", shape[1:])
-    weights[name] = stacked
+  weights = gather_weights(cfg, dtype, lambda name, i, shape: canonical(
+      name, _GLOBAL_TENSORS[name] if i is None
+      else f"blk.{i}.{_LAYER_TENSORS[name]}", shape))
   extra = sorted(set(tensors) - used)
   if extra:
     raise ValueError(f"{path} holds {len(extra)} tensors this model does not "

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from lmcache_jax.models.config import ModelConfig
-from lmcache_jax.models.weights import check_weights, expected_shapes
+from lmcache_jax.models.weights import check_weights, gather_weights
 
 _log = logging.getLogger(__name__)
 
@@ -207,17 +207,9 @@ def _assemble(cfg: ModelConfig, files: dict[str, pathlib.Path],
                        f"{array.shape}, expected {want}")
     return array.T if matrix else array
 
-  weights = {}
-  for name, shape in expected_shapes(cfg).items():
-    if name in _GLOBAL_TENSORS:
-      array = canonical(name, _GLOBAL_TENSORS[name], shape)
-      weights[name] = array.astype(dtype)
-      continue
-    stacked = np.empty(shape, dtype)
-    for i in range(cfg.num_layers):
-      hf_name = f"model.layers.{i}.{_LAYER_TENSORS[name]}"
-      stacked[i] = canonical(name, hf_name, shape[1:])
-    weights[name] = stacked
+  weights = gather_weights(cfg, dtype, lambda name, i, shape: canonical(
+      name, _GLOBAL_TENSORS[name] if i is None
+      else f"model.layers.{i}.{_LAYER_TENSORS[name]}", shape))
   # Tied checkpoints may still carry lm_head; older ones carry RoPE tables.
   extra = sorted(n for n in set(files) - used
                  if n != "lm_head.weight" and not n.endswith("inv_freq"))

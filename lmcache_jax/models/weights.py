@@ -28,6 +28,8 @@ F MLP width.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from lmcache_jax.models.config import ModelConfig
@@ -83,3 +85,24 @@ def check_weights(cfg: ModelConfig, weights: dict, source: str) -> None:
   if problems:
     raise ValueError(f"weights from {source} do not fit model {cfg.name!r}: "
                      + "; ".join(problems))
+
+
+def gather_weights(cfg: ModelConfig, dtype,
+                   read: Callable[[str, str | None, tuple[int, ...]], np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+  """Canonical weights from a per-tensor reader.
+
+  ``read(name, layer, shape)`` returns one tensor in canonical orientation:
+  a global one (``layer`` None) or layer ``layer``'s slice of a ``layers.*``
+  tensor, which is stacked here.
+  """
+  weights = {}
+  for name, shape in expected_shapes(cfg).items():
+    if not name.startswith("layers."):
+      weights[name] = read(name, None, shape).astype(dtype)
+      continue
+    stacked = np.empty(shape, dtype)
+    for i in range(cfg.num_layers):
+      stacked[i] = read(name, i, shape[1:])
+    weights[name] = stacked
+  return weights
