@@ -34,6 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.kv_bits = 16.0    # 16 = full precision; else average bits
   config.quant.calibration = "uniform"
   config.quant.plan = ""         # path of a saved quant plan
+  config.quant.group_size = 64   # channels per scale/zero group
+  config.quant.residual = 0      # newest tokens also kept exact
+  config.quant.sinks = 0         # first tokens kept exact (attention_sink needs >= its sinks)
+  config.quant.save_plan = ""    # where a calibration saves its plan
+  config.quant.calibration_text = "macbeth"  # Shakespeare work to calibrate on
+  config.quant.calibration_tokens = 512
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.num_tokens = 0   # tokens scored; 0 = `context`

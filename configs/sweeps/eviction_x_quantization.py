@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sweep.policies = ("full", "attention_sink", "h2o", "snapkv")
   config.sweep.budgets = (256.0, 512.0)
   config.sweep.kv_bits = (16.0, 8.0, 4.0, 2.0)
+  # attention_sink re-rotates its sink keys, which a quantized cache must
+  # therefore hold exactly.
+  config.quant.sinks = 4
   config.sweep.calibrations = ("uniform",)
   config.sweep.contexts = ()
   config.sweep.variants = ()

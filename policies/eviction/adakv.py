@@ -18,7 +18,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lmcache_jax.cache import positions as pos_lib
 from lmcache_jax.cache.eviction import EvictionPolicy
