@@ -27,6 +27,12 @@ from lmcache_jax.models.config import ModelConfig
 EMPTY = -1
 
 
+def tree_nbytes(tree) -> int:
+  """Bytes of every array leaf of ``tree`` (works on abstract shapes too)."""
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
 @struct.dataclass
 class KVCache:
   keys: jax.Array
@@ -54,14 +60,12 @@ class KVCache:
   @property
   def nbytes(self) -> int:
     """Bytes held on the device, bookkeeping included."""
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize
-               for x in jax.tree_util.tree_leaves(self))
+    return tree_nbytes(self)
 
   @property
   def payload_nbytes(self) -> int:
     """Bytes of the key and value payload alone (with any quantization scales)."""
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize
-               for x in jax.tree_util.tree_leaves((self.keys, self.values)))
+    return tree_nbytes((self.keys, self.values))
 
   def live_slots(self) -> jax.Array:
     """[L, B, K] number of occupied slots."""

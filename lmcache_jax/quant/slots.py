@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lmcache_jax.cache.kv_cache import tree_nbytes
 from lmcache_jax.quant import payload as qpayload
 
 
@@ -47,4 +48,4 @@ def dequantize_slots(kv, start: int, stop: int, dtype=jnp.float32) -> jax.Array:
 
 def payload_nbytes(kv) -> int:
   """Bytes of a payload's leaves (codes, scales, zeros, exact copies, maps)."""
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(kv))
+  return tree_nbytes(kv)
