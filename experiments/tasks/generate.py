@@ -41,9 +41,8 @@ def generate(ctx: RunContext) -> dict:
   result = generate_tokens(
       ctx.lm, [ids], max_new_tokens=gconf.max_new_tokens, sampling=sampling,
       key=jax.random.key(ctx.config.seed), policy=ctx.policy,
-      capacity=ctx.capacity_for(len(ids) + gconf.max_new_tokens,
-                                ctx.config.prefill_chunk),
-      prefill_chunk=ctx.config.prefill_chunk, on_token=show)
+      prefill_chunk=ctx.config.prefill_chunk, on_token=show,
+      new_cache=ctx.new_cache)
   seconds = time.perf_counter() - start
   sys.stdout.write("\n")
   new = result.tokens[0]

@@ -47,7 +47,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
              capacity: int | None = None, prefill_chunk: int = 512,
              stop_tokens: tuple[int, ...] | None = None,
              on_token: TokenCallback | None = None,
-             cache_dtype=None) -> Generation:
+             new_cache: Callable[[int, int], KVCache] | None = None
+             ) -> Generation:
   """Generates up to ``max_new_tokens`` after each prompt (a ragged batch).
 
   Args:
@@ -55,6 +56,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
       the longest prompt plus ``max_new_tokens``.
     stop_tokens: ids that end a sequence; default the model's EOS ids.
     on_token: streaming callback, see ``TokenCallback``.
+    new_cache: builds an empty cache (batch, capacity), e.g. a quantized
+      one; default full precision in the model's dtype.
   """
   cfg = lm.cfg
   check_prompts(prompts, cfg.vocab_size)
@@ -71,7 +74,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
   if isinstance(policy, KeepAll) and context > cfg.max_context:
     raise ValueError(f"a context of {context} tokens exceeds the model's "
                      f"maximum of {cfg.max_context} for {cfg.name!r}")
-  cache = init_cache(cfg, len(prompts), capacity, cache_dtype or lm.dtype)
+  cache = (init_cache(cfg, len(prompts), capacity, lm.dtype) if new_cache is None
+           else new_cache(len(prompts), capacity))
   logits, cache = prefill(lm, cache, prompts, policy, prefill_chunk)
   return decode(lm, cache, logits, max_new_tokens=max_new_tokens,
                 sampling=sampling, key=key, policy=policy,
