@@ -100,16 +100,15 @@ def test_kernels_lower_to_triton(name):
   check = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   lower = lambda f, *a: export.export(jax.jit(f), platforms=["cuda"],
                                       disabled_checks=check)(*a)
-  words = fmt.words(128)
-  packed = [sds((2, 8, 256, words), jnp.uint32),
+  lanes = len(fmt.planes) == 1   # int4 reads byte lanes, int3 words
+  groups = 2 if lanes else 1     # one query copy per channel group
+  width, dtype = ((fmt.words(128) * 4, jnp.uint8) if lanes
+                  else (fmt.words(128), jnp.uint32))
+  packed = [sds((2, 8, 256, width), dtype),
             sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
-  exported = lower(da._build(2, 8, 16, 4, 256, 128, fmt, 64, 64, 128, 4,
-                             False),
-                   sds((2, 8, 16, 128), jnp.bfloat16), sds((2, 1), jnp.int32),
-                   sds((2, 8, 256), jnp.int32), *packed, *packed)
+  exported = lower(da._build(2, 8, groups, 16, 4, 256, 128, width, fmt, 64,
+                             64, 128, 4, 2, False),
+                   sds((2, 8, groups, 16, 128), jnp.bfloat16),
+                   sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
+                   *packed, *packed)
   assert "triton" in exported.mlir_module()
-  lower(quantize._build(64, 128, fmt, 64, 32, False),
-        sds((64, 128), jnp.float32))
-  lower(dequantize._build(64, 128, fmt, 64, jnp.bfloat16, 32, False),
-        sds((64, words), jnp.uint32), sds((64, 2), jnp.float16),
-        sds((64, 2), jnp.float16))

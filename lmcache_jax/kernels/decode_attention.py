@@ -7,9 +7,19 @@ heads sharing that kv head attend over S slots. The grid splits S into
 from the packed words. Scales and zeros are folded out of the products
 (q·k = scale·(q·code) + zero·Σq), so the inner products run on integer codes
 cast to the query dtype, on tensor cores once the query heads are padded to
-16 rows. Each program writes its softmax state (max m, sum l, unnormalised
-output acc) and its slots' logits; a small jnp epilogue merges the programs. The logits let
-the caller merge other sources (the exact residual window) and derive the
+16 rows.
+
+One-plane formats (int2/int4/int8) are read as *byte lanes*: the words are
+viewed as bytes, and field h of every byte (bits p·h..p·h+p) forms a
+[block, Hd·p/8] tile with one shift and mask, no lane shuffles. Each lane
+tile holds a fixed permutation of the channels; the query is permuted the
+same way before the kernel and the output permuted back after it (q·k and
+p·v do not depend on the channel order). Multi-plane formats (int3) read
+16-channel chunks instead (``ChunkReader``).
+
+Each program writes its softmax state (max m, sum l, unnormalised output acc)
+and its slots' logits; a small jnp epilogue merges the programs. The logits
+let the caller merge other sources (the exact residual window) and derive the
 per-slot attention mass eviction scorers need, without a second read of the
 cache.
 """
@@ -20,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -31,46 +42,18 @@ from lmcache_jax.quant.formats import Format
 MASKED = -1e30
 
 
-def _qk(q, codes, dtype):
-  """[G, w] x [bs, w] codes → [G, bs] float32, on tensor cores when wide enough."""
-  if q.shape[1] >= 16 and q.shape[0] >= 16:
-    return jax.lax.dot_general(
-        q, codes.astype(dtype), (((1,), (1,)), ((), ())),
-        precision=_precision(dtype), preferred_element_type=jnp.float32)
-  return jnp.sum(q.astype(jnp.float32)[:, None, :]
-                 * codes.astype(jnp.float32)[None, :, :], axis=2)
+def lane_order(fmt: Format, head_dim: int) -> np.ndarray:
+  """Channel held by each column of the byte-lane tiles, lanes concatenated.
 
-
-def _pv(p, codes, dtype):
-  """[G, bs] x [bs, w] codes → [G, w] float32."""
-  if codes.shape[1] >= 16 and p.shape[0] >= 16:
-    return jax.lax.dot_general(
-        p.astype(dtype), codes.astype(dtype), (((1,), (0,)), ((), ())),
-        precision=_precision(dtype), preferred_element_type=jnp.float32)
-  return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
-
-
-def _tile(words_ref, rows, fmt: Format, head_dim: int):
-  """int32 codes [bs, Hd] of a one-plane format in one shift: the planar
-  layout puts channel i*W + j in word j at bits p*i, so shifting the word
-  block by every p*i and flattening (i, j) restores channel order."""
+  Byte ``b`` of a head vector is byte ``b % 4`` of word ``b // 4``; its field
+  ``h`` holds plane ``(b % 4) * 8/p + h``, i.e. channel ``plane * W + b // 4``
+  (``quant.formats``: channel d sits in word d % W at bit p·(d // W)).
+  """
   (p,) = fmt.planes
-  words = words_ref[rows, :]                                    # [bs, W]
-  shifts = p * jax.lax.broadcasted_iota(jnp.uint32, (32 // p, 1, 1), 0)
-  codes = (words[None, :, :] >> shifts) & ((1 << p) - 1)        # [n, bs, W]
-  return jnp.transpose(codes, (1, 0, 2)).reshape(
-      words.shape[0], head_dim).astype(jnp.int32)
-
-
-def _dense_tile(words_ref, scale_ref, zero_ref, rows, fmt, head_dim, dtype):
-  """Dequantized [bs, Hd] in ``dtype`` (groups narrower than the head)."""
-  codes = _tile(words_ref, rows, fmt, head_dim).astype(jnp.float32)
-  groups = scale_ref.shape[-1]
-  expand = lambda a: jnp.broadcast_to(
-      a.astype(jnp.float32)[:, :, None],
-      (a.shape[0], groups, head_dim // groups)).reshape(a.shape[0], head_dim)
-  return (codes * expand(scale_ref[rows, :])
-          + expand(zero_ref[rows, :])).astype(dtype)
+  per_byte, width = 8 // p, head_dim * p // 32
+  b = np.arange(4 * width)
+  return np.concatenate([((b % 4) * per_byte + h) * width + b // 4
+                         for h in range(per_byte)])
 
 
 def _dot(a, b, contract, dtype):
@@ -84,130 +67,196 @@ def _precision(dtype):
           else jax.lax.Precision.DEFAULT)
 
 
-def _kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref,
-            vz_ref, acc_ref, m_ref, l_ref, logits_ref, *, fmt: Format,
-            group_size: int, block_s: int):
-  # q_ref [G, Hd]; qpos_ref [1]; pos_ref [split]; k/v words [split, W];
-  # k/v scale, zero [split, Hd/g]; acc_ref [G, Hd]; m_ref, l_ref [G];
-  # logits_ref [Go, split] (Go <= G real rows written)
-  heads, head_dim = q_ref.shape
+def _qk(q, codes, dtype):
+  """[G, w] x [bs, w] codes → [G, bs] float32, on tensor cores when wide enough."""
+  if q.shape[1] >= 16 and q.shape[0] >= 16:
+    return _dot(q, codes, ((1,), (1,)), dtype)
+  return jnp.sum(q.astype(jnp.float32)[:, None, :]
+                 * codes.astype(jnp.float32)[None, :, :], axis=2)
+
+
+def _pv(p, codes, dtype):
+  """[G, bs] x [bs, w] codes → [G, w] float32."""
+  if codes.shape[1] >= 16 and p.shape[0] >= 16:
+    return _dot(p, codes, ((1,), (0,)), dtype)
+  return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
+
+
+def _lane_tiles(raw, bits: int):
+  """Byte-lane code tiles [bs, Hd·p/8] of packed bytes [bs, Hd·p/8]: field h
+  of every byte."""
+  raw = raw.astype(jnp.int32)
+  if bits == 8:
+    return [raw]
+  mask = (1 << bits) - 1
+  return [(raw >> (bits * h)) & mask for h in range(8 // bits)]
+
+
+def _lane_groups(bits: int, head_dim: int, group_size: int):
+  """[1, Hd·p/8] channel group of every column of each lane tile."""
+  lanes, words = 8 // bits, head_dim * bits // 32
+  b = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim * bits // 8), 1)
+  return [(((b % 4) * lanes + h) * words + b // 4) // group_size
+          for h in range(lanes)]
+
+
+def _softmax_step(m, l, accs, logits, visible):
+  """Online softmax: new (max, sum, rescaled accumulators, probabilities)."""
+  m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+  alpha = jnp.exp(m - m_new)
+  p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+  l = l * alpha + jnp.sum(p, axis=1)
+  return m_new, l, tuple(a * alpha[:, None] for a in accs), p
+
+
+def _write_logits(logits_ref, rows, logits):
+  """Stores the real query rows' logits (the first rows of ``logits``)."""
+  heads = logits.shape[0]
   rows_out = logits_ref.shape[0]
+  if rows_out == heads:
+    logits_ref[:, rows] = logits
+    return
+  row = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
+  for g in range(rows_out):
+    logits_ref[pl.ds(g, 1), rows] = jnp.sum(
+        jnp.where(row == g, logits, 0.0), axis=0)[None, :]
+
+
+def _block_rows(i, block_s: int):
+  """Slots of loop block ``i``."""
+  return pl.ds(pl.multiple_of(i * block_s, block_s), block_s)
+
+
+def _store_state(acc_ref, m_ref, l_ref, m, l, accs):
+  m_ref[...] = m
+  l_ref[...] = l
+  width = acc_ref.shape[-1] // len(accs)
+  for c, acc in enumerate(accs):
+    acc_ref[:, pl.ds(c * width, width)] = acc
+
+
+def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
+                  vs_ref, vz_ref, acc_ref, m_ref, l_ref, logits_ref, *,
+                  fmt: Format, group_size: int, block_s: int):
+  """One-plane formats. q_ref [groups, G, Hd]: lane-ordered, one copy per
+  channel group (zero outside it); k/v bytes [split, Hd·p/8]; k/v scale and
+  zero [split, Hd/g]; acc_ref [G, Hd] lane-ordered; m_ref, l_ref [G];
+  logits_ref [Go, split]."""
+  groups, heads, head_dim = q_ref.shape
   dtype = q_ref.dtype
-  width = fmt.chunk(head_dim)
-  per_group = group_size // width
-  groups = head_dim // group_size
+  (bits,) = fmt.planes
+  lanes, width = 8 // bits, head_dim * bits // 8
+  column_group = _lane_groups(bits, head_dim, group_size)
   q_pos = jnp.max(qpos_ref[...])
-  tiled = len(fmt.planes) == 1 and heads >= 16
-  if tiled:
-    q_all = q_ref[...]
-    q_sum = jnp.sum(q_all.astype(jnp.float32), axis=1)[:, None]
-  else:
-    qc = [q_ref[:, pl.ds(c * width, width)] for c in range(head_dim // width)]
-    # Keys dequantize as code * scale + zero per (slot, group): fold both out
-    # of the dot, q·k = scale * (q·code) + zero * sum(q over the group).
-    qsum = [sum(jnp.sum(qc[c].astype(jnp.float32), axis=1)
-                for c in range(gi * per_group, (gi + 1) * per_group))
-            for gi in range(groups)]
-  row = jax.lax.broadcasted_iota(jnp.int32, (heads, block_s), 0)
-
-
-  def scores(rows):
-    """[G, bs] q·k of the block's slots (before the 1/sqrt(Hd) scale)."""
-    if tiled and groups == 1:
-      # one scale and zero per slot: fold them out of the product
-      dots = _dot(q_all, _tile(kw_ref, rows, fmt, head_dim), ((1,), (1,)),
-                  dtype)
-      return (dots * ks_ref[rows, 0].astype(jnp.float32)[None, :]
-              + q_sum * kz_ref[rows, 0].astype(jnp.float32)[None, :])
-    if tiled:
-      keys = _dense_tile(kw_ref, ks_ref, kz_ref, rows, fmt, head_dim, dtype)
-      return _dot(q_all, keys, ((1,), (1,)), dtype)
-    keys = ChunkReader(kw_ref, fmt, head_dim, rows)
-    logits = None
-    for gi in range(groups):
-      dots = None
-      for c in range(gi * per_group, (gi + 1) * per_group):
-        d = _qk(qc[c], keys.codes(c), dtype)
-        dots = d if dots is None else dots + d
-      scale = ks_ref[rows, gi].astype(jnp.float32)[None, :]
-      zero = kz_ref[rows, gi].astype(jnp.float32)[None, :]
-      part = dots * scale + qsum[gi][:, None] * zero
-      logits = part if logits is None else logits + part
-    return logits
-
-  def weighted_values(p, rows, accs):
-    """accs * 1 + p @ values of the block, per chunk (or one whole tile)."""
-    if tiled and groups == 1:
-      scale = vs_ref[rows, 0].astype(jnp.float32)[None, :]
-      zero = vz_ref[rows, 0].astype(jnp.float32)[None, :]
-      return (accs[0] + _dot(p * scale, _tile(vw_ref, rows, fmt, head_dim),
-                             ((1,), (0,)), dtype)
-              + jnp.sum(p * zero, axis=1)[:, None],)
-    if tiled:
-      values = _dense_tile(vw_ref, vs_ref, vz_ref, rows, fmt, head_dim, dtype)
-      return (accs[0] + _dot(p, values, ((1,), (0,)), dtype),)
-    values = ChunkReader(vw_ref, fmt, head_dim, rows)
-    new = []
-    for gi in range(groups):
-      scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
-      zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
-      p_scaled = p * scale
-      p_zero = jnp.sum(p * zero, axis=1)[:, None]
-      for c in range(gi * per_group, (gi + 1) * per_group):
-        new.append(accs[c] + _pv(p_scaled, values.codes(c), dtype) + p_zero)
-    return tuple(new)
+  q_lanes = [[q_ref[gi, :, pl.ds(h * width, width)] for h in range(lanes)]
+             for gi in range(groups)]
+  # q·k = scale * (q·code) + zero * sum(q over the group)
+  q_sum = [jnp.sum(q_ref[gi, :, :].astype(jnp.float32), axis=1)[:, None]
+           for gi in range(groups)]
 
   def body(i, carry):
     m, l, accs = carry
-    start = pl.multiple_of(i * block_s, block_s)
-    rows = pl.ds(start, block_s)
+    rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
+    k_tiles = _lane_tiles(kb_ref[rows, :], bits)
+    logits = 0.0
+    for gi in range(groups):
+      dots = sum(_dot(q_lanes[gi][h], k_tiles[h], ((1,), (1,)), dtype)
+                 for h in range(lanes))
+      logits = (logits + dots * ks_ref[rows, gi].astype(jnp.float32)[None, :]
+                + q_sum[gi] * kz_ref[rows, gi].astype(jnp.float32)[None, :])
     visible = ((pos >= 0) & (pos <= q_pos))[None, :]
-    logits = jnp.where(visible, scores(rows) * (head_dim ** -0.5), MASKED)
-    if rows_out == heads:
-      logits_ref[:, rows] = logits
-    else:
-      for g in range(rows_out):
-        logits_ref[pl.ds(g, 1), rows] = jnp.sum(
-            jnp.where(row == g, logits, 0.0), axis=0)[None, :]
-    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
-    l = l * alpha + jnp.sum(p, axis=1)
-    accs = tuple(a * alpha[:, None] for a in accs)
-    return m_new, l, weighted_values(p, rows, accs)
+    logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
+    _write_logits(logits_ref, rows, logits)
+    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
+    v_tiles = _lane_tiles(vb_ref[rows, :], bits)
+    new = []
+    for h, acc in enumerate(accs):
+      for gi in range(groups):
+        scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
+        zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
+        part = (_dot(p * scale, v_tiles[h], ((1,), (0,)), dtype)
+                + jnp.sum(p * zero, axis=1)[:, None])
+        acc = acc + (part if groups == 1 else
+                     jnp.where(column_group[h] == gi, part, 0.0))
+      new.append(acc)
+    return m, l, tuple(new)
 
   init = (jnp.full((heads,), MASKED, jnp.float32),
           jnp.zeros((heads,), jnp.float32),
-          (jnp.zeros((heads, head_dim), jnp.float32),) if tiled else
-          tuple(jnp.zeros((heads, width), jnp.float32)
-                for _ in range(head_dim // width)))
+          tuple(jnp.zeros((heads, width), jnp.float32) for _ in range(lanes)))
   m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
-  m_ref[...] = m
-  l_ref[...] = l
-  if tiled:
-    acc_ref[...] = accs[0]
-  else:
+  _store_state(acc_ref, m_ref, l_ref, m, l, accs)
+
+
+def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
+                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, logits_ref, *,
+                   fmt: Format, group_size: int, block_s: int):
+  """Multi-plane formats (int3), 16-channel chunks at a time. q_ref
+  [1, G, Hd]; k/v words [split, W]; k/v scale and zero [split, Hd/g];
+  acc_ref [G, Hd]; m_ref, l_ref [G]; logits_ref [Go, split]."""
+  _, heads, head_dim = q_ref.shape
+  dtype = q_ref.dtype
+  width = fmt.chunk(head_dim)
+  chunks = head_dim // width
+  per_group = group_size // width
+  q_pos = jnp.max(qpos_ref[...])
+  qc = [q_ref[0, :, pl.ds(c * width, width)] for c in range(chunks)]
+  # q·k = scale * (q·code) + zero * sum(q over the group)
+  q_sum = [sum(jnp.sum(qc[c].astype(jnp.float32), axis=1)
+               for c in range(gi * per_group, (gi + 1) * per_group))[:, None]
+           for gi in range(head_dim // group_size)]
+
+  def body(i, carry):
+    m, l, accs = carry
+    rows = _block_rows(i, block_s)
+    pos = pos_ref[rows]
+    keys = ChunkReader(kw_ref, fmt, head_dim, rows)
+    logits = 0.0
+    for gi in range(len(q_sum)):
+      dots = sum(_qk(qc[c], keys.codes(c), dtype)
+                 for c in range(gi * per_group, (gi + 1) * per_group))
+      logits = (logits + dots * ks_ref[rows, gi].astype(jnp.float32)[None, :]
+                + q_sum[gi] * kz_ref[rows, gi].astype(jnp.float32)[None, :])
+    visible = ((pos >= 0) & (pos <= q_pos))[None, :]
+    logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
+    _write_logits(logits_ref, rows, logits)
+    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
+    values = ChunkReader(vw_ref, fmt, head_dim, rows)
+    new = []
     for c, acc in enumerate(accs):
-      acc_ref[:, pl.ds(c * width, width)] = acc
+      gi = c // per_group
+      scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
+      zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
+      new.append(acc + _pv(p * scale, values.codes(c), dtype)
+                 + jnp.sum(p * zero, axis=1)[:, None])
+    return m, l, tuple(new)
+
+  init = (jnp.full((heads,), MASKED, jnp.float32),
+          jnp.zeros((heads,), jnp.float32),
+          tuple(jnp.zeros((heads, width), jnp.float32) for _ in range(chunks)))
+  m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
+  _store_state(acc_ref, m_ref, l_ref, m, l, accs)
 
 
-def _build(batch: int, rows: int, heads: int, rows_out: int, slots: int,
-           head_dim: int, fmt: Format, group_size: int, block_s: int,
-           split: int, num_warps: int, interpret: bool):
+def _build(batch: int, rows: int, groups: int, heads: int, rows_out: int,
+           slots: int, head_dim: int, data_width: int, fmt: Format,
+           group_size: int, block_s: int, split: int, num_warps: int,
+           num_stages: int, interpret: bool):
   splits = slots // split
-  words = fmt.words(head_dim)
-  groups = head_dim // group_size
   per_slot = lambda b, r, j: (b, r, j, 0)
-  packed = [pl.BlockSpec((None, None, split, words), per_slot),
-            pl.BlockSpec((None, None, split, groups), per_slot),
-            pl.BlockSpec((None, None, split, groups), per_slot)]
+  packed = [pl.BlockSpec((None, None, split, data_width), per_slot),
+            pl.BlockSpec((None, None, split, head_dim // group_size),
+                         per_slot),
+            pl.BlockSpec((None, None, split, head_dim // group_size),
+                         per_slot)]
   return pl.pallas_call(
-      functools.partial(_kernel, fmt=fmt, group_size=group_size,
-                        block_s=block_s),
+      functools.partial(
+          _lanes_kernel if len(fmt.planes) == 1 else _chunks_kernel,
+          fmt=fmt, group_size=group_size, block_s=block_s),
       grid=(batch, rows, splits),
-      in_specs=[pl.BlockSpec((None, None, heads, head_dim),
-                             lambda b, r, j: (b, r, 0, 0)),
+      in_specs=[pl.BlockSpec((None, None, groups, heads, head_dim),
+                             lambda b, r, j: (b, r, 0, 0, 0)),
                 pl.BlockSpec((None, 1), lambda b, r, j: (b, 0)),
                 pl.BlockSpec((None, None, split), lambda b, r, j: (b, r, j)),
                 *packed, *packed],
@@ -225,7 +274,8 @@ def _build(batch: int, rows: int, heads: int, rows_out: int, slots: int,
           jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
           jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
           jax.ShapeDtypeStruct((batch, rows, rows_out, slots), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=num_stages),
       interpret=interpret)
 
 
@@ -245,8 +295,9 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                                v_words, v_scale, v_zero, *, fmt: Format,
                                group_size: int, block_s: int = 64,
                                split_s: int = 1024, num_warps: int = 4,
+                               num_stages: int = 2,
                                interpret: bool | None = None):
-  del block_s, split_s, num_warps, interpret
+  del block_s, split_s, num_warps, num_stages, interpret
   head_dim = q.shape[-1]
   keys = schemes.dequantize(k_words, k_scale, k_zero, fmt, group_size,
                             head_dim)
@@ -268,12 +319,20 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
   return out, lse, logits
 
 
+def _as_bytes(words):
+  """uint32 [..., W] → uint8 [..., 4W], byte k of a word = its bits 8k.."""
+  as_u8 = jax.lax.bitcast_convert_type(words, jnp.uint8)
+  return as_u8.reshape(*words.shape[:-1], 4 * words.shape[-1])
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "fmt", "group_size", "block_s", "split_s", "num_warps", "interpret"))
+    "fmt", "group_size", "block_s", "split_s", "num_warps", "num_stages",
+    "interpret"))
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      v_scale, v_zero, *, fmt: Format, group_size: int,
-                     block_s: int = 64, split_s: int = 1024,
-                     num_warps: int = 4, interpret: bool | None = None):
+                     block_s: int = 64, split_s: int = 2048,
+                     num_warps: int = 4, num_stages: int = 3,
+                     interpret: bool | None = None):
   """Attention of one query per sequence over packed keys and values.
 
   Args:
@@ -287,7 +346,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     block_s: slots per loop step of a program (a power of two).
     split_s: slots per program (a multiple of block_s; S is padded to a
       multiple); the programs' partial results are merged after.
-    num_warps: Triton warps per program.
+    num_warps, num_stages: Triton warps per program and pipeline stages.
     interpret: Pallas interpret mode (CPU tests).
 
   Returns:
@@ -306,13 +365,23 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   block = min(floor_pow2(block_s), next_pow2(slots))
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
   padded = -(-slots // split) * split
-  # Query heads padded to 16 rows feed tensor-core dots (one-plane formats
-  # unpack whole [block, Hd] tiles; others need 16-channel chunks); only the
-  # real rows' logits are written.
-  wide = len(fmt.planes) == 1 or fmt.chunk(head_dim) >= 16
+  lanes = len(fmt.planes) == 1
+  groups = head_dim // group_size
+  # Query heads padded to 16 rows feed tensor-core dots (byte lanes and
+  # chunks of >= 16 channels); only the real rows' logits are written.
+  wide = lanes or fmt.chunk(head_dim) >= 16
   g_pad = max(16, next_pow2(heads)) if wide else next_pow2(heads)
   rows_out = next_pow2(heads)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, g_pad - heads), (0, 0)))
+  if lanes:
+    order = lane_order(fmt, head_dim)
+    # one query copy per group, zero outside the group's channels
+    in_group = (order[None, :] // group_size == np.arange(groups)[:, None])
+    q = jnp.where(jnp.asarray(in_group)[None, None, :, None, :],
+                  q[:, :, None, :, order], 0).astype(q.dtype)
+    k_words, v_words = _as_bytes(k_words), _as_bytes(v_words)
+  else:
+    q = q[:, :, None]
   if padded != slots:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
@@ -320,9 +389,12 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
   acc, m, l, logits = _build(
-      batch, rows, g_pad, rows_out, padded, head_dim, fmt, group_size, block,
-      split, num_warps, backend == "interpret")(
+      batch, rows, q.shape[2], g_pad, rows_out, padded, head_dim,
+      k_words.shape[-1], fmt, group_size, block, split,
+      num_warps, num_stages, backend == "interpret")(
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
           k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)
+  if lanes:
+    out = out[..., np.argsort(order)]
   return out[:, :, :heads], lse[:, :, :heads], logits[:, :, :heads, :slots]
