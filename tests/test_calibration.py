@@ -92,20 +92,31 @@ def test_from_config_calibrates_and_saves(lm, tmp_path, name, bits):
   assert len({tuple(sorted(row)) for row in plan.formats}) == 1  # same multiset
   if name == "kvquant":
     assert plan.sinks == 4 and not np.all(plan.key_scale == 1)
+  # rotated and centered on the calibration text by default
+  assert plan.rotate
+  np.testing.assert_allclose(plan.key_shift, calibration.key_means(
+      calibration.collect(lm, tokens)), rtol=1e-6)
   loaded = quant.from_config({"plan": str(path)}, lm)
-  assert loaded.formats == plan.formats
+  assert loaded.formats == plan.formats and loaded.rotate
   np.testing.assert_array_equal(loaded.key_scale, plan.key_scale)
+  np.testing.assert_array_equal(loaded.key_shift, plan.key_shift)
 
 
 def test_bad_calibration_input(lm):
   assert quant.from_config({"kv_bits": 16}, lm) is None
+  plain = {"center_keys": False, "group_size": 32}
   with pytest.raises(ValueError, match="whole bits"):
-    quant.from_config({"kv_bits": 2.5, "calibration": "uniform",
-                       "group_size": 32}, lm)
+    quant.from_config({"kv_bits": 2.5, "calibration": "uniform", **plain}, lm)
+  with pytest.raises(ValueError, match="no tokenizer to read calibration"):
+    quant.from_config({"kv_bits": 4, "group_size": 32}, lm)  # centering reads text
   with pytest.raises(ValueError, match="unknown calibration policy 'nope'"):
     quant.from_config({"kv_bits": 4, "calibration": "nope"}, lm)
   with pytest.raises(ValueError, match="unsupported bit width 5"):
-    quant.from_config({"kv_bits": 5, "group_size": 32}, lm)
+    quant.from_config({"kv_bits": 5, **plain}, lm)
+  with pytest.raises(ValueError, match="power-of-two head_dim, got 48"):
+    QuantPlan.uniform(tiny_config(head_dim=48, hidden_size=96, num_heads=2,
+                                  num_kv_heads=2), "int8", group_size=16,
+                      rotate=True)
   other = QuantPlan.uniform(tiny_config(head_dim=32, hidden_size=64,
                                         num_heads=4, num_kv_heads=4), "int4",
                             group_size=32)

@@ -18,7 +18,7 @@ from lmcache_jax.kernels.backend import interpret_mode
 from lmcache_jax.models import attention
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.quant import payload as qpayload
-from lmcache_jax.quant import schemes, slots
+from lmcache_jax.quant import schemes, slots, transform
 from lmcache_jax.quant.formats import FORMATS
 from lmcache_jax.quant.plan import QuantPlan
 
@@ -27,11 +27,19 @@ MIXED = (("int4", "int8", "int4"), ("int8", "int4", "int4"),
          ("int2", "int4", "int4"))
 
 
-def plan(formats=None, **kw):
+# calibrated key channel means stand-in: a large offset on a few channels
+SHIFT = np.zeros((3, 3, 32), np.float32)
+SHIFT[:, :, :4] = np.random.default_rng(9).standard_normal((3, 3, 4)) * 5
+
+
+def plan(formats=None, centered=False, **kw):
+  shift = SHIFT if centered else None
   if formats is None:
-    return QuantPlan.uniform(CFG, "int8", group_size=32, **kw)
+    return QuantPlan.uniform(CFG, "int8", group_size=32, key_shift=shift,
+                             **kw)
   return QuantPlan(formats, np.ones((3, 3, 32), np.float32), 32,
-                   kw.get("residual", 0), kw.get("sinks", 0))
+                   kw.get("residual", 0), kw.get("sinks", 0), "",
+                   kw.get("rotate", False), shift)
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +66,37 @@ _write = jax.jit(attention.write_slots)
 _dequantize = jax.jit(qpayload.dequantize, static_argnames=("dtype", "exact"))
 
 
-@pytest.mark.parametrize("formats,residual,sinks", [
-    (None, 0, 0), (MIXED, 4, 2)])
-def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks):
+@pytest.mark.parametrize("formats,residual,sinks,transformed", [
+    (None, 0, 0, False), (MIXED, 4, 2, False), (MIXED, 2, 1, True)])
+def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
+                                                transformed):
+  """Codes hold (k - shift)H quantized; reads undo the shift and rotation."""
   rng = np.random.default_rng(0)
-  cache = init_cache(CFG, 2, 16, jnp.float32, quant=plan(formats, residual=residual, sinks=sinks))
+  cache = init_cache(CFG, 2, 16, jnp.float32, quant=plan(
+      formats, transformed, residual=residual, sinks=sinks,
+      rotate=transformed))
   layer = layer_of(cache, 1)
   pos = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], np.int32)
   layer, k, v = write(layer, rng, pos, np.where(pos >= 0, pos, 16))
   keys = _dequantize(layer.keys, jnp.float32)
   fmt_of = (formats or (("int8",) * 3,) * 3)[1]
+  hadamard = jnp.asarray(transform.hadamard(32))
   for h in range(3):
-    want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
+    if transformed:
+      shift = SHIFT[1, h]
+      stored = (k[:, :, h] - shift) @ hadamard
+      want = schemes.fake_quant(stored, FORMATS[fmt_of[h]], 32) @ hadamard.T + shift
+    else:
+      want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
     exact = (pos < sinks) | (pos > pos.max(1, keepdims=True) - residual)
     want = jnp.where(jnp.asarray(exact)[..., None], k[:, :, h], want)
     for b in range(2):
       n = int((pos[b] >= 0).sum())
-      np.testing.assert_allclose(keys[b, h, :n], want[b, :n], rtol=1e-6, atol=1e-6)
-      assert np.all(np.asarray(keys[b, h, n:]) == 0)
+      np.testing.assert_allclose(keys[b, h, :n], want[b, :n], rtol=1e-5, atol=1e-5)
+      # unwritten slots read as a zero stored vector: the channel mean
+      np.testing.assert_allclose(keys[b, h, n:], np.broadcast_to(
+          SHIFT[1, h] if transformed else 0.0, keys[b, h, n:].shape),
+                                 atol=1e-6)
 
 
 def test_reused_slot_holds_the_new_token_only():
@@ -104,11 +125,17 @@ def test_reused_slot_holds_the_new_token_only():
         rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("formats,residual,sinks", [
-    (None, 0, 0), (MIXED, 3, 1)])
-def test_fused_decode_equals_dequantized_attention(formats, residual, sinks):
+@pytest.mark.parametrize("formats,residual,sinks,transformed", [
+    (None, 0, 0, False), (MIXED, 3, 1, False), (MIXED, 3, 1, True),
+    (None, 0, 0, True)])
+def test_fused_decode_equals_dequantized_attention(formats, residual, sinks,
+                                                   transformed):
+  """The kernel reads stored (centered, rotated) codes; its result equals
+  dense attention over the dequantized cache."""
   rng = np.random.default_rng(2)
-  cache = init_cache(CFG, 2, 24, jnp.float32, quant=plan(formats, residual=residual, sinks=sinks))
+  cache = init_cache(CFG, 2, 24, jnp.float32, quant=plan(
+      formats, transformed, residual=residual, sinks=sinks,
+      rotate=transformed))
   layer = layer_of(cache, 2)
   pos = np.array([np.arange(10), np.r_[np.arange(7), [-1] * 3]], np.int32)
   layer, _, _ = write(layer, rng, pos, np.where(pos >= 0, pos, 24))

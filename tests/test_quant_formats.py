@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 
 from conftest import tiny_config
-from lmcache_jax.quant import schemes
+from lmcache_jax.quant import schemes, transform
 from lmcache_jax.quant.formats import FORMATS, format_for_bits, get_format, pack, unpack
 from lmcache_jax.quant.plan import QuantPlan
 
@@ -107,9 +107,42 @@ def test_plan_save_load(tmp_path):
   plan = QuantPlan(formats, scale, group_size=16, residual=8, sinks=2,
                    policy="kvquant")
   back = QuantPlan.load(plan.save(tmp_path / "plan"), cfg)
+  assert not back.rotate and back.key_shift is None
+  shifted = plan.replace(rotate=True, key_shift=scale - 1)
+  again = QuantPlan.load(shifted.save(tmp_path / "shifted"), cfg)
+  assert again.rotate
+  np.testing.assert_array_equal(again.key_shift, scale - 1)
   assert back.formats == formats and back.policy == "kvquant"
   assert (back.group_size, back.residual, back.sinks) == (16, 8, 2)
   np.testing.assert_array_equal(back.key_scale, scale)
   assert back.average_bits() == pytest.approx(29 / 6)
   with pytest.raises(ValueError, match="no quant plan at"):
     QuantPlan.load(tmp_path / "missing")
+
+
+def test_hadamard_rotation_is_orthonormal_and_keeps_attention():
+  h = transform.hadamard(64)
+  np.testing.assert_allclose(h @ h.T, np.eye(64), atol=1e-6)
+  rng = np.random.default_rng(0)
+  q, k = rng.standard_normal((2, 5, 64)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(transform.rotate(q)) @ np.asarray(
+      transform.rotate(k)).T, q @ k.T, rtol=1e-4, atol=1e-4)
+  shift, scale = rng.standard_normal(64), rng.random(64) + 0.5
+  stored = transform.stored(k, scale, shift, rotated=True)
+  np.testing.assert_allclose(transform.restored(stored, scale, shift, True), k,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_and_centering_shrink_the_error_of_outlier_keys():
+  """Keys with a few large, biased channels (as real keys have) quantize
+  far better once centered and rotated."""
+  rng = np.random.default_rng(1)
+  keys = rng.standard_normal((256, 64)).astype(np.float32)
+  keys[:, :3] = keys[:, :3] * 4 + 20
+  mean = keys.mean(axis=0)
+  fmt = FORMATS["int4"]
+  error = lambda rotated, shift: float(np.mean((transform.restored(
+      schemes.fake_quant(transform.stored(keys, None, shift, rotated), fmt,
+                         64), None, shift, rotated) - keys) ** 2))
+  plain, rotated, both = error(False, None), error(True, None), error(True, mean)
+  assert both < rotated < plain and both < plain / 4

@@ -3,12 +3,14 @@
   python -m experiments.run --task=quant_table
 
 Streams ``context`` tokens of the evaluation text through a full cache, 32
-tokens per forward pass, in each storage setting: bf16 (dense), fp8, uniform
-int8/int4/int3/int2 with and without an exact window of the 64 most recent
-tokens, and every calibration policy at 2, 3 and 4 average bits (calibrated
-on 512 tokens of another text). With a window of R written tokens and
-chunks of C, each query reads its R - C + 1 to R latest tokens exact (R in
-decode). KV bytes are the payload a
+tokens per forward pass, in each storage setting: bf16 (dense), fp8, and
+uniform int8/int4/int3/int2 each stored plainly, Hadamard-rotated with keys
+centered (the default), with 4 exact sink tokens too, and with an exact
+window of the 64 most recent tokens too; then every calibration policy at 2,
+3 and 4 average bits (rotated and centered). Centering and calibration read
+512 tokens of another text. With a window of R written tokens and chunks of
+C, each query reads its R - C + 1 to R latest tokens exact (R in decode).
+KV bytes are the payload a
 bfloat16-storage cache of that setting allocates (codes, scales, zeros, exact
 copies and maps), whatever the compute dtype of the run.
 """
@@ -27,6 +29,7 @@ from experiments.tasks import TASKS
 from experiments.tasks.perplexity import stream_nll
 from experiments.texts import load_eval_text
 from lmcache_jax import quant
+from lmcache_jax.quant import calibration
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.quant.plan import QuantPlan
 
@@ -44,13 +47,17 @@ def settings(qconf, lm, calibration_tokens):
   cfg = lm.cfg
   group = int(qconf.get("group_size", 64))
   residual = int(qconf.get("residual_window", 64))
+  key_shift = calibration.key_means(calibration.collect(lm, calibration_tokens))
+  stored = dict(rotate=True, key_shift=key_shift)
   yield "bf16", None
   yield "fp8", QuantPlan.uniform(cfg, "fp8", group_size=group, policy="uniform")
   for fmt in ("int8", "int4", "int3", "int2"):
-    for window in (0, residual):
-      label = f"{fmt}" + (f" + residual {window}" if window else "")
-      yield label, QuantPlan.uniform(cfg, fmt, group_size=group,
-                                     residual=window, policy="uniform")
+    uniform = lambda **kw: QuantPlan.uniform(cfg, fmt, group_size=group, **kw)
+    yield f"{fmt} plain", uniform()
+    yield f"{fmt} rotated + centered", uniform(**stored)
+    yield f"{fmt} rot. + cent. + 4 sinks", uniform(sinks=4, **stored)
+    yield (f"{fmt} rot. + cent. + 4 sinks + residual {residual}",
+           uniform(sinks=4, residual=residual, **stored))
   for name in ("variance", "sensitivity", "kvquant"):
     for bits in (2, 3, 4):
       start = time.perf_counter()

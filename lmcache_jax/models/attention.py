@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from lmcache_jax.kernels.decode_attention import decode_attention
 from lmcache_jax.models.blocked_attention import block_size_for, blocked_attend
 from lmcache_jax.quant import payload as qpayload
+from lmcache_jax.quant import transform
 
 _MASKED = -1e30
 # Steps with fewer queries (decode) attend densely: their logits are small.
@@ -156,6 +157,14 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
   packed_pos = layer.positions
   if keys.exact.shape[-2]:
     packed_pos = jnp.where(qpayload.mirrored(keys, capacity), -1, packed_pos)
+  # The kernel reads keys as stored (centered, scaled, rotated): q·k =
+  # (q ⊙ scale)H · stored + q·shift, the last term the same for every slot.
+  q_stored = qg
+  if keys.channel_scale is not None:
+    q_stored = q_stored * keys.channel_scale
+  if keys.rotate:
+    q_stored = transform.rotate(q_stored)
+  q_stored = q_stored.astype(q.dtype)   # bf16 tensor-core dots on the GPU
   out = jnp.zeros(qg.shape, jnp.float32)
   lse = jnp.full(qg.shape[:-1], _MASKED, jnp.float32)
   logits = jnp.full((*qg.shape[:-1], capacity), _MASKED, jnp.float32)  # [B, K, G, S]
@@ -166,18 +175,23 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
     take = ((lambda a: a) if identity else
             (lambda a: jnp.take_along_axis(
                 a, safe.reshape(*safe.shape, *([1] * (a.ndim - 2))), axis=1)))
-    q_rows = take(qg)             # kept in q's dtype: bf16 tensor-core dots
-    if keys.channel_scale is not None:
-      q_rows = (q_rows * take(keys.channel_scale)).astype(q.dtype)
     o, l, s = decode_attention(
-        q_rows, q_pos, take(packed_pos), kp.data, kp.scale, kp.zero, vp.data,
-        vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size)
+        take(q_stored), q_pos, take(packed_pos), kp.data, kp.scale, kp.zero,
+        vp.data, vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size)
     if identity:
       out, lse, logits = o, l, s
     else:
       out = out.at[b, rows].set(o, mode="drop")
       lse = lse.at[b, rows].set(l, mode="drop")
       logits = logits.at[b, rows].set(s, mode="drop")
+  if values.rotate:
+    out = transform.unrotate(out)
+  if keys.channel_shift is not None:
+    bias = jnp.einsum("BKGH,BKH->BKG", qg.astype(jnp.float32),
+                      keys.channel_shift[:, :, 0],
+                      precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
+    lse = lse + bias
+    logits = logits + bias[..., None]
   if keys.exact.shape[-2]:
     slot = jnp.maximum(keys.exact_slots, 0)
     pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]

@@ -3,6 +3,7 @@
   formats   int2/int3/int4/int8 (asymmetric, planar bit packing) and fp8
   schemes   quantize / dequantize references, KIVI-layout round trip
   plan      QuantPlan: format per (layer, kv head), group, residual, sinks
+  transform centering, channel scaling and Hadamard rotation before quantizing
   payload   the packed cache leaves and how tokens are written (kernels)
   slots     slice / dequantize slot ranges of any payload
   calibration  activations, attention-output error, bit allocation
@@ -41,9 +42,12 @@ def from_config(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   saved plan; wins over the rest), ``kv_bits`` (16 = off, else the average
   code bits), ``calibration`` (a policy name or call string, e.g.
   ``kvquant(sink_tokens=4)``), ``group_size`` (64), ``residual`` (0),
-  ``sinks`` (0) and ``save_plan`` (path to save the chosen plan).
-  ``calibration_tokens`` is real text (token ids) for policies that
-  measure; None reads ``calibration_text`` (see ``calibration_tokens_for``).
+  ``sinks`` (0), ``rotate`` (True: Hadamard-rotate head vectors),
+  ``center_keys`` (True: subtract each key channel's mean on the
+  calibration text) and ``save_plan`` (path to save the chosen plan).
+  ``calibration_tokens`` is real text (token ids) for centering and for
+  policies that measure; None reads ``calibration_text`` (see
+  ``calibration_tokens_for``).
   """
   get = quant_config.get
   if get("plan", ""):
@@ -53,14 +57,20 @@ def from_config(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   bits = float(get("kv_bits", 16))
   if bits >= 16:
     return None
+  from lmcache_jax.quant import calibration
   from policies.registry import CALIBRATION
   policy = CALIBRATION.make(get("calibration", "uniform") or "uniform")
-  if calibration_tokens is None and policy.name != "uniform":
+  center = bool(get("center_keys", True))
+  if calibration_tokens is None and (center or policy.name != "uniform"):
     calibration_tokens = calibration_tokens_for(quant_config, lm)
+  storage = calibration.Storage(
+      rotate=bool(get("rotate", True)),
+      key_shift=(calibration.key_means(calibration.collect(
+          lm, calibration_tokens)) if center else None))
   plan = policy.calibrate(lm, calibration_tokens, bits=bits,
                           group_size=int(get("group_size", 64)),
                           residual=int(get("residual", 0)),
-                          sinks=int(get("sinks", 0)))
+                          sinks=int(get("sinks", 0)), storage=storage)
   print(plan.describe())
   if get("save_plan", ""):
     print(f"saved quant plan to {plan.save(get('save_plan'))}")

@@ -27,7 +27,7 @@ from lmcache_jax.engine.loaded import LoadedModel
 from lmcache_jax.models import attention
 from lmcache_jax.models.llama import rms_norm
 from lmcache_jax.models.rope import apply_rope, inverse_frequencies
-from lmcache_jax.quant import schemes
+from lmcache_jax.quant import schemes, transform
 from lmcache_jax.quant.formats import Format, format_for_bits
 
 BITS = (2, 3, 4, 8)
@@ -89,20 +89,46 @@ def collect(lm: LoadedModel, tokens) -> Activations:
   return Activations(**{k: np.stack(v) for k, v in out.items()})
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "residual"))
-def attention_error(queries, keys, values, key_scale, *, fmt: Format,
-                    group_size: int, residual: int):
+@dataclasses.dataclass(frozen=True, eq=False)
+class Storage:
+  """How the cache transforms head vectors before quantizing them (the plan
+  fields of the same names): keys centered on calibrated channel means,
+  every vector Hadamard-rotated. Policies measure with it and put it in the
+  plans they return."""
+  rotate: bool = False
+  key_shift: np.ndarray | None = None   # [L, K, Hd]
+
+  def shift(self, layer: int, head: int):
+    """[Hd] channel means of one head's keys (None when not centered)."""
+    return None if self.key_shift is None else self.key_shift[layer, head]
+
+
+def key_means(acts: Activations) -> np.ndarray:
+  """[L, K, Hd] float32 mean of every key channel (after RoPE) over tokens."""
+  return acts.keys_rope.mean(axis=2).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "residual",
+                                             "rotate"))
+def attention_error(queries, keys, values, key_scale, key_shift=None, *,
+                    fmt: Format, group_size: int, residual: int,
+                    rotate: bool = False):
   """Relative squared error of causal attention outputs of one kv head.
 
   Args:
     queries: [G, T, Hd] the group's rotated queries.
     keys, values: [T, Hd] the head's rotated keys and values.
-    key_scale: [Hd] divisors applied to keys before quantizing.
+    key_scale, key_shift: [Hd] key divisors and channel means
+      (``transform.stored``).
     residual: tokens within this distance of a query are read exact.
+    rotate: the cache stores Hadamard-rotated vectors.
   """
+  fake = lambda x, scale, shift: transform.restored(
+      schemes.fake_quant(transform.stored(x, scale, shift, rotate), fmt,
+                         group_size), scale, shift, rotate)
+  kq = fake(keys, key_scale, key_shift)
+  vq = fake(values, None, None)
   steps, head_dim = keys.shape
-  kq = schemes.fake_quant(keys / key_scale, fmt, group_size) * key_scale
-  vq = schemes.fake_quant(values, fmt, group_size)
   t = jnp.arange(steps)
   dist = t[:, None] - t[None, :]
   visible = dist >= 0

@@ -13,6 +13,13 @@ Layout (every leaf keeps the cache's slot axis at index 3):
                                      tokens (E = sinks + residual)
     exact_slots    [L, B, K, E]      slot each copy mirrors, -1 = none
     channel_scale  [L, B, K, 1, Hd]  float32 key divisors (keys only, else None)
+    channel_shift  [L, B, K, 1, Hd]  float32 key channel means (keys of a
+                                     centered plan, else None)
+
+Before quantizing, a key becomes ((k - shift) / scale) and, in a rotated
+plan, every head vector is multiplied by the Hadamard matrix H
+(``quant.transform``); reads undo both. Exact copies hold the vectors as
+written.
 
 R rows per part: the most heads any layer stores in that format, so a plan
 mixing formats per (layer, head) allocates each format once, not per head.
@@ -32,6 +39,7 @@ from flax import struct
 
 from lmcache_jax.kernels.dequantize import unpack_dequantize
 from lmcache_jax.kernels.quantize import quantize_pack
+from lmcache_jax.quant import transform
 from lmcache_jax.quant.formats import Format, get_format
 from lmcache_jax.quant.plan import QuantPlan
 
@@ -57,6 +65,8 @@ class QuantizedKV:
   channel_scale: jax.Array | None
   sinks: int = struct.field(pytree_node=False)
   residual: int = struct.field(pytree_node=False)
+  channel_shift: jax.Array | None = None
+  rotate: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def head_dim(self) -> int:
@@ -97,16 +107,17 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
         fmt=fmt, group_size=plan.group_size))
   num_exact = plan.sinks + plan.residual
   kv = (*lead, cfg.num_kv_heads)
-  channel_scale = None
-  if keys:
-    channel_scale = jnp.broadcast_to(
-        jnp.asarray(plan.key_scale, jnp.float32)[:, None, :, None, :],
-        (*kv, 1, hd))
+  per_head = lambda a: jnp.broadcast_to(
+      jnp.asarray(a, jnp.float32)[:, None, :, None, :], (*kv, 1, hd))
+  channel_scale = per_head(plan.key_scale) if keys else None
+  channel_shift = (per_head(plan.key_shift)
+                   if keys and plan.key_shift is not None else None)
   return QuantizedKV(
       parts=tuple(parts),
       exact=jnp.zeros((*kv, num_exact, hd), dtype),
       exact_slots=jnp.full((*kv, num_exact), -1, jnp.int32),
-      channel_scale=channel_scale, sinks=plan.sinks, residual=plan.residual)
+      channel_scale=channel_scale, sinks=plan.sinks, residual=plan.residual,
+      channel_shift=channel_shift, rotate=plan.rotate)
 
 
 def identity_rows(payload: QuantizedKV, part: Packed) -> bool:
@@ -133,16 +144,15 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
   batch, num_kv, steps, _ = x.shape
   capacity = payload.parts[0].data.shape[-2]
   b = jnp.arange(batch)[:, None, None]
-  scaled = x if payload.channel_scale is None else (
-      x.astype(jnp.float32) / payload.channel_scale)
+  stored = to_stored(payload, x)
   parts = []
   for part in payload.parts:
     if identity_rows(payload, part):
-      xr, sr = scaled, slots
+      xr, sr = stored, slots
     else:
       rows = _rows(part.heads, num_kv)                      # [B, R]
       safe = jnp.minimum(rows, num_kv - 1)
-      xr = jnp.take_along_axis(scaled, safe[:, :, None, None], axis=1)
+      xr = jnp.take_along_axis(stored, safe[:, :, None, None], axis=1)
       sr = jnp.take_along_axis(slots, safe[:, :, None], axis=1)
       sr = jnp.where((rows < num_kv)[:, :, None], sr, capacity)
     if part.fmt.kind == "int":
@@ -179,6 +189,18 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
                          exact_slots=exact_slots)
 
 
+def to_stored(payload: QuantizedKV, x: jax.Array) -> jax.Array:
+  """Head vectors [B, K, ..., Hd] as this payload quantizes them."""
+  return transform.stored(x, payload.channel_scale, payload.channel_shift,
+                          payload.rotate)
+
+
+def from_stored(payload: QuantizedKV, x: jax.Array) -> jax.Array:
+  """Dequantized stored vectors back to head vectors (float32)."""
+  return transform.restored(x, payload.channel_scale, payload.channel_shift,
+                            payload.rotate)
+
+
 def mirrored(payload: QuantizedKV, capacity: int) -> jax.Array:
   """[..., K, S] bool: slots whose token also has an exact copy."""
   lead = payload.exact_slots.shape[:-1]
@@ -193,7 +215,7 @@ def mirrored(payload: QuantizedKV, capacity: int) -> jax.Array:
 
 
 def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
-  """One layer's dense [B, K, S, Hd] (channel scales undone; exact copies
+  """One layer's dense [B, K, S, Hd] (``to_stored`` undone; exact copies
   overlaid unless ``exact=False``)."""
   batch, num_kv = payload.exact.shape[:2]
   head_dim = payload.head_dim
@@ -207,8 +229,7 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
       out = dense.astype(jnp.float32)
     else:
       out = out.at[b, _rows(part.heads, num_kv)].set(dense, mode="drop")
-  if payload.channel_scale is not None:
-    out = out * payload.channel_scale
+  out = from_stored(payload, out)
   if exact and payload.exact.shape[-2]:
     h = jnp.arange(num_kv)[None, :, None]
     target = jnp.where(payload.exact_slots >= 0, payload.exact_slots, capacity)

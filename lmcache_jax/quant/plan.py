@@ -16,6 +16,7 @@ import pathlib
 
 import numpy as np
 
+from lmcache_jax.quant import transform
 from lmcache_jax.quant.formats import FORMATS, get_format
 
 if TYPE_CHECKING:
@@ -37,6 +38,11 @@ class QuantPlan:
   residual:   most recent tokens also kept in full precision.
   sinks:      first tokens (positions) kept in full precision.
   policy:     the calibration that chose it, for reports.
+  rotate:     head vectors rotated by a Hadamard matrix before quantizing
+              (``quant.transform``), spreading outlier channels.
+  key_shift:  [L, K, Hd] float32 calibrated mean of each key channel (after
+              RoPE), subtracted before quantizing and added back on read, so
+              the grid covers each key's deviation from the mean; None = 0.
   """
   formats: tuple[tuple[str, ...], ...]
   key_scale: np.ndarray
@@ -44,6 +50,8 @@ class QuantPlan:
   residual: int = 0
   sinks: int = 0
   policy: str = ""
+  rotate: bool = False
+  key_shift: np.ndarray | None = None
 
   def __post_init__(self):
     for row in self.formats:
@@ -58,6 +66,11 @@ class QuantPlan:
                        f"got {self.key_scale.shape}")
     if not np.all(self.key_scale > 0):
       raise ValueError("key_scale must be positive")
+    if self.key_shift is not None and self.key_shift.shape != self.key_scale.shape:
+      raise ValueError(f"key_shift must be [L, K, Hd] = "
+                       f"{self.key_scale.shape}, got {self.key_shift.shape}")
+    if self.rotate:
+      transform.check_dim(self.head_dim)
     for name in ("group_size", "residual", "sinks"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value < (name == "group_size"):
@@ -70,13 +83,15 @@ class QuantPlan:
   @classmethod
   def uniform(cls, cfg: ModelConfig, fmt: str, *, group_size: int = 64,
               residual: int = 0, sinks: int = 0, key_scale=None,
-              policy: str = "uniform") -> "QuantPlan":
+              policy: str = "uniform", rotate: bool = False,
+              key_shift=None) -> "QuantPlan":
     formats = tuple((fmt,) * cfg.num_kv_heads for _ in range(cfg.num_layers))
     if key_scale is None:
       key_scale = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                           np.float32)
     return cls(formats, np.asarray(key_scale, np.float32), group_size,
-               residual, sinks, policy)
+               residual, sinks, policy, rotate,
+               None if key_shift is None else np.asarray(key_shift, np.float32))
 
   def replace(self, **changes) -> "QuantPlan":
     return dataclasses.replace(self, **changes)
@@ -116,10 +131,12 @@ class QuantPlan:
     per_layer = " ".join("/".join(f.removeprefix("int") for f in row)
                          for row in self.formats)
     scaled = bool(np.any(self.key_scale != 1))
+    extras = "".join([", per-channel key scales" if scaled else "",
+                      ", centered keys" if self.key_shift is not None else "",
+                      ", Hadamard-rotated" if self.rotate else ""])
     return (f"plan[{self.policy or 'custom'}] avg {self.average_bits():.2f} "
             f"bits; {dict(sorted(counts.items()))}; group {self.group_size}, "
-            f"residual {self.residual}, sinks {self.sinks}"
-            f"{', per-channel key scales' if scaled else ''}\n"
+            f"residual {self.residual}, sinks {self.sinks}{extras}\n"
             f"  per layer (heads): {per_layer}")
 
   def save(self, path) -> pathlib.Path:
@@ -134,7 +151,10 @@ class QuantPlan:
         "residual": np.int32(self.residual),
         "sinks": np.int32(self.sinks),
         "policy": np.frombuffer((self.policy or "-").encode(), np.uint8),
+        "rotate": np.int32(self.rotate),
     }
+    if self.key_shift is not None:
+      tree["key_shift"] = self.key_shift.astype(np.float32)
     ocp.PyTreeCheckpointer().save(path, tree, force=True)
     return path
 
@@ -151,10 +171,13 @@ class QuantPlan:
     if ids.min() < 0 or ids.max() >= len(_NAMES):
       raise ValueError(f"quant plan {path} has unknown format ids {ids}")
     policy = bytes(np.asarray(tree["policy"], np.uint8)).decode()
+    shift = tree.get("key_shift")
     plan = cls(tuple(tuple(_NAMES[i] for i in row) for row in ids),
                np.asarray(tree["key_scale"], np.float32),
                int(tree["group_size"]), int(tree["residual"]),
-               int(tree["sinks"]), "" if policy == "-" else policy)
+               int(tree["sinks"]), "" if policy == "-" else policy,
+               bool(tree.get("rotate", 0)),
+               None if shift is None else np.asarray(shift, np.float32))
     if cfg is not None:
       plan.check(cfg)
     return plan

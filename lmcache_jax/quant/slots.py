@@ -2,7 +2,7 @@
 
 Eviction and the tiered store move tokens by slot. Every leaf of a payload
 has the slot axis at index 3 ([L, B, K|R, S, ...]); leaves with one entry
-per row (``heads``, ``channel_scale``) are kept whole, and the exact copies
+per row (``heads``, ``channel_scale``, ``channel_shift``) are kept whole, and the exact copies
 (indexed by entry) are kept with their slot map shifted into the range.
 """
 

@@ -57,7 +57,9 @@ def _plan_digest(kv) -> str:
   if not isinstance(kv, QuantizedKV):
     return str(jnp.dtype(kv.dtype))
   h = hashlib.sha256(str(jax.tree_util.tree_structure(kv)).encode())
-  for leaf in ([p.heads for p in kv.parts] + [kv.channel_scale]):
+  h.update(f"rotate={kv.rotate}".encode())
+  for leaf in ([p.heads for p in kv.parts]
+               + [kv.channel_scale, kv.channel_shift]):
     if leaf is not None:
       h.update(np.asarray(leaf[:, :1]).tobytes())
   return h.hexdigest()

@@ -46,11 +46,15 @@ class KVQuant:
   quantile: float = 0.99
 
   def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int) -> QuantPlan:
+                residual: int, sinks: int,
+                storage: calibration.Storage = calibration.Storage()
+                ) -> QuantPlan:
     cfg = lm.cfg
     acts = calibration.collect(lm, tokens)
     scales = channel_scales(acts.keys, self.quantile)
-    errors = head_errors(acts, cfg.group_size, group_size, residual, scales)
+    errors = head_errors(acts, cfg.group_size, group_size, residual, scales,
+                         storage)
     chosen = calibration.allocate(errors, bits)
     return QuantPlan(calibration.formats_of(chosen), scales, group_size,
-                     residual, max(sinks, self.sink_tokens), self.name)
+                     residual, max(sinks, self.sink_tokens), self.name,
+                     storage.rotate, storage.key_shift)

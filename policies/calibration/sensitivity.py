@@ -22,8 +22,10 @@ from policies.registry import CALIBRATION
 
 
 def head_errors(acts: calibration.Activations, group: int, group_size: int,
-                residual: int, key_scale: np.ndarray) -> np.ndarray:
-  """Relative attention-output error [L, K, len(BITS)]."""
+                residual: int, key_scale: np.ndarray,
+                storage: calibration.Storage) -> np.ndarray:
+  """Relative attention-output error [L, K, len(BITS)] of the cache as
+  ``storage`` transforms it."""
   num_layers, num_kv = acts.keys_rope.shape[:2]
   errors = np.zeros((num_layers, num_kv, len(calibration.BITS)))
   for l in range(num_layers):
@@ -32,8 +34,9 @@ def head_errors(acts: calibration.Activations, group: int, group_size: int,
       for i, b in enumerate(calibration.BITS):
         errors[l, k, i] = float(calibration.attention_error(
             q, jnp.asarray(acts.keys_rope[l, k]), jnp.asarray(acts.values[l, k]),
-            jnp.asarray(key_scale[l, k]), fmt=format_for_bits(b),
-            group_size=group_size, residual=residual))
+            jnp.asarray(key_scale[l, k]), storage.shift(l, k),
+            fmt=format_for_bits(b), group_size=group_size, residual=residual,
+            rotate=storage.rotate))
   return errors
 
 
@@ -44,12 +47,16 @@ class Sensitivity:
   name: ClassVar[str] = "sensitivity"
 
   def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int) -> QuantPlan:
+                residual: int, sinks: int,
+                storage: calibration.Storage = calibration.Storage()
+                ) -> QuantPlan:
     cfg = lm.cfg
     acts = calibration.collect(lm, tokens)
     ones = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                    np.float32)
-    errors = head_errors(acts, cfg.group_size, group_size, residual, ones)
+    errors = head_errors(acts, cfg.group_size, group_size, residual, ones,
+                         storage)
     chosen = calibration.allocate(errors, bits)
     return QuantPlan(calibration.formats_of(chosen), ones, group_size,
-                     residual, sinks, self.name)
+                     residual, sinks, self.name, storage.rotate,
+                     storage.key_shift)

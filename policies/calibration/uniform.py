@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from lmcache_jax.quant import calibration
 from lmcache_jax.quant.formats import format_for_bits, get_format
 from lmcache_jax.quant.plan import QuantPlan
 from policies.registry import CALIBRATION
@@ -21,20 +22,22 @@ class Uniform:
   fmt: str = ""
 
   def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int) -> QuantPlan:
+                residual: int, sinks: int,
+                storage: calibration.Storage = calibration.Storage()
+                ) -> QuantPlan:
     del tokens
+    knobs = dict(group_size=group_size, residual=residual, sinks=sinks,
+                 rotate=storage.rotate, key_shift=storage.key_shift)
     if self.fmt:
       fmt = get_format(self.fmt)
       if fmt.bits != bits:
         raise ValueError(f"uniform(fmt={self.fmt!r}) stores {fmt.bits} bits "
                          f"but kv_bits={bits}")
-      return QuantPlan.uniform(lm.cfg, fmt.name, group_size=group_size,
-                               residual=residual, sinks=sinks,
-                               policy=f"uniform-{fmt.name}")
+      return QuantPlan.uniform(lm.cfg, fmt.name, policy=f"uniform-{fmt.name}",
+                               **knobs)
     if float(bits) != int(bits):
       raise ValueError(f"uniform calibration needs whole bits (2, 3, 4, 8), "
                        f"got kv_bits={bits}; use variance or sensitivity "
                        f"for a fractional average")
     fmt = format_for_bits(int(bits)).name
-    return QuantPlan.uniform(lm.cfg, fmt, group_size=group_size,
-                             residual=residual, sinks=sinks, policy=self.name)
+    return QuantPlan.uniform(lm.cfg, fmt, policy=self.name, **knobs)

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmcache_jax.quant import calibration
+from lmcache_jax.quant import calibration, transform
 from lmcache_jax.quant.plan import QuantPlan
 from policies.registry import CALIBRATION
 
@@ -31,9 +31,17 @@ class Variance:
   name: ClassVar[str] = "variance"
 
   def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int) -> QuantPlan:
+                residual: int, sinks: int,
+                storage: calibration.Storage = calibration.Storage()
+                ) -> QuantPlan:
     acts = calibration.collect(lm, tokens)
-    size = spread(acts.keys_rope, group_size) + spread(acts.values, group_size)
+    shift = (None if storage.key_shift is None
+             else storage.key_shift[:, :, None, :])
+    keys = np.asarray(transform.stored(acts.keys_rope, shift=shift,
+                                       rotated=storage.rotate))
+    values = np.asarray(transform.stored(acts.values,
+                                         rotated=storage.rotate))
+    size = spread(keys, group_size) + spread(values, group_size)
     levels = np.array([(1 << b) - 1 for b in calibration.BITS], np.float64)
     costs = size[..., None] / (12.0 * levels ** 2)
     chosen = calibration.allocate(costs, bits)
@@ -41,4 +49,5 @@ class Variance:
     return QuantPlan(calibration.formats_of(chosen),
                      np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                              np.float32),
-                     group_size, residual, sinks, self.name)
+                     group_size, residual, sinks, self.name, storage.rotate,
+                     storage.key_shift)
