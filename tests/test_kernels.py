@@ -106,8 +106,8 @@ def test_kernels_lower_to_triton(name):
                   else (fmt.words(128), jnp.uint32))
   packed = [sds((2, 8, 256, width), dtype),
             sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
-  exported = lower(da._build(2, 8, groups, 16, 4, 256, 128, width, fmt, 64,
-                             64, 128, 4, 2, False),
+  exported = lower(da._build(2, 8, groups, 16, 3, 4, 256, 128, width, fmt,
+                             64, 64, 128, 4, 2, False),
                    sds((2, 8, groups, 16, 128), jnp.bfloat16),
                    sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
                    *packed, *packed)

@@ -109,17 +109,15 @@ def _softmax_step(m, l, accs, logits, visible):
   return m_new, l, tuple(a * alpha[:, None] for a in accs), p
 
 
-def _write_logits(logits_ref, rows, logits):
-  """Stores the real query rows' logits (the first rows of ``logits``)."""
-  heads = logits.shape[0]
-  rows_out = logits_ref.shape[0]
-  if rows_out == heads:
+def _write_logits(logits_ref, rows, logits, real: int):
+  """Stores the logits of the ``real`` query heads. The padding rows repeat
+  the real heads cyclically, so row r goes to head r % real: rows storing
+  to the same address store the same value."""
+  if logits.shape[0] == logits_ref.shape[0] == real:
     logits_ref[:, rows] = logits
     return
-  row = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-  for g in range(rows_out):
-    logits_ref[pl.ds(g, 1), rows] = jnp.sum(
-        jnp.where(row == g, logits, 0.0), axis=0)[None, :]
+  head = jax.lax.broadcasted_iota(jnp.int32, (logits.shape[0],), 0) % real
+  logits_ref[head, rows] = logits
 
 
 def _block_rows(i, block_s: int):
@@ -137,7 +135,8 @@ def _store_state(acc_ref, m_ref, l_ref, m, l, accs):
 
 def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, logits_ref, *,
-                  fmt: Format, group_size: int, block_s: int):
+                  fmt: Format, group_size: int, block_s: int,
+                  real_heads: int):
   """One-plane formats. q_ref [groups, G, Hd]: lane-ordered, one copy per
   channel group (zero outside it); k/v bytes [split, Hd·p/8]; k/v scale and
   zero [split, Hd/g]; acc_ref [G, Hd] lane-ordered; m_ref, l_ref [G];
@@ -167,7 +166,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                 + q_sum[gi] * kz_ref[rows, gi].astype(jnp.float32)[None, :])
     visible = ((pos >= 0) & (pos <= q_pos))[None, :]
     logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
-    _write_logits(logits_ref, rows, logits)
+    _write_logits(logits_ref, rows, logits, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     v_tiles = _lane_tiles(vb_ref[rows, :], bits)
     new = []
@@ -191,7 +190,8 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
 
 def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
                    vs_ref, vz_ref, acc_ref, m_ref, l_ref, logits_ref, *,
-                   fmt: Format, group_size: int, block_s: int):
+                   fmt: Format, group_size: int, block_s: int,
+                   real_heads: int):
   """Multi-plane formats (int3), 16-channel chunks at a time. q_ref
   [1, G, Hd]; k/v words [split, W]; k/v scale and zero [split, Hd/g];
   acc_ref [G, Hd]; m_ref, l_ref [G]; logits_ref [Go, split]."""
@@ -220,7 +220,7 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
                 + q_sum[gi] * kz_ref[rows, gi].astype(jnp.float32)[None, :])
     visible = ((pos >= 0) & (pos <= q_pos))[None, :]
     logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
-    _write_logits(logits_ref, rows, logits)
+    _write_logits(logits_ref, rows, logits, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     values = ChunkReader(vw_ref, fmt, head_dim, rows)
     new = []
@@ -239,8 +239,8 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
   _store_state(acc_ref, m_ref, l_ref, m, l, accs)
 
 
-def _build(batch: int, rows: int, groups: int, heads: int, rows_out: int,
-           slots: int, head_dim: int, data_width: int, fmt: Format,
+def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
+           rows_out: int, slots: int, head_dim: int, data_width: int, fmt: Format,
            group_size: int, block_s: int, split: int, num_warps: int,
            num_stages: int, interpret: bool):
   splits = slots // split
@@ -253,7 +253,8 @@ def _build(batch: int, rows: int, groups: int, heads: int, rows_out: int,
   return pl.pallas_call(
       functools.partial(
           _lanes_kernel if len(fmt.planes) == 1 else _chunks_kernel,
-          fmt=fmt, group_size=group_size, block_s=block_s),
+          fmt=fmt, group_size=group_size, block_s=block_s,
+          real_heads=real_heads),
       grid=(batch, rows, splits),
       in_specs=[pl.BlockSpec((None, None, groups, heads, head_dim),
                              lambda b, r, j: (b, r, 0, 0, 0)),
@@ -368,11 +369,12 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   lanes = len(fmt.planes) == 1
   groups = head_dim // group_size
   # Query heads padded to 16 rows feed tensor-core dots (byte lanes and
-  # chunks of >= 16 channels); only the real rows' logits are written.
+  # chunks of >= 16 channels); the padding repeats the real heads, whose
+  # logits the kernel writes.
   wide = lanes or fmt.chunk(head_dim) >= 16
   g_pad = max(16, next_pow2(heads)) if wide else next_pow2(heads)
   rows_out = next_pow2(heads)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, g_pad - heads), (0, 0)))
+  q = q[:, :, np.arange(g_pad) % heads]   # padding rows repeat real heads
   if lanes:
     order = lane_order(fmt, head_dim)
     # one query copy per group, zero outside the group's channels
@@ -389,7 +391,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
   acc, m, l, logits = _build(
-      batch, rows, q.shape[2], g_pad, rows_out, padded, head_dim,
+      batch, rows, q.shape[2], g_pad, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
       num_warps, num_stages, backend == "interpret")(
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
