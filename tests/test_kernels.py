@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
 
+from lmcache_jax.kernels import backend
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
 from lmcache_jax.quant import schemes
@@ -112,3 +115,26 @@ def test_kernels_lower_to_triton(name):
                    sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
                    *packed, *packed)
   assert "triton" in exported.mlir_module()
+
+
+def test_formats_without_a_kernel_say_so(caplog):
+  """fp8 has no Pallas kernel: the wrappers run the reference and log it,
+  even when a kernel was asked for (interpret mode)."""
+  backend._note.cache_clear()
+  fmt = FORMATS["fp8"]
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 8, 32)),
+                  jnp.float32)
+  kq = schemes.quantize(x, fmt, 32)
+  with caplog.at_level(logging.WARNING, "lmcache_jax.kernels"):
+    got = da.decode_attention(jnp.ones((1, 1, 2, 32)), jnp.array([7]),
+                              jnp.arange(8, dtype=jnp.int32)[None, None], *kq,
+                              *kq, fmt=fmt, group_size=32, interpret=True)
+    quantize.quantize_pack(x, fmt=fmt, group_size=32, interpret=True)
+  want = da.decode_attention_reference(
+      jnp.ones((1, 1, 2, 32)), jnp.array([7]),
+      jnp.arange(8, dtype=jnp.int32)[None, None], *kq, *kq, fmt=fmt,
+      group_size=32)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for op in ("decode_attention", "quantize_pack"):
+    assert (f"{op}: no Pallas kernel for format fp8; running the pure-jnp "
+            f"reference {op}_reference") in caplog.text

@@ -31,13 +31,18 @@ def _note(op: str, message: str) -> None:
   log.warning("%s: %s", op, message)
 
 
-def choose(op: str, interpret: bool | None) -> str:
+def choose(op: str, interpret: bool | None, fmt=None) -> str:
   """"triton", "interpret" or "reference" for ``op`` on the default backend.
 
   ``interpret=True`` runs the Pallas kernel in interpret mode anywhere (the
   CPU tests); otherwise GPUs get the Triton lowering and every other backend
-  the pure-jnp reference, named once in the log.
+  the pure-jnp reference, named once in the log. Formats without a kernel
+  (``fmt.kind != "int"``: fp8) always run the reference, also logged.
   """
+  if fmt is not None and fmt.kind != "int":
+    _note(op, f"no Pallas kernel for format {fmt.name}; running the pure-jnp "
+              f"reference {op}_reference")
+    return "reference"
   if interpret or (interpret is None and _interpret_all):
     return "interpret"
   backend = jax.default_backend()

@@ -358,8 +358,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   batch, rows, heads, head_dim = q.shape
   slots = slot_pos.shape[-1]
   fmt.check(head_dim, group_size)
-  backend = choose("decode_attention", interpret)
-  if fmt.kind != "int" or backend == "reference":
+  backend = choose("decode_attention", interpret, fmt)
+  if backend == "reference":
     return decode_attention_reference(
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
         v_zero, fmt=fmt, group_size=group_size)

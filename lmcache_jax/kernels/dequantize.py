@@ -107,8 +107,8 @@ def unpack_dequantize(payload, scale, zero, *, fmt: Format, group_size: int,
     block_rows: rows per program; interpret: Pallas interpret mode.
   """
   fmt.check(head_dim, group_size)
-  backend = choose("unpack_dequantize", interpret)
-  if fmt.kind != "int" or backend == "reference":
+  backend = choose("unpack_dequantize", interpret, fmt)
+  if backend == "reference":
     return schemes.dequantize(payload, scale, zero, fmt, group_size, head_dim,
                               dtype)
   lead = payload.shape[:-1]

@@ -94,8 +94,8 @@ def quantize_pack(x: jax.Array, *, fmt: Format, group_size: int,
   """
   head_dim = x.shape[-1]
   fmt.check(head_dim, group_size)
-  backend = choose("quantize_pack", interpret)
-  if fmt.kind != "int" or backend == "reference":
+  backend = choose("quantize_pack", interpret, fmt)
+  if backend == "reference":
     return schemes.quantize(x, fmt, group_size)
   lead = x.shape[:-1]
   flat = x.reshape(-1, head_dim)
