@@ -100,11 +100,22 @@ def _lane_groups(bits: int, head_dim: int, group_size: int):
           for h in range(lanes)]
 
 
-def _softmax_step(m, l, accs, logits, visible):
-  """Online softmax: new (max, sum, rescaled accumulators, probabilities)."""
+def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
+                    real_heads: int):
+  """Scaled logits of a block, masked where a slot is empty or after the
+  query; stored for the caller's attention mass."""
+  visible = ((pos >= 0) & (pos <= q_pos))[None, :]
+  logits = jnp.where(visible, dots * (head_dim ** -0.5), MASKED)
+  _write_logits(logits_ref, rows, logits, real_heads)
+  return logits
+
+
+def _softmax_step(m, l, accs, logits):
+  """Online softmax: new (max, sum, rescaled accumulators, probabilities);
+  masked logits get probability 0."""
   m_new = jnp.maximum(m, jnp.max(logits, axis=1))
   alpha = jnp.exp(m - m_new)
-  p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+  p = jnp.where(logits > MASKED, jnp.exp(logits - m_new[:, None]), 0.0)
   l = l * alpha + jnp.sum(p, axis=1)
   return m_new, l, tuple(a * alpha[:, None] for a in accs), p
 
@@ -125,10 +136,22 @@ def _block_rows(i, block_s: int):
   return pl.ds(pl.multiple_of(i * block_s, block_s), block_s)
 
 
-def _store_state(acc_ref, m_ref, l_ref, m, l, accs):
+def _per_slot(ref, rows, group: int):
+  """[1, bs] float32 scales (or zeros) of one channel group for a block."""
+  return ref[rows, group].astype(jnp.float32)[None, :]
+
+
+def _run_blocks(body, num_blocks: int, heads: int, parts: int, acc_ref, m_ref,
+                l_ref):
+  """Runs ``body`` over the program's blocks from an empty softmax state
+  (``parts`` accumulators splitting acc's columns) and stores the result."""
+  width = acc_ref.shape[-1] // parts
+  init = (jnp.full((heads,), MASKED, jnp.float32),
+          jnp.zeros((heads,), jnp.float32),
+          tuple(jnp.zeros((heads, width), jnp.float32) for _ in range(parts)))
+  m, l, accs = jax.lax.fori_loop(0, num_blocks, body, init)
   m_ref[...] = m
   l_ref[...] = l
-  width = acc_ref.shape[-1] // len(accs)
   for c, acc in enumerate(accs):
     acc_ref[:, pl.ds(c * width, width)] = acc
 
@@ -162,30 +185,24 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     for gi in range(groups):
       dots = sum(_dot(q_lanes[gi][h], k_tiles[h], ((1,), (1,)), dtype)
                  for h in range(lanes))
-      logits = (logits + dots * ks_ref[rows, gi].astype(jnp.float32)[None, :]
-                + q_sum[gi] * kz_ref[rows, gi].astype(jnp.float32)[None, :])
-    visible = ((pos >= 0) & (pos <= q_pos))[None, :]
-    logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
-    _write_logits(logits_ref, rows, logits, real_heads)
-    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
+      logits = (logits + dots * _per_slot(ks_ref, rows, gi)
+                + q_sum[gi] * _per_slot(kz_ref, rows, gi))
+    m, l, accs, p = _softmax_step(m, l, accs, _visible_logits(
+        logits, pos, q_pos, head_dim, logits_ref, rows, real_heads))
     v_tiles = _lane_tiles(vb_ref[rows, :], bits)
     new = []
     for h, acc in enumerate(accs):
       for gi in range(groups):
-        scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
-        zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
-        part = (_dot(p * scale, v_tiles[h], ((1,), (0,)), dtype)
-                + jnp.sum(p * zero, axis=1)[:, None])
+        part = (_dot(p * _per_slot(vs_ref, rows, gi), v_tiles[h],
+                     ((1,), (0,)), dtype)
+                + jnp.sum(p * _per_slot(vz_ref, rows, gi), axis=1)[:, None])
         acc = acc + (part if groups == 1 else
                      jnp.where(column_group[h] == gi, part, 0.0))
       new.append(acc)
     return m, l, tuple(new)
 
-  init = (jnp.full((heads,), MASKED, jnp.float32),
-          jnp.zeros((heads,), jnp.float32),
-          tuple(jnp.zeros((heads, width), jnp.float32) for _ in range(lanes)))
-  m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
-  _store_state(acc_ref, m_ref, l_ref, m, l, accs)
+  _run_blocks(body, pos_ref.shape[0] // block_s, heads, lanes, acc_ref, m_ref,
+              l_ref)
 
 
 def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
@@ -216,27 +233,21 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
     for gi in range(len(q_sum)):
       dots = sum(_qk(qc[c], keys.codes(c), dtype)
                  for c in range(gi * per_group, (gi + 1) * per_group))
-      logits = (logits + dots * ks_ref[rows, gi].astype(jnp.float32)[None, :]
-                + q_sum[gi] * kz_ref[rows, gi].astype(jnp.float32)[None, :])
-    visible = ((pos >= 0) & (pos <= q_pos))[None, :]
-    logits = jnp.where(visible, logits * (head_dim ** -0.5), MASKED)
-    _write_logits(logits_ref, rows, logits, real_heads)
-    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
+      logits = (logits + dots * _per_slot(ks_ref, rows, gi)
+                + q_sum[gi] * _per_slot(kz_ref, rows, gi))
+    m, l, accs, p = _softmax_step(m, l, accs, _visible_logits(
+        logits, pos, q_pos, head_dim, logits_ref, rows, real_heads))
     values = ChunkReader(vw_ref, fmt, head_dim, rows)
     new = []
     for c, acc in enumerate(accs):
       gi = c // per_group
-      scale = vs_ref[rows, gi].astype(jnp.float32)[None, :]
-      zero = vz_ref[rows, gi].astype(jnp.float32)[None, :]
-      new.append(acc + _pv(p * scale, values.codes(c), dtype)
-                 + jnp.sum(p * zero, axis=1)[:, None])
+      new.append(acc + _pv(p * _per_slot(vs_ref, rows, gi),
+                           values.codes(c), dtype)
+                 + jnp.sum(p * _per_slot(vz_ref, rows, gi), axis=1)[:, None])
     return m, l, tuple(new)
 
-  init = (jnp.full((heads,), MASKED, jnp.float32),
-          jnp.zeros((heads,), jnp.float32),
-          tuple(jnp.zeros((heads, width), jnp.float32) for _ in range(chunks)))
-  m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
-  _store_state(acc_ref, m_ref, l_ref, m, l, accs)
+  _run_blocks(body, pos_ref.shape[0] // block_s, heads, chunks, acc_ref,
+              m_ref, l_ref)
 
 
 def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
