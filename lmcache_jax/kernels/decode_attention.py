@@ -103,19 +103,18 @@ def _lane_groups(bits: int, head_dim: int, group_size: int):
 def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
                     real_heads: int):
   """Scaled logits of a block, masked where a slot is empty or after the
-  query; stored for the caller's attention mass."""
+  query (stored for the caller's attention mass), and the [1, bs] mask."""
   visible = ((pos >= 0) & (pos <= q_pos))[None, :]
   logits = jnp.where(visible, dots * (head_dim ** -0.5), MASKED)
   _write_logits(logits_ref, rows, logits, real_heads)
-  return logits
+  return logits, visible
 
 
-def _softmax_step(m, l, accs, logits):
-  """Online softmax: new (max, sum, rescaled accumulators, probabilities);
-  masked logits get probability 0."""
+def _softmax_step(m, l, accs, logits, visible):
+  """Online softmax: new (max, sum, rescaled accumulators, probabilities)."""
   m_new = jnp.maximum(m, jnp.max(logits, axis=1))
   alpha = jnp.exp(m - m_new)
-  p = jnp.where(logits > MASKED, jnp.exp(logits - m_new[:, None]), 0.0)
+  p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
   l = l * alpha + jnp.sum(p, axis=1)
   return m_new, l, tuple(a * alpha[:, None] for a in accs), p
 
@@ -187,8 +186,9 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                  for h in range(lanes))
       logits = (logits + dots * _per_slot(ks_ref, rows, gi)
                 + q_sum[gi] * _per_slot(kz_ref, rows, gi))
-    m, l, accs, p = _softmax_step(m, l, accs, _visible_logits(
-        logits, pos, q_pos, head_dim, logits_ref, rows, real_heads))
+    logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
+                                      logits_ref, rows, real_heads)
+    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     v_tiles = _lane_tiles(vb_ref[rows, :], bits)
     new = []
     for h, acc in enumerate(accs):
@@ -235,8 +235,9 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
                  for c in range(gi * per_group, (gi + 1) * per_group))
       logits = (logits + dots * _per_slot(ks_ref, rows, gi)
                 + q_sum[gi] * _per_slot(kz_ref, rows, gi))
-    m, l, accs, p = _softmax_step(m, l, accs, _visible_logits(
-        logits, pos, q_pos, head_dim, logits_ref, rows, real_heads))
+    logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
+                                      logits_ref, rows, real_heads)
+    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     values = ChunkReader(vw_ref, fmt, head_dim, rows)
     new = []
     for c, acc in enumerate(accs):
