@@ -28,8 +28,11 @@ def calibration_tokens_for(quant_config, lm):
   Shakespeare work, default ``macbeth``; first ``calibration_tokens`` = 512)."""
   from lmcache_jax.data import shakespeare
   if lm.tokenizer is None:
-    raise ValueError(f"model {lm.cfg.name} has no tokenizer to read "
-                     f"calibration text; pass calibration_tokens")
+    raise ValueError(
+        f"model {lm.cfg.name} has no tokenizer to read calibration text "
+        f"(key centering and the measuring policies need it); pass "
+        f"calibration_tokens, or use --config.quant.center_keys=False with "
+        f"--calibration=uniform")
   get = quant_config.get
   text = shakespeare.load_text(get("calibration_text", "macbeth") or "macbeth")
   return lm.tokenizer.encode(text)[:int(get("calibration_tokens", 512) or 512)]
