@@ -74,6 +74,12 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
   for w, g in zip(want, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
                                atol=1e-5)
+  out, lse, none = da.decode_attention(
+      q, q_pos, slot_pos, *kq, *vq, fmt=fmt, group_size=group, block_s=block,
+      split_s=split, with_logits=False, interpret=True)
+  assert none is None
+  np.testing.assert_array_equal(out, got[0])
+  np.testing.assert_array_equal(lse, got[1])
   # the reference itself: softmax over visible slots of dequantized keys
   keys = schemes.dequantize(*kq, fmt, group, head_dim)
   logits = np.einsum("brgh,brsh->brgs", np.asarray(q), np.asarray(keys)) / np.sqrt(head_dim)
@@ -95,8 +101,9 @@ def test_decode_attention_with_nothing_visible():
   assert np.all(np.asarray(logits) <= -1e29)
 
 
-@pytest.mark.parametrize("name", ["int4", "int3"])
-def test_kernels_lower_to_triton(name):
+@pytest.mark.parametrize("name,rows_out", [("int4", 4), ("int3", 4),
+                                           ("int4", 0)])   # 0: no logits
+def test_kernels_lower_to_triton(name, rows_out):
   """The GPU lowering (Pallas → Triton) is built on the CPU too."""
   fmt = FORMATS[name]
   sds = jax.ShapeDtypeStruct
@@ -109,8 +116,8 @@ def test_kernels_lower_to_triton(name):
                   else (fmt.words(128), jnp.uint32))
   packed = [sds((2, 8, 256, width), dtype),
             sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
-  exported = lower(da._build(2, 8, groups, 16, 3, 4, 256, 128, width, fmt,
-                             64, 64, 128, 4, 2, False),
+  exported = lower(da._build(2, 8, groups, 16, 3, rows_out, 256, 128, width,
+                             fmt, 64, 64, 128, 4, 2, False),
                    sds((2, 8, groups, 16, 128), jnp.bfloat16),
                    sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
                    *packed, *packed)

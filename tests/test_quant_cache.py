@@ -148,8 +148,14 @@ def test_fused_decode_equals_dequantized_attention(formats, residual, sinks,
   want = attention._attend_dense(q, keys, values, layer.positions, qpos, weights)
   with interpret_mode():
     got = jax.jit(attention.attend)(q, layer, qpos, weights)
+    # without the mass the kernel writes no logits; the output is the same
+    out_only, no_mass = jax.jit(attention.attend, static_argnums=4)(
+        q, layer, qpos, weights, False)
   for w, g in zip(want, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+  assert no_mass is None
+  np.testing.assert_allclose(np.asarray(out_only), np.asarray(got[0]),
+                             rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.asarray(got[1]).sum(-1), [[2, 2, 2], [1, 1, 1]],
                              rtol=1e-5)
 

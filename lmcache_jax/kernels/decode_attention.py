@@ -120,9 +120,11 @@ def _softmax_step(m, l, accs, logits, visible):
 
 
 def _write_logits(logits_ref, rows, logits, real: int):
-  """Stores the logits of the ``real`` query heads. The padding rows repeat
-  the real heads cyclically, so row r goes to head r % real: rows storing
-  to the same address store the same value."""
+  """Stores the logits of the ``real`` query heads (if the caller asked for
+  them). The padding rows repeat the real heads cyclically, so row r goes to
+  head r % real: rows storing to the same address store the same value."""
+  if logits_ref is None:
+    return
   if logits.shape[0] == logits_ref.shape[0] == real:
     logits_ref[:, rows] = logits
     return
@@ -156,14 +158,15 @@ def _run_blocks(body, num_blocks: int, heads: int, parts: int, acc_ref, m_ref,
 
 
 def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
-                  vs_ref, vz_ref, acc_ref, m_ref, l_ref, logits_ref, *,
+                  vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
                   fmt: Format, group_size: int, block_s: int,
                   real_heads: int):
   """One-plane formats. q_ref [groups, G, Hd]: lane-ordered, one copy per
   channel group (zero outside it); k/v bytes [split, Hd·p/8]; k/v scale and
   zero [split, Hd/g]; acc_ref [G, Hd] lane-ordered; m_ref, l_ref [G];
-  logits_ref [Go, split]."""
+  logits_ref [Go, split] when the caller wants logits."""
   groups, heads, head_dim = q_ref.shape
+  logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
   (bits,) = fmt.planes
   lanes, width = 8 // bits, head_dim * bits // 8
@@ -187,7 +190,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
       logits = (logits + dots * _per_slot(ks_ref, rows, gi)
                 + q_sum[gi] * _per_slot(kz_ref, rows, gi))
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
-                                      logits_ref, rows, real_heads)
+                                      logits_out, rows, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     v_tiles = _lane_tiles(vb_ref[rows, :], bits)
     new = []
@@ -206,13 +209,15 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
 
 
 def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
-                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, logits_ref, *,
+                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
                    fmt: Format, group_size: int, block_s: int,
                    real_heads: int):
   """Multi-plane formats (int3), 16-channel chunks at a time. q_ref
   [1, G, Hd]; k/v words [split, W]; k/v scale and zero [split, Hd/g];
-  acc_ref [G, Hd]; m_ref, l_ref [G]; logits_ref [Go, split]."""
+  acc_ref [G, Hd]; m_ref, l_ref [G]; logits_ref [Go, split] when the
+  caller wants logits."""
   _, heads, head_dim = q_ref.shape
+  logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
   width = fmt.chunk(head_dim)
   chunks = head_dim // width
@@ -236,7 +241,7 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
       logits = (logits + dots * _per_slot(ks_ref, rows, gi)
                 + q_sum[gi] * _per_slot(kz_ref, rows, gi))
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
-                                      logits_ref, rows, real_heads)
+                                      logits_out, rows, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     values = ChunkReader(vw_ref, fmt, head_dim, rows)
     new = []
@@ -255,8 +260,13 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
            rows_out: int, slots: int, head_dim: int, data_width: int, fmt: Format,
            group_size: int, block_s: int, split: int, num_warps: int,
            num_stages: int, interpret: bool):
+  """The pallas_call; ``rows_out`` = 0 leaves out the logits output."""
   splits = slots // split
   per_slot = lambda b, r, j: (b, r, j, 0)
+  logits_spec = [pl.BlockSpec((None, None, rows_out, split),
+                              lambda b, r, j: (b, r, 0, j))][:bool(rows_out)]
+  logits_shape = [jax.ShapeDtypeStruct((batch, rows, rows_out, slots),
+                                       jnp.float32)][:bool(rows_out)]
   packed = [pl.BlockSpec((None, None, split, data_width), per_slot),
             pl.BlockSpec((None, None, split, head_dim // group_size),
                          per_slot),
@@ -279,14 +289,13 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
                               lambda b, r, j: (b, r, j, 0)),
                  pl.BlockSpec((None, None, None, heads),
                               lambda b, r, j: (b, r, j, 0)),
-                 pl.BlockSpec((None, None, rows_out, split),
-                              lambda b, r, j: (b, r, 0, j))],
+                 *logits_spec],
       out_shape=[
           jax.ShapeDtypeStruct((batch, rows, splits, heads, head_dim),
                                jnp.float32),
           jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
           jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
-          jax.ShapeDtypeStruct((batch, rows, rows_out, slots), jnp.float32)],
+          *logits_shape],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret)
@@ -308,7 +317,7 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                                v_words, v_scale, v_zero, *, fmt: Format,
                                group_size: int, block_s: int = 64,
                                split_s: int = 1024, num_warps: int = 4,
-                               num_stages: int = 2,
+                               num_stages: int = 2, with_logits: bool = True,
                                interpret: bool | None = None):
   del block_s, split_s, num_warps, num_stages, interpret
   head_dim = q.shape[-1]
@@ -329,7 +338,7 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
   out = out / jnp.where(some, total, 1.0)[..., None]
   lse = jnp.where(some, m[..., 0] + jnp.log(jnp.where(some, total, 1.0)),
                   MASKED)
-  return out, lse, logits
+  return out, lse, (logits if with_logits else None)
 
 
 def _as_bytes(words):
@@ -340,11 +349,12 @@ def _as_bytes(words):
 
 @functools.partial(jax.jit, static_argnames=(
     "fmt", "group_size", "block_s", "split_s", "num_warps", "num_stages",
-    "interpret"))
+    "with_logits", "interpret"))
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      v_scale, v_zero, *, fmt: Format, group_size: int,
                      block_s: int = 64, split_s: int = 2048,
                      num_warps: int = 4, num_stages: int = 3,
+                     with_logits: bool = True,
                      interpret: bool | None = None):
   """Attention of one query per sequence over packed keys and values.
 
@@ -360,12 +370,15 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     split_s: slots per program (a multiple of block_s; S is padded to a
       multiple); the programs' partial results are merged after.
     num_warps, num_stages: Triton warps per program and pipeline stages.
+    with_logits: also return every slot's logit (for the attention mass);
+      without, the kernel skips writing them.
     interpret: Pallas interpret mode (CPU tests).
 
   Returns:
     out [B, R, G, Hd] float32, softmax-normalised over this cache's visible
     slots; lse [B, R, G] float32 (-1e30 when nothing is visible); logits
-    [B, R, G, S] float32, scaled by 1/sqrt(Hd), -1e30 where masked.
+    [B, R, G, S] float32, scaled by 1/sqrt(Hd), -1e30 where masked (None
+    without ``with_logits``).
   """
   batch, rows, heads, head_dim = q.shape
   slots = slot_pos.shape[-1]
@@ -374,7 +387,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   if backend == "reference":
     return decode_attention_reference(
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
-        v_zero, fmt=fmt, group_size=group_size)
+        v_zero, fmt=fmt, group_size=group_size, with_logits=with_logits)
   block = min(floor_pow2(block_s), next_pow2(slots))
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
   padded = -(-slots // split) * split
@@ -385,7 +398,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   # logits the kernel writes.
   wide = lanes or fmt.chunk(head_dim) >= 16
   g_pad = max(16, next_pow2(heads)) if wide else next_pow2(heads)
-  rows_out = next_pow2(heads)
+  rows_out = next_pow2(heads) if with_logits else 0
   q = q[:, :, np.arange(g_pad) % heads]   # padding rows repeat real heads
   if lanes:
     order = lane_order(fmt, head_dim)
@@ -402,7 +415,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
         pad, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
-  acc, m, l, logits = _build(
+  acc, m, l, *logits = _build(
       batch, rows, q.shape[2], g_pad, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
       num_warps, num_stages, backend == "interpret")(
@@ -411,4 +424,5 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   out, lse = _merge(acc, m, l)
   if lanes:
     out = out[..., np.argsort(order)]
-  return out[:, :, :heads], lse[:, :, :heads], logits[:, :, :heads, :slots]
+  logits = logits[0][:, :, :heads, :slots] if with_logits else None
+  return out[:, :, :heads], lse[:, :, :heads], logits

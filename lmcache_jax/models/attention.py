@@ -98,7 +98,8 @@ def attend(q: jax.Array, layer: LayerKV, query_positions: jax.Array,
     out, mass = _attend_any(q, layer.keys, layer.values, layer.positions,
                             query_positions, query_weights, with_mass)
   elif q.shape[1] == 1:
-    out, mass = _attend_packed_decode(q, layer, query_positions, query_weights)
+    out, mass = _attend_packed_decode(q, layer, query_positions, query_weights,
+                                      with_mass)
   else:
     keys = qpayload.dequantize(layer.keys, q.dtype)
     values = qpayload.dequantize(layer.values, q.dtype)
@@ -143,7 +144,8 @@ def _attend_dense(q, keys, values, positions, query_positions, query_weights):
   return out.reshape(q.shape).astype(q.dtype), mass
 
 
-def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
+def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
+                          with_mass: bool):
   """One query per sequence: fused kernel per format part, plus the exact
   copies (sinks, recent window) attended densely, merged by log-sum-exp."""
   batch, _, num_heads, head_dim = q.shape
@@ -152,7 +154,6 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
   capacity = layer.positions.shape[-1]
   qg = q[:, 0].reshape(batch, num_kv, num_heads // num_kv, head_dim)
   q_pos = query_positions[:, 0]
-  b = jnp.arange(batch)[:, None]
   # Slots with an exact copy are read from the copy, not the packed codes.
   packed_pos = layer.positions
   if keys.exact.shape[-2]:
@@ -165,9 +166,46 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
   if keys.rotate:
     q_stored = transform.rotate(q_stored)
   q_stored = q_stored.astype(q.dtype)   # bf16 tensor-core dots on the GPU
-  out = jnp.zeros(qg.shape, jnp.float32)
-  lse = jnp.full(qg.shape[:-1], _MASKED, jnp.float32)
-  logits = jnp.full((*qg.shape[:-1], capacity), _MASKED, jnp.float32)  # [B, K, G, S]
+  out, lse, logits = _attend_parts(q_stored, q_pos, packed_pos, keys, values,
+                                   with_mass)
+  if values.rotate:
+    out = transform.unrotate(out)
+  if keys.channel_shift is not None:
+    bias = jnp.einsum("BKGH,BKH->BKG", qg.astype(jnp.float32),
+                      keys.channel_shift[:, :, 0],
+                      precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
+    lse = lse + bias
+    logits = None if logits is None else logits + bias[..., None]
+  weight = query_weights[:, 0].astype(jnp.float32)[:, None, None]
+  if keys.exact.shape[-2]:
+    out_e, lse_e, logits_e = _attend_exact(qg, layer, q_pos)
+    both = jnp.logaddexp(lse, lse_e)
+    out = (out * jnp.exp(lse - both)[..., None]
+           + out_e * jnp.exp(lse_e - both)[..., None])
+    lse = both
+  mass = None
+  if with_mass:
+    mass = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2) * weight
+    if keys.exact.shape[-2]:
+      mass_e = jnp.sum(jnp.exp(logits_e - lse[..., None]), axis=2)  # [B, K, E]
+      target = jnp.where(keys.exact_slots >= 0, keys.exact_slots, capacity)
+      mass = mass.at[jnp.arange(batch)[:, None, None],
+                     jnp.arange(num_kv)[None, :, None],
+                     target].add(mass_e * weight, mode="drop")
+  out = out * (q_pos >= 0)[:, None, None, None]
+  return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype), mass
+
+
+def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits):
+  """The fused kernel over each format part of the packed payloads: out,
+  lse [B, K, G] and (with_logits) logits [B, K, G, S] over packed slots."""
+  num_kv = keys.num_kv_heads
+  capacity = packed_pos.shape[-1]
+  b = jnp.arange(q_stored.shape[0])[:, None]
+  out = jnp.zeros(q_stored.shape, jnp.float32)
+  lse = jnp.full(q_stored.shape[:-1], _MASKED, jnp.float32)
+  logits = (jnp.full((*q_stored.shape[:-1], capacity), _MASKED, jnp.float32)
+            if with_logits else None)
   for kp, vp in zip(keys.parts, values.parts):
     identity = qpayload.identity_rows(keys, kp)
     rows = qpayload._rows(kp.heads, num_kv)                # [B, R]
@@ -177,50 +215,37 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights):
                 a, safe.reshape(*safe.shape, *([1] * (a.ndim - 2))), axis=1)))
     o, l, s = decode_attention(
         take(q_stored), q_pos, take(packed_pos), kp.data, kp.scale, kp.zero,
-        vp.data, vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size)
+        vp.data, vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size,
+        with_logits=with_logits)
     if identity:
       out, lse, logits = o, l, s
-    else:
-      out = out.at[b, rows].set(o, mode="drop")
-      lse = lse.at[b, rows].set(l, mode="drop")
+      continue
+    out = out.at[b, rows].set(o, mode="drop")
+    lse = lse.at[b, rows].set(l, mode="drop")
+    if with_logits:
       logits = logits.at[b, rows].set(s, mode="drop")
-  if values.rotate:
-    out = transform.unrotate(out)
-  if keys.channel_shift is not None:
-    bias = jnp.einsum("BKGH,BKH->BKG", qg.astype(jnp.float32),
-                      keys.channel_shift[:, :, 0],
-                      precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
-    lse = lse + bias
-    logits = logits + bias[..., None]
-  if keys.exact.shape[-2]:
-    slot = jnp.maximum(keys.exact_slots, 0)
-    pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]
-    visible = ((keys.exact_slots >= 0) & (pos_e >= 0)
-               & (pos_e <= q_pos[:, None, None]))[:, :, None, :]
-    logits_e = jnp.einsum("BKGH,BKEH->BKGE", qg.astype(jnp.float32),
-                          keys.exact.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
-    logits_e = jnp.where(visible, logits_e * head_dim ** -0.5, _MASKED)
-    m_e = jnp.max(logits_e, axis=-1, keepdims=True)
-    p_e = jnp.where(visible, jnp.exp(logits_e - m_e), 0.0)
-    total_e = jnp.sum(p_e, axis=-1)
-    some = total_e > 0
-    out_e = jnp.einsum("BKGE,BKEH->BKGH", p_e,
-                       values.exact.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    out_e = out_e / jnp.where(some, total_e, 1.0)[..., None]
-    lse_e = jnp.where(some, m_e[..., 0] + jnp.log(jnp.where(some, total_e, 1.0)),
-                      _MASKED)
-    both = jnp.logaddexp(lse, lse_e)
-    out = (out * jnp.exp(lse - both)[..., None]
-           + out_e * jnp.exp(lse_e - both)[..., None])
-    lse = both
-    mass_e = jnp.sum(jnp.exp(logits_e - lse[..., None]), axis=2)  # [B, K, E]
-  weight = query_weights[:, 0].astype(jnp.float32)[:, None, None]
-  mass = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2) * weight
-  if keys.exact.shape[-2]:
-    target = jnp.where(keys.exact_slots >= 0, keys.exact_slots, capacity)
-    mass = mass.at[b[:, :, None], jnp.arange(num_kv)[None, :, None],
-                   target].add(mass_e * weight, mode="drop")
-  out = out * (q_pos >= 0)[:, None, None, None]
-  return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype), mass
+  return out, lse, logits
+
+
+def _attend_exact(qg, layer: LayerKV, q_pos):
+  """Dense attention over the exact copies: out, lse, logits [B, K, G, E]."""
+  keys, values = layer.keys, layer.values
+  head_dim = qg.shape[-1]
+  slot = jnp.maximum(keys.exact_slots, 0)
+  pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]
+  visible = ((keys.exact_slots >= 0) & (pos_e >= 0)
+             & (pos_e <= q_pos[:, None, None]))[:, :, None, :]
+  logits = jnp.einsum("BKGH,BKEH->BKGE", qg.astype(jnp.float32),
+                      keys.exact.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  logits = jnp.where(visible, logits * head_dim ** -0.5, _MASKED)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.where(visible, jnp.exp(logits - m), 0.0)
+  total = jnp.sum(p, axis=-1)
+  some = total > 0
+  out = jnp.einsum("BKGE,BKEH->BKGH", p, values.exact.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  out = out / jnp.where(some, total, 1.0)[..., None]
+  lse = jnp.where(some, m[..., 0] + jnp.log(jnp.where(some, total, 1.0)),
+                  _MASKED)
+  return out, lse, logits
