@@ -42,18 +42,22 @@ from lmcache_jax.quant.formats import Format
 MASKED = -1e30
 
 
-def lane_order(fmt: Format, head_dim: int) -> np.ndarray:
-  """Channel held by each column of the byte-lane tiles, lanes concatenated.
+def _lane_channel(b, h: int, bits: int, head_dim: int):
+  """Channel in column ``b`` (an array) of lane tile ``h``.
 
   Byte ``b`` of a head vector is byte ``b % 4`` of word ``b // 4``; its field
   ``h`` holds plane ``(b % 4) * 8/p + h``, i.e. channel ``plane * W + b // 4``
   (``quant.formats``: channel d sits in word d % W at bit p·(d // W)).
   """
-  (p,) = fmt.planes
-  per_byte, width = 8 // p, head_dim * p // 32
-  b = np.arange(4 * width)
-  return np.concatenate([((b % 4) * per_byte + h) * width + b // 4
-                         for h in range(per_byte)])
+  return ((b % 4) * (8 // bits) + h) * (head_dim * bits // 32) + b // 4
+
+
+def lane_order(fmt: Format, head_dim: int) -> np.ndarray:
+  """Channel held by each column of the byte-lane tiles, lanes concatenated."""
+  (bits,) = fmt.planes
+  b = np.arange(head_dim * bits // 8)
+  return np.concatenate([_lane_channel(b, h, bits, head_dim)
+                         for h in range(8 // bits)])
 
 
 def _dot(a, b, contract, dtype):
@@ -93,11 +97,11 @@ def _lane_tiles(raw, bits: int):
 
 
 def _lane_groups(bits: int, head_dim: int, group_size: int):
-  """[1, Hd·p/8] channel group of every column of each lane tile."""
-  lanes, words = 8 // bits, head_dim * bits // 32
+  """[1, Hd·p/8] channel group of every column of each lane tile (computed
+  in the kernel: Triton kernels take no array constants)."""
   b = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim * bits // 8), 1)
-  return [(((b % 4) * lanes + h) * words + b // 4) // group_size
-          for h in range(lanes)]
+  return [_lane_channel(b, h, bits, head_dim) // group_size
+          for h in range(8 // bits)]
 
 
 def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
@@ -140,6 +144,14 @@ def _block_rows(i, block_s: int):
 def _per_slot(ref, rows, group: int):
   """[1, bs] float32 scales (or zeros) of one channel group for a block."""
   return ref[rows, group].astype(jnp.float32)[None, :]
+
+
+def _value_terms(p, vs_ref, vz_ref, rows, groups: int):
+  """Per channel group of the values: (p · scale [G, bs], Σ p · zero [G, 1]),
+  so p @ values = (p · scale) @ codes + Σ p · zero."""
+  return [(p * _per_slot(vs_ref, rows, gi),
+           jnp.sum(p * _per_slot(vz_ref, rows, gi), axis=1)[:, None])
+          for gi in range(groups)]
 
 
 def _run_blocks(body, num_blocks: int, heads: int, parts: int, acc_ref, m_ref,
@@ -193,12 +205,11 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                                       logits_out, rows, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     v_tiles = _lane_tiles(vb_ref[rows, :], bits)
+    terms = _value_terms(p, vs_ref, vz_ref, rows, groups)
     new = []
     for h, acc in enumerate(accs):
-      for gi in range(groups):
-        part = (_dot(p * _per_slot(vs_ref, rows, gi), v_tiles[h],
-                     ((1,), (0,)), dtype)
-                + jnp.sum(p * _per_slot(vz_ref, rows, gi), axis=1)[:, None])
+      for gi, (p_scaled, p_zero) in enumerate(terms):
+        part = _dot(p_scaled, v_tiles[h], ((1,), (0,)), dtype) + p_zero
         acc = acc + (part if groups == 1 else
                      jnp.where(column_group[h] == gi, part, 0.0))
       new.append(acc)
@@ -244,12 +255,11 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
                                       logits_out, rows, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
     values = ChunkReader(vw_ref, fmt, head_dim, rows)
+    terms = _value_terms(p, vs_ref, vz_ref, rows, len(q_sum))
     new = []
     for c, acc in enumerate(accs):
-      gi = c // per_group
-      new.append(acc + _pv(p * _per_slot(vs_ref, rows, gi),
-                           values.codes(c), dtype)
-                 + jnp.sum(p * _per_slot(vz_ref, rows, gi), axis=1)[:, None])
+      p_scaled, p_zero = terms[c // per_group]
+      new.append(acc + _pv(p_scaled, values.codes(c), dtype) + p_zero)
     return m, l, tuple(new)
 
   _run_blocks(body, pos_ref.shape[0] // block_s, heads, chunks, acc_ref,
@@ -257,9 +267,9 @@ def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
 
 
 def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
-           rows_out: int, slots: int, head_dim: int, data_width: int, fmt: Format,
-           group_size: int, block_s: int, split: int, num_warps: int,
-           num_stages: int, interpret: bool):
+           rows_out: int, slots: int, head_dim: int, data_width: int,
+           fmt: Format, group_size: int, block_s: int, split: int,
+           num_warps: int, num_stages: int, interpret: bool):
   """The pallas_call; ``rows_out`` = 0 leaves out the logits output."""
   splits = slots // split
   per_slot = lambda b, r, j: (b, r, j, 0)
@@ -316,8 +326,8 @@ def _merge(acc, m, l):
 def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                                v_words, v_scale, v_zero, *, fmt: Format,
                                group_size: int, block_s: int = 64,
-                               split_s: int = 1024, num_warps: int = 4,
-                               num_stages: int = 2, with_logits: bool = True,
+                               split_s: int = 2048, num_warps: int = 4,
+                               num_stages: int = 3, with_logits: bool = True,
                                interpret: bool | None = None):
   del block_s, split_s, num_warps, num_stages, interpret
   head_dim = q.shape[-1]
