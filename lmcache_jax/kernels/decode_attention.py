@@ -336,19 +336,29 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
   values = schemes.dequantize(v_words, v_scale, v_zero, fmt, group_size,
                               head_dim)
   visible = (slot_pos >= 0) & (slot_pos <= q_pos[:, None, None])  # [B, R, S]
-  logits = jnp.einsum("BRGH,BRSH->BRGS", q.astype(jnp.float32), keys,
-                      precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
-  logits = jnp.where(visible[:, :, None], logits, MASKED)
+  out, lse, logits = dense_decode_attention(q, keys, values, visible)
+  return out, lse, (logits if with_logits else None)
+
+
+def dense_decode_attention(q, keys, values, visible):
+  """Float32 attention of q [B, R, G, Hd] over dense keys and values
+  [B, R, S, Hd] where ``visible`` [B, R, S]: out [B, R, G, Hd], lse [B, R, G]
+  (-1e30 when nothing is visible) and logits [B, R, G, S] (-1e30 masked)."""
+  hi = jax.lax.Precision.HIGHEST
+  visible = visible[:, :, None]
+  logits = jnp.einsum("BRGH,BRSH->BRGS", q.astype(jnp.float32),
+                      keys.astype(jnp.float32), precision=hi)
+  logits = jnp.where(visible, logits * q.shape[-1] ** -0.5, MASKED)
   m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.where(visible[:, :, None], jnp.exp(logits - m), 0.0)
+  p = jnp.where(visible, jnp.exp(logits - m), 0.0)
   total = jnp.sum(p, axis=-1)
   some = total > 0
-  out = jnp.einsum("BRGS,BRSH->BRGH", p, values,
-                   precision=jax.lax.Precision.HIGHEST)
+  out = jnp.einsum("BRGS,BRSH->BRGH", p, values.astype(jnp.float32),
+                   precision=hi)
   out = out / jnp.where(some, total, 1.0)[..., None]
   lse = jnp.where(some, m[..., 0] + jnp.log(jnp.where(some, total, 1.0)),
                   MASKED)
-  return out, lse, (logits if with_logits else None)
+  return out, lse, logits
 
 
 def _as_bytes(words):

@@ -18,7 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmcache_jax.kernels.decode_attention import decode_attention
+from lmcache_jax.kernels.decode_attention import (decode_attention,
+                                                  dense_decode_attention)
 from lmcache_jax.models.blocked_attention import block_size_for, blocked_attend
 from lmcache_jax.quant import payload as qpayload
 from lmcache_jax.quant import transform
@@ -176,7 +177,6 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
                       precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
     lse = lse + bias
     logits = None if logits is None else logits + bias[..., None]
-  weight = query_weights[:, 0].astype(jnp.float32)[:, None, None]
   if keys.exact.shape[-2]:
     out_e, lse_e, logits_e = _attend_exact(qg, layer, q_pos)
     both = jnp.logaddexp(lse, lse_e)
@@ -185,6 +185,7 @@ def _attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
     lse = both
   mass = None
   if with_mass:
+    weight = query_weights[:, 0].astype(jnp.float32)[:, None, None]
     mass = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2) * weight
     if keys.exact.shape[-2]:
       mass_e = jnp.sum(jnp.exp(logits_e - lse[..., None]), axis=2)  # [B, K, E]
@@ -229,23 +230,9 @@ def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits):
 
 def _attend_exact(qg, layer: LayerKV, q_pos):
   """Dense attention over the exact copies: out, lse, logits [B, K, G, E]."""
-  keys, values = layer.keys, layer.values
-  head_dim = qg.shape[-1]
+  keys = layer.keys
   slot = jnp.maximum(keys.exact_slots, 0)
   pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]
   visible = ((keys.exact_slots >= 0) & (pos_e >= 0)
-             & (pos_e <= q_pos[:, None, None]))[:, :, None, :]
-  logits = jnp.einsum("BKGH,BKEH->BKGE", qg.astype(jnp.float32),
-                      keys.exact.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-  logits = jnp.where(visible, logits * head_dim ** -0.5, _MASKED)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.where(visible, jnp.exp(logits - m), 0.0)
-  total = jnp.sum(p, axis=-1)
-  some = total > 0
-  out = jnp.einsum("BKGE,BKEH->BKGH", p, values.exact.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-  out = out / jnp.where(some, total, 1.0)[..., None]
-  lse = jnp.where(some, m[..., 0] + jnp.log(jnp.where(some, total, 1.0)),
-                  _MASKED)
-  return out, lse, logits
+             & (pos_e <= q_pos[:, None, None]))
+  return dense_decode_attention(qg, keys.exact, layer.values.exact, visible)
