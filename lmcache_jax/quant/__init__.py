@@ -64,13 +64,17 @@ def from_config(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   from policies.registry import CALIBRATION
   policy = CALIBRATION.make(get("calibration", "uniform") or "uniform")
   center = bool(get("center_keys", True))
-  if calibration_tokens is None and (center or policy.name != "uniform"):
-    calibration_tokens = calibration_tokens_for(quant_config, lm)
+  # what the model produced on calibration text: read once, for centering
+  # and for the policies that measure
+  acts = None
+  if center or policy.name != "uniform":
+    if calibration_tokens is None:
+      calibration_tokens = calibration_tokens_for(quant_config, lm)
+    acts = calibration.collect(lm, calibration_tokens)
   storage = calibration.Storage(
       rotate=bool(get("rotate", True)),
-      key_shift=(calibration.key_means(calibration.collect(
-          lm, calibration_tokens)) if center else None))
-  plan = policy.calibrate(lm, calibration_tokens, bits=bits,
+      key_shift=calibration.key_means(acts) if center else None)
+  plan = policy.calibrate(lm, acts, bits=bits,
                           group_size=int(get("group_size", 64)),
                           residual=int(get("residual", 0)),
                           sinks=int(get("sinks", 0)), storage=storage)

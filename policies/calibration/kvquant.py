@@ -45,12 +45,11 @@ class KVQuant:
   sink_tokens: int = 4
   quantile: float = 0.99
 
-  def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int,
+  def calibrate(self, lm, acts: calibration.Activations | None, *,
+                bits: float, group_size: int, residual: int, sinks: int,
                 storage: calibration.Storage = calibration.Storage()
                 ) -> QuantPlan:
     cfg = lm.cfg
-    acts = calibration.collect(lm, tokens)
     scales = channel_scales(acts.keys, self.quantile)
     errors = head_errors(acts, cfg.group_size, group_size, residual, scales,
                          storage)

@@ -46,12 +46,11 @@ class Sensitivity:
   """Per-head bits minimising measured attention-output error."""
   name: ClassVar[str] = "sensitivity"
 
-  def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int,
+  def calibrate(self, lm, acts: calibration.Activations | None, *,
+                bits: float, group_size: int, residual: int, sinks: int,
                 storage: calibration.Storage = calibration.Storage()
                 ) -> QuantPlan:
     cfg = lm.cfg
-    acts = calibration.collect(lm, tokens)
     ones = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                    np.float32)
     errors = head_errors(acts, cfg.group_size, group_size, residual, ones,

@@ -21,11 +21,11 @@ class Uniform:
   name: ClassVar[str] = "uniform"
   fmt: str = ""
 
-  def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int,
+  def calibrate(self, lm, acts: calibration.Activations | None, *,
+                bits: float, group_size: int, residual: int, sinks: int,
                 storage: calibration.Storage = calibration.Storage()
                 ) -> QuantPlan:
-    del tokens
+    del acts
     knobs = dict(group_size=group_size, residual=residual, sinks=sinks,
                  rotate=storage.rotate, key_shift=storage.key_shift)
     if self.fmt:

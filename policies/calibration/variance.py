@@ -30,11 +30,10 @@ class Variance:
   """Per-head bits from the spread of keys and values (no model queries)."""
   name: ClassVar[str] = "variance"
 
-  def calibrate(self, lm, tokens, *, bits: float, group_size: int,
-                residual: int, sinks: int,
+  def calibrate(self, lm, acts: calibration.Activations | None, *,
+                bits: float, group_size: int, residual: int, sinks: int,
                 storage: calibration.Storage = calibration.Storage()
                 ) -> QuantPlan:
-    acts = calibration.collect(lm, tokens)
     shift = (None if storage.key_shift is None
              else storage.key_shift[:, :, None, :])
     keys = np.asarray(transform.stored(acts.keys_rope, shift=shift,
