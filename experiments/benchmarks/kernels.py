@@ -59,6 +59,18 @@ def copy_bandwidth() -> float:
   return 2 * x.nbytes / t
 
 
+def timed_row(what: str, seconds: float, nbytes: int, bandwidth: float,
+              baseline: float | None = None) -> dict:
+  """One table row: time, bytes moved, their rate and share of the copy
+  bandwidth, and the speed-up over ``baseline`` seconds (the bf16 attend)."""
+  row = {"what": what, "ms": 1e3 * seconds, "MB moved": nbytes / 1e6,
+         "GB/s": nbytes / seconds / 1e9,
+         "of copy bw": nbytes / seconds / bandwidth}
+  if baseline is not None:
+    row["speed-up vs bf16"] = baseline / seconds
+  return row
+
+
 def check_kernels() -> list[str]:
   """Kernel vs reference on the card; raises on a mismatch."""
   notes = []
@@ -128,17 +140,13 @@ def run(config=None) -> dict:
                                  atol=2e-3, err_msg=f"{name} block {block}")
     t = benchmarks.timed(lambda: fn(q, q_pos, slot_pos, *kq, *vq),
                          repeats=20)["median_s"]
-    rows.append({"what": f"int4 kernel block {block} split {split} warps "
-                         f"{warps} stages {stages}",
-                 "ms": 1e3 * t, "MB moved": kernel_bytes / 1e6,
-                 "GB/s": kernel_bytes / t / 1e9,
-                 "of copy bw": kernel_bytes / t / bandwidth})
+    rows.append(timed_row(f"int4 kernel block {block} split {split} warps "
+                          f"{warps} stages {stages}", t, kernel_bytes,
+                          bandwidth))
     if best is None or t < best[0]:
       best = (t, block, warps, split, stages)
-  rows.append({"what": "int4 jnp reference under XLA (unpack + attention)",
-               "ms": 1e3 * t_ref, "MB moved": kernel_bytes / 1e6,
-               "GB/s": kernel_bytes / t_ref / 1e9,
-               "of copy bw": kernel_bytes / t_ref / bandwidth})
+  rows.append(timed_row("int4 jnp reference under XLA (unpack + attention)",
+                        t_ref, kernel_bytes, bandwidth))
   notes.append(f"fused attention matches the reference at {BATCH}x{CONTEXT}")
 
   # End to end: attention.attend over a dense bf16 and a packed int4 cache.
@@ -153,10 +161,8 @@ def run(config=None) -> dict:
                             repeats=20)["median_s"]
   mass_bytes = positions.size * 4
   bf16_bytes = keys.nbytes + values.nbytes + positions.nbytes + mass_bytes
-  rows.append({"what": f"{jnp.dtype(dense_dtype()).name} attend (XLA)", "ms": 1e3 * t_bf16,
-               "MB moved": bf16_bytes / 1e6,
-               "GB/s": bf16_bytes / t_bf16 / 1e9,
-               "of copy bw": bf16_bytes / t_bf16 / bandwidth})
+  rows.append(timed_row(f"{jnp.dtype(dense_dtype()).name} attend (XLA)",
+                        t_bf16, bf16_bytes, bandwidth))
   heads = jnp.broadcast_to(jnp.arange(KV_HEADS, dtype=jnp.int32)[None, :, None],
                            (BATCH, KV_HEADS, 1))
   def payload(data, scale, zero, channel, shift=None, rotate=False):
@@ -177,10 +183,8 @@ def run(config=None) -> dict:
   t_q = benchmarks.timed(lambda: attend(qt, packed, query_positions, weights),
                          repeats=20)["median_s"]
   attend_bytes = kernel_bytes + BATCH * KV_HEADS * GROUP * CONTEXT * 4 + mass_bytes
-  rows.append({"what": "int4 attend (kernel + merge + mass)", "ms": 1e3 * t_q,
-               "MB moved": attend_bytes / 1e6, "GB/s": attend_bytes / t_q / 1e9,
-               "of copy bw": attend_bytes / t_q / bandwidth,
-               "speed-up vs bf16": t_bf16 / t_q})
+  rows.append(timed_row("int4 attend (kernel + merge + mass)", t_q,
+                        attend_bytes, bandwidth, baseline=t_bf16))
   # the default storage: keys centered, head vectors Hadamard-rotated
   shift = jnp.mean(keys.astype(jnp.float32), axis=2, keepdims=True)
   quantize = jax.jit(lambda a, s: schemes.quantize(
@@ -191,11 +195,8 @@ def run(config=None) -> dict:
   out_r, _ = attend(qt, stored, query_positions, weights)
   t_r = benchmarks.timed(lambda: attend(qt, stored, query_positions, weights),
                          repeats=20)["median_s"]
-  rows.append({"what": "int4 attend, rotated + centered storage",
-               "ms": 1e3 * t_r, "MB moved": attend_bytes / 1e6,
-               "GB/s": attend_bytes / t_r / 1e9,
-               "of copy bw": attend_bytes / t_r / bandwidth,
-               "speed-up vs bf16": t_bf16 / t_r})
+  rows.append(timed_row("int4 attend, rotated + centered storage", t_r,
+                        attend_bytes, bandwidth, baseline=t_bf16))
   # policies that do not score by attention (full cache, windows) skip the
   # mass: no logits written or re-read
   attend_out = jax.jit(lambda *a: attention.attend(*a, with_mass=False)[0])
@@ -207,15 +208,10 @@ def run(config=None) -> dict:
       repeats=20)["median_s"]
   plain_bytes = bf16_bytes - mass_bytes
   packed_bytes = kernel_bytes - BATCH * KV_HEADS * GROUP * CONTEXT * 4
-  rows.append({"what": f"{jnp.dtype(dense_dtype()).name} attend, no mass",
-               "ms": 1e3 * t_bf16_out, "MB moved": plain_bytes / 1e6,
-               "GB/s": plain_bytes / t_bf16_out / 1e9,
-               "of copy bw": plain_bytes / t_bf16_out / bandwidth})
-  rows.append({"what": "int4 attend, rotated + centered, no mass",
-               "ms": 1e3 * t_r_out, "MB moved": packed_bytes / 1e6,
-               "GB/s": packed_bytes / t_r_out / 1e9,
-               "of copy bw": packed_bytes / t_r_out / bandwidth,
-               "speed-up vs bf16": t_bf16_out / t_r_out})
+  rows.append(timed_row(f"{jnp.dtype(dense_dtype()).name} attend, no mass",
+                        t_bf16_out, plain_bytes, bandwidth))
+  rows.append(timed_row("int4 attend, rotated + centered, no mass", t_r_out,
+                        packed_bytes, bandwidth, baseline=t_bf16_out))
   err_r = float(jnp.max(jnp.abs(out_r.astype(jnp.float32)
                                 - out_dense.astype(jnp.float32))))
   notes.append(f"rotated + centered int4 vs bf16 output max |diff| {err_r:.3g}")
