@@ -11,11 +11,14 @@ cast to the query dtype, on tensor cores once the query heads are padded to
 
 One-plane formats (int2/int4/int8) are read as *byte lanes*: the words are
 viewed as bytes, and field h of every byte (bits p·h..p·h+p) forms a
-[block, Hd·p/8] tile with one shift and mask, no lane shuffles. Each lane
+[block, Hd·p/8] bfloat16 tile with a shift, a mask and the mantissa of
+bfloat16 128 (``_lane_tiles``): no lane shuffles, no int→float conversion
+instructions. Each lane
 tile holds a fixed permutation of the channels; the query is permuted the
 same way before the kernel and the output permuted back after it (q·k and
 p·v do not depend on the channel order). Multi-plane formats (int3) read
-16-channel chunks instead (``ChunkReader``).
+chunks of Hd/32 channels instead (``ChunkReader``), without tensor cores
+below 16 channels: int3 is the slow format here.
 
 Each program writes its softmax state (max m, sum l, unnormalised output acc)
 and its slots' logits; a small jnp epilogue merges the programs. The logits
@@ -86,14 +89,50 @@ def _pv(p, codes, dtype):
   return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
 
 
-def _lane_tiles(raw, bits: int):
-  """Byte-lane code tiles [bs, Hd·p/8] of packed bytes [bs, Hd·p/8]: field h
-  of every byte."""
-  raw = raw.astype(jnp.int32)
+# bfloat16 128.0 has a zero mantissa: OR-ing a code c < 128 into it gives
+# 128 + c, and subtracting 128 leaves c exactly. That is two cheap ops instead
+# of int→float conversions, which run at a quarter of the ALU rate and bounded
+# this kernel.
+_BF16_128 = 0x4300
+
+
+def _lane_tiles(raw, bits: int, ptx: bool):
+  """Byte-lane code tiles [bs, Hd·p/8] (bfloat16) of packed bytes
+  [bs, Hd·p/8]: field h of every byte.
+
+  On the GPU (``ptx``) one inline-PTX instance turns four bytes into four
+  codes with two byte permutes, two AND/ORs and two paired bfloat16 FMAs;
+  the jnp form (interpret mode) computes the same bits."""
   if bits == 8:
-    return [raw]
+    return [raw]   # codes 0..255 are exact in bfloat16
   mask = (1 << bits) - 1
-  return [(raw >> (bits * h)) & mask for h in range(8 // bits)]
+  if not ptx:
+    raw = raw.astype(jnp.int16)
+    return [jax.lax.bitcast_convert_type(
+        ((raw >> (bits * h)) & mask) | _BF16_128, jnp.bfloat16) - 128
+            for h in range(8 // bits)]
+  pair = lambda half: half | half << 16
+  tiles = []
+  for h in range(8 // bits):
+    # bytes 0,1 (2,3) of the shifted word → the low halves of two 16-bit
+    # lanes; keep the field, set the exponent of 128, then x * 1 - 128
+    asm = f"""{{
+      .reg .b32 t, lo, hi, one, minus_128;
+      mov.b32 one, {pair(0x3F80)};
+      mov.b32 minus_128, {pair(0xC300)};
+      shr.b32 t, $2, {bits * h};
+      prmt.b32 lo, t, 0, 0x4140;
+      prmt.b32 hi, t, 0, 0x4342;
+      lop3.b32 lo, lo, {pair(mask)}, {pair(_BF16_128)}, 0xEA;
+      lop3.b32 hi, hi, {pair(mask)}, {pair(_BF16_128)}, 0xEA;
+      fma.rn.bf16x2 $0, lo, one, minus_128;
+      fma.rn.bf16x2 $1, hi, one, minus_128;
+    }}"""
+    [tile] = plgpu.elementwise_inline_asm(
+        asm, args=[raw], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(raw.shape, jnp.bfloat16)])
+    tiles.append(tile)
+  return tiles
 
 
 def _lane_groups(bits: int, head_dim: int, group_size: int):
@@ -172,11 +211,12 @@ def _run_blocks(body, num_blocks: int, heads: int, parts: int, acc_ref, m_ref,
 def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
                   fmt: Format, group_size: int, block_s: int,
-                  real_heads: int):
+                  real_heads: int, ptx: bool):
   """One-plane formats. q_ref [groups, G, Hd]: lane-ordered, one copy per
   channel group (zero outside it); k/v bytes [split, Hd·p/8]; k/v scale and
   zero [split, Hd/g]; acc_ref [G, Hd] lane-ordered; m_ref, l_ref [G];
-  logits_ref [Go, split] when the caller wants logits."""
+  logits_ref [Go, split] when the caller wants logits. ``ptx``: unpack with
+  inline PTX (GPU) rather than jnp (interpret mode)."""
   groups, heads, head_dim = q_ref.shape
   logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
@@ -194,7 +234,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     m, l, accs = carry
     rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
-    k_tiles = _lane_tiles(kb_ref[rows, :], bits)
+    k_tiles = _lane_tiles(kb_ref[rows, :], bits, ptx)
     logits = 0.0
     for gi in range(groups):
       dots = sum(_dot(q_lanes[gi][h], k_tiles[h], ((1,), (1,)), dtype)
@@ -204,7 +244,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
                                       logits_out, rows, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
-    v_tiles = _lane_tiles(vb_ref[rows, :], bits)
+    v_tiles = _lane_tiles(vb_ref[rows, :], bits, ptx)
     terms = _value_terms(p, vs_ref, vz_ref, rows, groups)
     new = []
     for h, acc in enumerate(accs):
@@ -282,11 +322,11 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
                          per_slot),
             pl.BlockSpec((None, None, split, head_dim // group_size),
                          per_slot)]
+  kernel = (functools.partial(_lanes_kernel, ptx=not interpret)
+            if len(fmt.planes) == 1 else _chunks_kernel)
   return pl.pallas_call(
-      functools.partial(
-          _lanes_kernel if len(fmt.planes) == 1 else _chunks_kernel,
-          fmt=fmt, group_size=group_size, block_s=block_s,
-          real_heads=real_heads),
+      functools.partial(kernel, fmt=fmt, group_size=group_size,
+                        block_s=block_s, real_heads=real_heads),
       grid=(batch, rows, splits),
       in_specs=[pl.BlockSpec((None, None, groups, heads, head_dim),
                              lambda b, r, j: (b, r, 0, 0, 0)),
@@ -311,6 +351,15 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
       interpret=interpret)
 
 
+def default_warps(fmt: Format, groups: int) -> int:
+  """One warp when a block's arithmetic is light (codes of at most 4 bits,
+  one scale group per head): the softmax reductions then stay inside the
+  warp, and more programs share each SM. Heavier blocks (int8, several
+  groups, int3 chunks) need four. Measured on an H200 (docs/benchmarks.md)."""
+  light = fmt.bits <= 4 and groups == 1
+  return 1 if light else 4
+
+
 def _merge(acc, m, l):
   """Combines per-block softmax states [B, R, nb, G(, Hd)] → (out, lse)."""
   top = jnp.max(m, axis=2)
@@ -326,7 +375,8 @@ def _merge(acc, m, l):
 def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                                v_words, v_scale, v_zero, *, fmt: Format,
                                group_size: int, block_s: int = 64,
-                               split_s: int = 2048, num_warps: int = 4,
+                               split_s: int = 2048,
+                               num_warps: int | None = None,
                                num_stages: int = 3, with_logits: bool = True,
                                interpret: bool | None = None):
   del block_s, split_s, num_warps, num_stages, interpret
@@ -373,7 +423,7 @@ def _as_bytes(words):
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      v_scale, v_zero, *, fmt: Format, group_size: int,
                      block_s: int = 64, split_s: int = 2048,
-                     num_warps: int = 4, num_stages: int = 3,
+                     num_warps: int | None = None, num_stages: int = 3,
                      with_logits: bool = True,
                      interpret: bool | None = None):
   """Attention of one query per sequence over packed keys and values.
@@ -389,7 +439,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     block_s: slots per loop step of a program (a power of two).
     split_s: slots per program (a multiple of block_s; S is padded to a
       multiple); the programs' partial results are merged after.
-    num_warps, num_stages: Triton warps per program and pipeline stages.
+    num_warps: Triton warps per program; None = ``default_warps``.
+    num_stages: pipeline stages of the block loop.
     with_logits: also return every slot's logit (for the attention mass);
       without, the kernel skips writing them.
     interpret: Pallas interpret mode (CPU tests).
@@ -435,6 +486,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
         pad, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
+  if num_warps is None:
+    num_warps = default_warps(fmt, groups)
   acc, m, l, *logits = _build(
       batch, rows, q.shape[2], g_pad, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
