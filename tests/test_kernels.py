@@ -110,15 +110,14 @@ def test_kernels_lower_to_triton(name, rows_out):
   check = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   lower = lambda f, *a: export.export(jax.jit(f), platforms=["cuda"],
                                       disabled_checks=check)(*a)
-  lanes = len(fmt.planes) == 1   # int4 reads byte lanes, int3 words
-  groups = 2 if lanes else 1     # one query copy per channel group
-  width, dtype = ((fmt.words(128) * 4, jnp.uint8) if lanes
-                  else (fmt.words(128), jnp.uint32))
-  packed = [sds((2, 8, 256, width), dtype),
+  groups = 2                       # one query copy per channel group
+  width = fmt.words(128) * 4       # the words read as bytes
+  packed = [sds((2, 8, 256, width), jnp.uint8),
             sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
   exported = lower(da._build(2, 8, groups, 16, 3, rows_out, 256, 128, width,
                              fmt, 64, 64, 128, 4, 2, False),
-                   sds((2, 8, groups, 16, 128), jnp.bfloat16),
+                   sds((2, 8, groups, 16, 128 * len(fmt.planes)),
+                       jnp.bfloat16),
                    sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
                    *packed, *packed)
   assert "triton" in exported.mlir_module()

@@ -3,12 +3,12 @@ version of its file, on the same inputs in one process:
 
   git show REV:lmcache_jax/kernels/decode_attention.py > /tmp/other.py
   PYTHONPATH=. python3 experiments/benchmarks/_kernel_ab.py /tmp/other.py \
-      [BLOCK,WARPS,SPLIT[,STAGES] ...] [--small]
+      [BLOCK,WARPS,SPLIT[,STAGES] ...] [--format=int4] [--small]
 
 The other file is imported beside this tree (it uses this tree's other
 modules). Shapes as the kernel suite: 16 sequences x 8 kv heads x 32K slots,
-4 query heads per kv head, head dim 128, int4 with one scale and zero per
-token and head. Each configuration runs two rounds, alternating the two
+4 query heads per kv head, head dim 128, int4 (or ``--format``) with one
+scale and zero per token and head. Each configuration runs two rounds, alternating the two
 versions; each line is the median of 30 calls and the largest difference
 from the jnp reference over out, lse and logits.
 """
@@ -42,7 +42,8 @@ def main():
   configs = [tuple(int(v) for v in a.split(","))
              for a in paths_and_configs[1:]]
   configs = configs or [(64, 4, 1024)]
-  fmt = FORMATS["int4"]
+  names = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--format=")]
+  fmt = FORMATS[names[-1] if names else "int4"]
   shape = (BATCH, KV_HEADS, CONTEXT, HEAD_DIM)
   quantize = jax.jit(lambda a: schemes.quantize(a, fmt, HEAD_DIM))
   kq = quantize(jax.random.normal(jax.random.key(1), shape, jnp.bfloat16))

@@ -5,20 +5,21 @@ heads sharing that kv head attend over S slots. The grid splits S into
 ``split_s`` slots per program (flash-decoding); a program loops over blocks of
 ``block_s`` slots with an online softmax, unpacking keys and values straight
 from the packed words. Scales and zeros are folded out of the products
-(q·k = scale·(q·code) + zero·Σq), so the inner products run on integer codes
-cast to the query dtype, on tensor cores once the query heads are padded to
-16 rows.
+(q·k = scale·(q·code) + zero·Σq), so the inner products run on the codes,
+on tensor cores once the query heads are padded to 16 rows (narrower tiles,
+e.g. int3's 1-bit plane at small head dims, multiply and sum instead).
 
-One-plane formats (int2/int4/int8) are read as *byte lanes*: the words are
-viewed as bytes, and field h of every byte (bits p·h..p·h+p) forms a
-[block, Hd·p/8] bfloat16 tile with a shift, a mask and the mantissa of
-bfloat16 128 (``_lane_tiles``): no lane shuffles, no int→float conversion
-instructions. Each lane
-tile holds a fixed permutation of the channels; the query is permuted the
-same way before the kernel and the output permuted back after it (q·k and
-p·v do not depend on the channel order). Multi-plane formats (int3) read
-chunks of Hd/32 channels instead (``ChunkReader``), without tensor cores
-below 16 channels: int3 is the slow format here.
+The packed words are read as *byte lanes*: viewed as bytes, field h of
+every byte of a p-bit plane (bits p·h..p·h+p) forms a [block, Hd·p/8]
+bfloat16 tile with a shift, a mask and the mantissa of bfloat16 128
+(``_lane_tiles``): no lane shuffles, no int→float conversion instructions.
+Each lane tile holds a fixed permutation of the channels; the query is
+permuted the same way before the kernel and the output permuted back after
+it (q·k and p·v do not depend on the channel order). A multi-plane format
+(int3 = a 2-bit and a 1-bit plane) is a sum of one-plane codes weighted by
+2**low: the query gets one copy per plane, in that plane's order and times
+its weight, and the kernel keeps one output accumulator per plane, which the
+wrapper weights and sums.
 
 Each program writes its softmax state (max m, sum l, unnormalised output acc)
 and its slots' logits; a small jnp epilogue merges the programs. The logits
@@ -38,7 +39,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
-from lmcache_jax.kernels.dequantize import ChunkReader
 from lmcache_jax.quant import schemes
 from lmcache_jax.quant.formats import Format
 
@@ -55,12 +55,23 @@ def _lane_channel(b, h: int, bits: int, head_dim: int):
   return ((b % 4) * (8 // bits) + h) * (head_dim * bits // 32) + b // 4
 
 
+def planes(fmt: Format, head_dim: int) -> list[tuple[int, int, int]]:
+  """(bits p, first byte, low bit) of each plane of a packed head vector:
+  the plane's Hd·p/8 bytes hold bits low..low+p of every code."""
+  out, first, low = [], 0, 0
+  for bits in fmt.planes:
+    out.append((bits, first, low))
+    first += head_dim * bits // 8
+    low += bits
+  return out
+
+
 def lane_order(fmt: Format, head_dim: int) -> np.ndarray:
-  """Channel held by each column of the byte-lane tiles, lanes concatenated."""
-  (bits,) = fmt.planes
-  b = np.arange(head_dim * bits // 8)
-  return np.concatenate([_lane_channel(b, h, bits, head_dim)
-                         for h in range(8 // bits)])
+  """Channel held by each column of the byte-lane tiles: lanes concatenated,
+  planes concatenated (every channel once per plane)."""
+  return np.concatenate([
+      _lane_channel(np.arange(head_dim * bits // 8), h, bits, head_dim)
+      for bits, _, _ in planes(fmt, head_dim) for h in range(8 // bits)])
 
 
 def _dot(a, b, contract, dtype):
@@ -136,8 +147,9 @@ def _lane_tiles(raw, bits: int, ptx: bool):
 
 
 def _lane_groups(bits: int, head_dim: int, group_size: int):
-  """[1, Hd·p/8] channel group of every column of each lane tile (computed
-  in the kernel: Triton kernels take no array constants)."""
+  """[1, Hd·p/8] channel group of every column of each lane tile of a
+  p-bit plane (computed in the kernel: Triton kernels take no array
+  constants)."""
   b = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim * bits // 8), 1)
   return [_lane_channel(b, h, bits, head_dim) // group_size
           for h in range(8 // bits)]
@@ -193,116 +205,88 @@ def _value_terms(p, vs_ref, vz_ref, rows, groups: int):
           for gi in range(groups)]
 
 
-def _run_blocks(body, num_blocks: int, heads: int, parts: int, acc_ref, m_ref,
-                l_ref):
+def _run_blocks(body, num_blocks: int, heads: int, widths: list[int],
+                acc_ref, m_ref, l_ref):
   """Runs ``body`` over the program's blocks from an empty softmax state
-  (``parts`` accumulators splitting acc's columns) and stores the result."""
-  width = acc_ref.shape[-1] // parts
+  (accumulators of ``widths`` columns, acc's columns in order) and stores
+  the result."""
   init = (jnp.full((heads,), MASKED, jnp.float32),
           jnp.zeros((heads,), jnp.float32),
-          tuple(jnp.zeros((heads, width), jnp.float32) for _ in range(parts)))
+          tuple(jnp.zeros((heads, w), jnp.float32) for w in widths))
   m, l, accs = jax.lax.fori_loop(0, num_blocks, body, init)
   m_ref[...] = m
   l_ref[...] = l
-  for c, acc in enumerate(accs):
-    acc_ref[:, pl.ds(c * width, width)] = acc
+  start = 0
+  for acc, width in zip(accs, widths):
+    acc_ref[:, pl.ds(start, width)] = acc
+    start += width
 
 
 def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
                   fmt: Format, group_size: int, block_s: int,
                   real_heads: int, ptx: bool):
-  """One-plane formats. q_ref [groups, G, Hd]: lane-ordered, one copy per
-  channel group (zero outside it); k/v bytes [split, Hd·p/8]; k/v scale and
-  zero [split, Hd/g]; acc_ref [G, Hd] lane-ordered; m_ref, l_ref [G];
+  """q_ref [groups, G, P·Hd]: for each of the P planes the query in that
+  plane's lane order times 2**low (the plane's weight in a code), one copy
+  per channel group (zero outside it); k/v bytes [split, Hd·b/8]; k/v scale
+  and zero [split, Hd/g]; acc_ref [G, P·Hd]: per plane, Σ p · field in lane
+  order (the wrapper weights and sums the planes); m_ref, l_ref [G];
   logits_ref [Go, split] when the caller wants logits. ``ptx``: unpack with
   inline PTX (GPU) rather than jnp (interpret mode)."""
-  groups, heads, head_dim = q_ref.shape
+  groups, heads, _ = q_ref.shape
+  head_dim = acc_ref.shape[-1] // len(fmt.planes)
   logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
-  (bits,) = fmt.planes
-  lanes, width = 8 // bits, head_dim * bits // 8
-  column_group = _lane_groups(bits, head_dim, group_size)
+  layout = planes(fmt, head_dim)
+  widths = [head_dim * bits // 8 for bits, _, _ in layout]
+  column_group = [_lane_groups(bits, head_dim, group_size)
+                  for bits, _, _ in layout]
   q_pos = jnp.max(qpos_ref[...])
-  q_lanes = [[q_ref[gi, :, pl.ds(h * width, width)] for h in range(lanes)]
+  q_lanes = [[[q_ref[gi, :, pl.ds(j * head_dim + h * width, width)]
+               for h in range(8 // bits)]
+              for j, ((bits, _, _), width) in enumerate(zip(layout, widths))]
              for gi in range(groups)]
-  # q·k = scale * (q·code) + zero * sum(q over the group)
-  q_sum = [jnp.sum(q_ref[gi, :, :].astype(jnp.float32), axis=1)[:, None]
-           for gi in range(groups)]
+  # q·k = scale * (q·code) + zero * sum(q over the group); plane 0 has
+  # weight 1 and every channel
+  q_sum = [jnp.sum(q_ref[gi, :, pl.ds(0, head_dim)].astype(jnp.float32),
+                   axis=1)[:, None] for gi in range(groups)]
+
+  def tiles(ref, rows):
+    return [_lane_tiles(ref[rows, pl.ds(first, width)], bits, ptx)
+            for (bits, first, _), width in zip(layout, widths)]
 
   def body(i, carry):
     m, l, accs = carry
     rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
-    k_tiles = _lane_tiles(kb_ref[rows, :], bits, ptx)
+    k_tiles = tiles(kb_ref, rows)
     logits = 0.0
     for gi in range(groups):
-      dots = sum(_dot(q_lanes[gi][h], k_tiles[h], ((1,), (1,)), dtype)
-                 for h in range(lanes))
+      dots = sum(_qk(q_lanes[gi][j][h], tile, dtype)
+                 for j, plane in enumerate(k_tiles)
+                 for h, tile in enumerate(plane))
       logits = (logits + dots * _per_slot(ks_ref, rows, gi)
                 + q_sum[gi] * _per_slot(kz_ref, rows, gi))
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
                                       logits_out, rows, real_heads)
     m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
-    v_tiles = _lane_tiles(vb_ref[rows, :], bits, ptx)
     terms = _value_terms(p, vs_ref, vz_ref, rows, groups)
+    lane_tiles = [(j, h, tile) for j, plane in enumerate(tiles(vb_ref, rows))
+                  for h, tile in enumerate(plane)]
     new = []
-    for h, acc in enumerate(accs):
+    for acc, (j, h, tile) in zip(accs, lane_tiles):
       for gi, (p_scaled, p_zero) in enumerate(terms):
-        part = _dot(p_scaled, v_tiles[h], ((1,), (0,)), dtype) + p_zero
+        part = _pv(p_scaled, tile, dtype)
+        if j == 0:   # the zero term once per channel
+          part = part + p_zero
         acc = acc + (part if groups == 1 else
-                     jnp.where(column_group[h] == gi, part, 0.0))
+                     jnp.where(column_group[j][h] == gi, part, 0.0))
       new.append(acc)
     return m, l, tuple(new)
 
-  _run_blocks(body, pos_ref.shape[0] // block_s, heads, lanes, acc_ref, m_ref,
-              l_ref)
-
-
-def _chunks_kernel(q_ref, qpos_ref, pos_ref, kw_ref, ks_ref, kz_ref, vw_ref,
-                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
-                   fmt: Format, group_size: int, block_s: int,
-                   real_heads: int):
-  """Multi-plane formats (int3), 16-channel chunks at a time. q_ref
-  [1, G, Hd]; k/v words [split, W]; k/v scale and zero [split, Hd/g];
-  acc_ref [G, Hd]; m_ref, l_ref [G]; logits_ref [Go, split] when the
-  caller wants logits."""
-  _, heads, head_dim = q_ref.shape
-  logits_out = logits_ref[0] if logits_ref else None
-  dtype = q_ref.dtype
-  width = fmt.chunk(head_dim)
-  chunks = head_dim // width
-  per_group = group_size // width
-  q_pos = jnp.max(qpos_ref[...])
-  qc = [q_ref[0, :, pl.ds(c * width, width)] for c in range(chunks)]
-  # q·k = scale * (q·code) + zero * sum(q over the group)
-  q_sum = [sum(jnp.sum(qc[c].astype(jnp.float32), axis=1)
-               for c in range(gi * per_group, (gi + 1) * per_group))[:, None]
-           for gi in range(head_dim // group_size)]
-
-  def body(i, carry):
-    m, l, accs = carry
-    rows = _block_rows(i, block_s)
-    pos = pos_ref[rows]
-    keys = ChunkReader(kw_ref, fmt, head_dim, rows)
-    logits = 0.0
-    for gi in range(len(q_sum)):
-      dots = sum(_qk(qc[c], keys.codes(c), dtype)
-                 for c in range(gi * per_group, (gi + 1) * per_group))
-      logits = (logits + dots * _per_slot(ks_ref, rows, gi)
-                + q_sum[gi] * _per_slot(kz_ref, rows, gi))
-    logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
-                                      logits_out, rows, real_heads)
-    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
-    values = ChunkReader(vw_ref, fmt, head_dim, rows)
-    terms = _value_terms(p, vs_ref, vz_ref, rows, len(q_sum))
-    new = []
-    for c, acc in enumerate(accs):
-      p_scaled, p_zero = terms[c // per_group]
-      new.append(acc + _pv(p_scaled, values.codes(c), dtype) + p_zero)
-    return m, l, tuple(new)
-
-  _run_blocks(body, pos_ref.shape[0] // block_s, heads, chunks, acc_ref,
+  lane_widths = [width for (bits, _, _), width in zip(layout, widths)
+                 for _ in range(8 // bits)]
+  _run_blocks(body, pos_ref.shape[0] // block_s, heads, lane_widths, acc_ref,
               m_ref, l_ref)
 
 
@@ -312,6 +296,7 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
            num_warps: int, num_stages: int, interpret: bool):
   """The pallas_call; ``rows_out`` = 0 leaves out the logits output."""
   splits = slots // split
+  width = head_dim * len(fmt.planes)   # the query and acc: one Hd per plane
   per_slot = lambda b, r, j: (b, r, j, 0)
   logits_spec = [pl.BlockSpec((None, None, rows_out, split),
                               lambda b, r, j: (b, r, 0, j))][:bool(rows_out)]
@@ -322,18 +307,17 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
                          per_slot),
             pl.BlockSpec((None, None, split, head_dim // group_size),
                          per_slot)]
-  kernel = (functools.partial(_lanes_kernel, ptx=not interpret)
-            if len(fmt.planes) == 1 else _chunks_kernel)
   return pl.pallas_call(
-      functools.partial(kernel, fmt=fmt, group_size=group_size,
-                        block_s=block_s, real_heads=real_heads),
+      functools.partial(_lanes_kernel, fmt=fmt, group_size=group_size,
+                        block_s=block_s, real_heads=real_heads,
+                        ptx=not interpret),
       grid=(batch, rows, splits),
-      in_specs=[pl.BlockSpec((None, None, groups, heads, head_dim),
+      in_specs=[pl.BlockSpec((None, None, groups, heads, width),
                              lambda b, r, j: (b, r, 0, 0, 0)),
                 pl.BlockSpec((None, 1), lambda b, r, j: (b, 0)),
                 pl.BlockSpec((None, None, split), lambda b, r, j: (b, r, j)),
                 *packed, *packed],
-      out_specs=[pl.BlockSpec((None, None, None, heads, head_dim),
+      out_specs=[pl.BlockSpec((None, None, None, heads, width),
                               lambda b, r, j: (b, r, j, 0, 0)),
                  pl.BlockSpec((None, None, None, heads),
                               lambda b, r, j: (b, r, j, 0)),
@@ -341,7 +325,7 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
                               lambda b, r, j: (b, r, j, 0)),
                  *logits_spec],
       out_shape=[
-          jax.ShapeDtypeStruct((batch, rows, splits, heads, head_dim),
+          jax.ShapeDtypeStruct((batch, rows, splits, heads, width),
                                jnp.float32),
           jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
           jax.ShapeDtypeStruct((batch, rows, splits, heads), jnp.float32),
@@ -355,7 +339,7 @@ def default_warps(fmt: Format, groups: int) -> int:
   """One warp when a block's arithmetic is light (codes of at most 4 bits,
   one scale group per head): the softmax reductions then stay inside the
   warp, and more programs share each SM. Heavier blocks (int8, several
-  groups, int3 chunks) need four. Measured on an H200 (docs/benchmarks.md)."""
+  groups) need four. Measured on an H200 (docs/benchmarks.md)."""
   light = fmt.bits <= 4 and groups == 1
   return 1 if light else 4
 
@@ -462,24 +446,21 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   block = min(floor_pow2(block_s), next_pow2(slots))
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
   padded = -(-slots // split) * split
-  lanes = len(fmt.planes) == 1
   groups = head_dim // group_size
-  # Query heads padded to 16 rows feed tensor-core dots (byte lanes and
-  # chunks of >= 16 channels); the padding repeats the real heads, whose
-  # logits the kernel writes.
-  wide = lanes or fmt.chunk(head_dim) >= 16
-  g_pad = max(16, next_pow2(heads)) if wide else next_pow2(heads)
+  # Query heads padded to 16 rows feed tensor-core dots; the padding repeats
+  # the real heads, whose logits the kernel writes.
+  g_pad = max(16, next_pow2(heads))
   rows_out = next_pow2(heads) if with_logits else 0
   q = q[:, :, np.arange(g_pad) % heads]   # padding rows repeat real heads
-  if lanes:
-    order = lane_order(fmt, head_dim)
-    # one query copy per group, zero outside the group's channels
-    in_group = (order[None, :] // group_size == np.arange(groups)[:, None])
-    q = jnp.where(jnp.asarray(in_group)[None, None, :, None, :],
-                  q[:, :, None, :, order], 0).astype(q.dtype)
-    k_words, v_words = _as_bytes(k_words), _as_bytes(v_words)
-  else:
-    q = q[:, :, None]
+  layout = planes(fmt, head_dim)
+  order = lane_order(fmt, head_dim)
+  # each plane's copy carries the plane's weight 2**low (exact), so the
+  # kernel sums plain products; one copy per group, zero outside the group
+  weight = np.repeat([2.0 ** low for _, _, low in layout], head_dim)
+  in_group = (order[None, :] // group_size == np.arange(groups)[:, None])
+  q = jnp.where(jnp.asarray(in_group)[None, None, :, None, :],
+                q[:, :, None, :, order] * weight, 0).astype(q.dtype)
+  k_words, v_words = _as_bytes(k_words), _as_bytes(v_words)
   if padded != slots:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
@@ -495,7 +476,9 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
           k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)
-  if lanes:
-    out = out[..., np.argsort(order)]
+  # back to channel order, each plane times its weight
+  out = sum(out[..., j * head_dim + np.argsort(order[j * head_dim:
+                                                     (j + 1) * head_dim])]
+            * 2.0 ** low for j, (_, _, low) in enumerate(layout))
   logits = logits[0][:, :, :heads, :slots] if with_logits else None
   return out[:, :, :heads], lse[:, :, :heads], logits

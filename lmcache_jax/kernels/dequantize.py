@@ -1,8 +1,8 @@
 """Unpack + dequantize: packed rows → float rows [N, Hd].
 
-``ChunkReader`` is the unpacking step shared with the fused attention
-kernel: it yields the codes of ``chunk`` contiguous channels at a time with
-whole-word loads and one shift per plane (``quant.formats``' planar layout).
+``ChunkReader`` is the unpacking step: it yields the codes of ``chunk``
+contiguous channels at a time with whole-word loads and one shift per plane
+(``quant.formats``' planar layout).
 """
 
 from __future__ import annotations
