@@ -83,3 +83,40 @@ def test_threads_store_and_load_overlapping_prefixes(tmp_path):
   for name, tier in store.tiers.items():
     assert tier.used <= tier.capacity, name
     assert tier.used == sum(tier._sizes.values())
+
+
+def test_queued_disk_writes_are_neither_written_nor_counted_twice(tmp_path):
+  """A second store() of the same tokens while the disk worker has not run
+  yet adds nothing; a refused or failed write lets a later store() retry."""
+  store = make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  tokens = tokens_for(7, 32)
+  cache = keyed_cache(store, tokens)
+  gate, calls = threading.Event(), []
+  write = store._write_disk
+
+  def held_back(keys, copies):
+    calls.append(len(keys))
+    gate.wait(timeout=60)
+    write(keys, copies)
+
+  store._write_disk = held_back
+  assert store.store(tokens, cache) == 4
+  assert store.store(tokens, cache) == 0          # queued, not yet on disk
+  gate.set()
+  store.flush()
+  assert calls == [4] and store.lookup(tokens) == 32
+
+  disk = store.tiers["disk"]
+  put = disk.put
+
+  def failing_put(key, value, nbytes):
+    raise OSError("disk full")
+
+  disk.put = failing_put
+  other = tokens_for(8, 16)
+  assert store.store(other, keyed_cache(store, other), wait=True) == 2
+  assert store.lookup(other) == 0                 # the write failed (logged)
+  disk.put = put
+  assert store.store(other, keyed_cache(store, other), wait=True) == 2
+  assert store.lookup(other) == 16
+  store.close()

@@ -103,6 +103,10 @@ class KVStore:
         read_threads or cores, thread_name_prefix="kvstore-read")
     self._pending: set[concurrent.futures.Future] = set()
     self._pending_lock = threading.Lock()
+    # keys whose disk write is queued but not done: held as far as store()
+    # is concerned, so a second store() before the worker runs neither
+    # writes nor counts them again
+    self._disk_queued: set[bytes] = set()
 
   # -- keys ------------------------------------------------------------------
 
@@ -136,7 +140,7 @@ class KVStore:
       raise ValueError(f"row {row} is outside the batch of {cache.batch_size}")
     held = min(len(tokens), int(cache.lengths[row]))
     todo = [(i, key) for i, key in enumerate(self.keys(tokens, held))
-            if any(key not in tier for tier in self.tiers.values())]
+            if not self._held_everywhere(key)]
     if not todo:
       return 0
     # Last chunk first: under lru and fifo the head of a prefix, which every
@@ -148,6 +152,13 @@ class KVStore:
       self.flush()
     self._count(stored=len(todo))
     return len(todo)
+
+  def _held_everywhere(self, key: bytes) -> bool:
+    """Whether every tier holds ``key`` (a queued disk write counts)."""
+    with self._pending_lock:
+      queued = key in self._disk_queued
+    return all(key in tier or (name == "disk" and queued)
+               for name, tier in self.tiers.items())
 
   def _groups(self, items: list) -> list[list]:
     """``items`` cut into runs of about ``group_bytes`` of chunks, which
@@ -169,6 +180,8 @@ class KVStore:
       # The worker gets host copies, never device ones, so HBM is freed now.
       copies = host_copies or [
           tuple(np.asarray(a) for a in chunk) for chunk in chunks]
+      with self._pending_lock:
+        self._disk_queued.update(keys)
       self._submit(self._write_disk, keys, copies)
 
   def _put_host(self, keys: list[bytes], chunks: list[Chunk]) -> list:
@@ -191,12 +204,16 @@ class KVStore:
 
   def _write_disk(self, keys: list[bytes], copies: list) -> None:
     disk = self.tiers["disk"]
-    for key, copy in zip(keys, copies):
-      if key in disk:
-        continue
-      blob = copy if isinstance(copy, bytes) else codec.encode(
-          key, [np.asarray(a) for a in copy], self.cipher)
-      disk.put(key, blob, len(blob))
+    try:
+      for key, copy in zip(keys, copies):
+        if key in disk:
+          continue
+        blob = copy if isinstance(copy, bytes) else codec.encode(
+            key, [np.asarray(a) for a in copy], self.cipher)
+        disk.put(key, blob, len(blob))
+    finally:   # written, refused or failed: a later store() decides again
+      with self._pending_lock:
+        self._disk_queued.difference_update(keys)
 
   # -- load ------------------------------------------------------------------
 
