@@ -48,9 +48,10 @@ MASKED = -1e30
 def _lane_channel(b, h: int, bits: int, head_dim: int):
   """Channel in column ``b`` (an array) of lane tile ``h``.
 
-  Byte ``b`` of a head vector is byte ``b % 4`` of word ``b // 4``; its field
-  ``h`` holds plane ``(b % 4) * 8/p + h``, i.e. channel ``plane * W + b // 4``
-  (``quant.formats``: channel d sits in word d % W at bit p·(d // W)).
+  Byte ``b`` of a p-bit plane is byte ``b % 4`` of word ``b // 4``; its
+  field ``h`` is field ``k = (b % 4) * 8/p + h`` of the word, i.e. channel
+  ``k * W + b // 4`` (``quant.formats``: channel d sits in word d % W at bit
+  p·(d // W)).
   """
   return ((b % 4) * (8 // bits) + h) * (head_dim * bits // 32) + b // 4
 
