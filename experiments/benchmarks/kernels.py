@@ -18,6 +18,7 @@ dequantize, fused attention); then times:
   states written);
 * int4 jnp reference: the same attention written in jnp (unpack, dequantize,
   einsum), compiled by XLA, for comparison with the kernel;
+* int4 kernel with two scale groups per head (group 64), at its defaults;
 * int4 attend: ``attention.attend`` over a packed int4 cache (kernel + merge
   + mass), the end-to-end speed-up over bf16; once plain, once stored as the
   default plan stores it (keys centered, vectors Hadamard-rotated: the query
@@ -105,6 +106,27 @@ def dense_cache(slots):
   return keys, values
 
 
+def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
+  """The kernel at its defaults with two scale groups per head (group 64 on
+  head dim 128: the default group size on such a model), checked against
+  its reference."""
+  group = HEAD_DIM // 2
+  quantize = jax.jit(lambda a: schemes.quantize(a, FMT, group))
+  kq, vq = quantize(keys), quantize(values)
+  args = (q, q_pos, slot_pos, *kq, *vq)
+  fn = jax.jit(lambda *a: da.decode_attention(*a, fmt=FMT, group_size=group))
+  want = jax.jit(lambda *a: da.decode_attention_reference(
+      *a, fmt=FMT, group_size=group))(*args)
+  for g, w in zip(fn(*args), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
+                               atol=2e-3, err_msg=f"group {group}")
+  t = benchmarks.timed(lambda: fn(*args), repeats=20)["median_s"]
+  nbytes = (sum(a.nbytes for a in (*kq, *vq)) + slot_pos.nbytes
+            + BATCH * KV_HEADS * GROUP * CONTEXT * 4)
+  return timed_row(f"int4 kernel, group {group} (2 groups per head), defaults",
+                   t, nbytes, bandwidth)
+
+
 def run(config=None) -> dict:
   del config
   notes = check_kernels()
@@ -147,6 +169,7 @@ def run(config=None) -> dict:
       best = (t, block, warps, split, stages)
   rows.append(timed_row("int4 jnp reference under XLA (unpack + attention)",
                         t_ref, kernel_bytes, bandwidth))
+  rows.append(several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth))
   notes.append(f"fused attention matches the reference at {BATCH}x{CONTEXT}")
 
   # End to end: attention.attend over a dense bf16 and a packed int4 cache.
