@@ -19,7 +19,10 @@ it (q·k and p·v do not depend on the channel order). A multi-plane format
 (int3 = a 2-bit and a 1-bit plane) is a sum of one-plane codes weighted by
 2**low: the query gets one copy per plane, in that plane's order and times
 its weight, and the kernel keeps one output accumulator per plane, which the
-wrapper weights and sums.
+wrapper weights and sums. Several scale groups per head use the product
+rows: each group has its own block of rows whose query sees only that
+group's channels, so one product per lane tile serves all groups
+(``_lanes_kernel``).
 
 Each program writes its softmax state (max m, sum l, unnormalised output acc)
 and its slots' logits; a small jnp epilogue merges the programs. The logits
@@ -166,13 +169,14 @@ def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
   return logits, visible
 
 
-def _softmax_step(m, l, accs, logits, visible):
-  """Online softmax: new (max, sum, rescaled accumulators, probabilities)."""
+def _softmax_step(m, l, logits, visible):
+  """Online softmax: new (max, sum, factor rescaling the accumulators,
+  probabilities)."""
   m_new = jnp.maximum(m, jnp.max(logits, axis=1))
   alpha = jnp.exp(m - m_new)
   p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
   l = l * alpha + jnp.sum(p, axis=1)
-  return m_new, l, tuple(a * alpha[:, None] for a in accs), p
+  return m_new, l, alpha, p
 
 
 def _write_logits(logits_ref, rows, logits, real: int):
@@ -198,104 +202,121 @@ def _per_slot(ref, rows, group: int):
   return ref[rows, group].astype(jnp.float32)[None, :]
 
 
-def _value_terms(p, vs_ref, vz_ref, rows, groups: int):
-  """Per channel group of the values: (p · scale [G, bs], Σ p · zero [G, 1]),
-  so p @ values = (p · scale) @ codes + Σ p · zero."""
-  return [(p * _per_slot(vs_ref, rows, gi),
-           jnp.sum(p * _per_slot(vz_ref, rows, gi), axis=1)[:, None])
-          for gi in range(groups)]
+def _per_row(ref, rows, row_group, groups: int):
+  """[M, bs] (or [1, bs] for one group) float32 scale or zero of each
+  product row's channel group, for a block."""
+  out = _per_slot(ref, rows, 0)
+  for gi in range(1, groups):
+    out = jnp.where(row_group == gi, _per_slot(ref, rows, gi), out)
+  return out
 
 
-def _run_blocks(body, num_blocks: int, heads: int, widths: list[int],
-                acc_ref, m_ref, l_ref):
-  """Runs ``body`` over the program's blocks from an empty softmax state
-  (accumulators of ``widths`` columns, acc's columns in order) and stores
-  the result."""
-  init = (jnp.full((heads,), MASKED, jnp.float32),
-          jnp.zeros((heads,), jnp.float32),
-          tuple(jnp.zeros((heads, w), jnp.float32) for w in widths))
-  m, l, accs = jax.lax.fori_loop(0, num_blocks, body, init)
-  m_ref[...] = m
-  l_ref[...] = l
-  start = 0
-  for acc, width in zip(accs, widths):
-    acc_ref[:, pl.ds(start, width)] = acc
-    start += width
+def _sum_groups(x, groups: int):
+  """[groups·n, ...] → [n, ...]: row r summed over the group blocks."""
+  if groups == 1:
+    return x
+  return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).sum(axis=0)
+
+
+def _spread_groups(x, groups: int):
+  """[n, ...] → [groups·n, ...]: the rows repeated in every group block."""
+  if groups == 1:
+    return x
+  return jnp.broadcast_to(x[None], (groups, *x.shape)).reshape(
+      groups * x.shape[0], *x.shape[1:])
 
 
 def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                   vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
                   fmt: Format, group_size: int, block_s: int,
                   real_heads: int, ptx: bool):
-  """q_ref [groups, G, P·Hd]: for each of the P planes the query in that
-  plane's lane order times 2**low (the plane's weight in a code), one copy
-  per channel group (zero outside it); k/v bytes [split, Hd·b/8]; k/v scale
-  and zero [split, Hd/g]; acc_ref [G, P·Hd]: per plane, Σ p · field in lane
-  order (the wrapper weights and sums the planes); m_ref, l_ref [G];
-  logits_ref [Go, split] when the caller wants logits. ``ptx``: unpack with
-  inline PTX (GPU) rather than jnp (interpret mode)."""
-  groups, heads, _ = q_ref.shape
+  """q_ref [M, P·Hd]: M = groups·n product rows; rows gi·n .. gi·n+n hold
+  the query heads (repeated cyclically) restricted to channel group gi, for
+  each of the P planes in that plane's lane order times 2**low (the plane's
+  weight in a code). k/v bytes [split, Hd·b/8]; k/v scale and zero
+  [split, Hd/g]; acc_ref [n, P·Hd]: per plane, Σ p · field in lane order
+  (the wrapper weights and sums the planes); m_ref, l_ref [n]; logits_ref
+  [Go, split] when the caller wants logits. ``ptx``: unpack with inline PTX
+  (GPU) rather than jnp (interpret mode).
+
+  Each row's products see only its group's channels, so one product per
+  lane tile serves every group: the rows are scaled by their group's scale,
+  and a head's logits are the sum of its rows over the group blocks. The
+  probabilities go back to every block, scaled by the block's value scale;
+  at the end each output column is taken from its own group's block.
+  """
+  num_rows, _ = q_ref.shape
   head_dim = acc_ref.shape[-1] // len(fmt.planes)
+  groups = head_dim // group_size
+  heads = num_rows // groups
   logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
   layout = planes(fmt, head_dim)
   widths = [head_dim * bits // 8 for bits, _, _ in layout]
-  column_group = [_lane_groups(bits, head_dim, group_size)
-                  for bits, _, _ in layout]
+  lanes = [(j, h) for j, (bits, _, _) in enumerate(layout)
+           for h in range(8 // bits)]
+  row_group = jax.lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0) // heads
   q_pos = jnp.max(qpos_ref[...])
-  q_lanes = [[[q_ref[gi, :, pl.ds(j * head_dim + h * width, width)]
-               for h in range(8 // bits)]
-              for j, ((bits, _, _), width) in enumerate(zip(layout, widths))]
-             for gi in range(groups)]
+  q_lanes = [q_ref[:, pl.ds(j * head_dim + h * widths[j], widths[j])]
+             for j, h in lanes]
   # q·k = scale * (q·code) + zero * sum(q over the group); plane 0 has
-  # weight 1 and every channel
-  q_sum = [jnp.sum(q_ref[gi, :, pl.ds(0, head_dim)].astype(jnp.float32),
-                   axis=1)[:, None] for gi in range(groups)]
+  # weight 1 and every channel once
+  q_sum = jnp.sum(q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32),
+                  axis=1)[:, None]
 
   def tiles(ref, rows):
-    return [_lane_tiles(ref[rows, pl.ds(first, width)], bits, ptx)
-            for (bits, first, _), width in zip(layout, widths)]
+    per_plane = [_lane_tiles(ref[rows, pl.ds(first, width)], bits, ptx)
+                 for (bits, first, _), width in zip(layout, widths)]
+    return [per_plane[j][h] for j, h in lanes]
 
   def body(i, carry):
     m, l, accs = carry
     rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
-    k_tiles = tiles(kb_ref, rows)
-    logits = 0.0
-    for gi in range(groups):
-      dots = sum(_qk(q_lanes[gi][j][h], tile, dtype)
-                 for j, plane in enumerate(k_tiles)
-                 for h, tile in enumerate(plane))
-      logits = (logits + dots * _per_slot(ks_ref, rows, gi)
-                + q_sum[gi] * _per_slot(kz_ref, rows, gi))
+    dots = sum(_qk(q, codes, dtype)
+               for q, codes in zip(q_lanes, tiles(kb_ref, rows)))
+    logits = _sum_groups(dots * _per_row(ks_ref, rows, row_group, groups)
+                         + q_sum * _per_row(kz_ref, rows, row_group, groups),
+                         groups)
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
                                       logits_out, rows, real_heads)
-    m, l, accs, p = _softmax_step(m, l, accs, logits, visible)
-    terms = _value_terms(p, vs_ref, vz_ref, rows, groups)
-    lane_tiles = [(j, h, tile) for j, plane in enumerate(tiles(vb_ref, rows))
-                  for h, tile in enumerate(plane)]
+    m, l, alpha, p = _softmax_step(m, l, logits, visible)
+    alpha = _spread_groups(alpha[:, None], groups)
+    p = _spread_groups(p, groups)
+    # p @ values = (p · scale) @ codes + Σ p · zero, per row's group
+    p_scaled = p * _per_row(vs_ref, rows, row_group, groups)
+    p_zero = jnp.sum(p * _per_row(vz_ref, rows, row_group, groups), axis=1)
     new = []
-    for acc, (j, h, tile) in zip(accs, lane_tiles):
-      for gi, (p_scaled, p_zero) in enumerate(terms):
-        part = _pv(p_scaled, tile, dtype)
-        if j == 0:   # the zero term once per channel
-          part = part + p_zero
-        acc = acc + (part if groups == 1 else
-                     jnp.where(column_group[j][h] == gi, part, 0.0))
-      new.append(acc)
+    for acc, (j, _), codes in zip(accs, lanes, tiles(vb_ref, rows)):
+      part = _pv(p_scaled, codes, dtype)
+      if j == 0:   # the zero term once per channel
+        part = part + p_zero[:, None]
+      new.append(acc * alpha + part)
     return m, l, tuple(new)
 
-  lane_widths = [width for (bits, _, _), width in zip(layout, widths)
-                 for _ in range(8 // bits)]
-  _run_blocks(body, pos_ref.shape[0] // block_s, heads, lane_widths, acc_ref,
-              m_ref, l_ref)
+  init = (jnp.full((heads,), MASKED, jnp.float32),
+          jnp.zeros((heads,), jnp.float32),
+          tuple(jnp.zeros((num_rows, widths[j]), jnp.float32)
+                for j, _ in lanes))
+  m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
+  m_ref[...] = m
+  l_ref[...] = l
+  start = 0
+  for acc, (j, h) in zip(accs, lanes):
+    bits = layout[j][0]
+    if groups > 1:   # each column from its own group's block
+      own = row_group == _lane_groups(bits, head_dim, group_size)[h]
+      acc = _sum_groups(jnp.where(own, acc, 0.0), groups)
+    acc_ref[:, pl.ds(start, widths[j])] = acc
+    start += widths[j]
 
 
-def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
+def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
            rows_out: int, slots: int, head_dim: int, data_width: int,
            fmt: Format, group_size: int, block_s: int, split: int,
            num_warps: int, num_stages: int, interpret: bool):
-  """The pallas_call; ``rows_out`` = 0 leaves out the logits output."""
+  """The pallas_call: ``num_rows`` product rows (query copies), ``heads``
+  rows of softmax state; ``rows_out`` = 0 leaves out the logits output."""
   splits = slots // split
   width = head_dim * len(fmt.planes)   # the query and acc: one Hd per plane
   per_slot = lambda b, r, j: (b, r, j, 0)
@@ -313,8 +334,8 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
                         block_s=block_s, real_heads=real_heads,
                         ptx=not interpret),
       grid=(batch, rows, splits),
-      in_specs=[pl.BlockSpec((None, None, groups, heads, width),
-                             lambda b, r, j: (b, r, 0, 0, 0)),
+      in_specs=[pl.BlockSpec((None, None, num_rows, width),
+                             lambda b, r, j: (b, r, 0, 0)),
                 pl.BlockSpec((None, 1), lambda b, r, j: (b, 0)),
                 pl.BlockSpec((None, None, split), lambda b, r, j: (b, r, j)),
                 *packed, *packed],
@@ -336,13 +357,11 @@ def _build(batch: int, rows: int, groups: int, heads: int, real_heads: int,
       interpret=interpret)
 
 
-def default_warps(fmt: Format, groups: int) -> int:
-  """One warp when a block's arithmetic is light (codes of at most 4 bits,
-  one scale group per head): the softmax reductions then stay inside the
-  warp, and more programs share each SM. Heavier blocks (int8, several
-  groups) need four. Measured on an H200 (docs/benchmarks.md)."""
-  light = fmt.bits <= 4 and groups == 1
-  return 1 if light else 4
+def default_warps(fmt: Format) -> int:
+  """One warp for codes of at most 4 bits: the softmax reductions then stay
+  inside the warp, and more programs share each SM; int8's wider tiles need
+  four. Measured on an H200 (docs/benchmarks.md)."""
+  return 1 if fmt.bits <= 4 else 4
 
 
 def _merge(acc, m, l):
@@ -448,19 +467,22 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
   padded = -(-slots // split) * split
   groups = head_dim // group_size
-  # Query heads padded to 16 rows feed tensor-core dots; the padding repeats
-  # the real heads, whose logits the kernel writes.
-  g_pad = max(16, next_pow2(heads))
+  # Product rows: per channel group a block of n rows holding the query
+  # heads (the padding repeats them: the kernel writes their logits), at
+  # least 16 rows in all for tensor-core products.
+  n = max(next_pow2(heads), 16 // min(groups, 16))
+  num_rows = groups * n
+  row_head = np.arange(num_rows) % n % heads
+  row_group = np.arange(num_rows) // n
   rows_out = next_pow2(heads) if with_logits else 0
-  q = q[:, :, np.arange(g_pad) % heads]   # padding rows repeat real heads
   layout = planes(fmt, head_dim)
   order = lane_order(fmt, head_dim)
   # each plane's copy carries the plane's weight 2**low (exact), so the
-  # kernel sums plain products; one copy per group, zero outside the group
+  # kernel sums plain products; each row sees only its group's channels
   weight = np.repeat([2.0 ** low for _, _, low in layout], head_dim)
-  in_group = (order[None, :] // group_size == np.arange(groups)[:, None])
-  q = jnp.where(jnp.asarray(in_group)[None, None, :, None, :],
-                q[:, :, None, :, order] * weight, 0).astype(q.dtype)
+  own = order[None, :] // group_size == row_group[:, None]
+  q = jnp.where(jnp.asarray(own), q[:, :, row_head][..., order] * weight,
+                0).astype(q.dtype)
   k_words, v_words = _as_bytes(k_words), _as_bytes(v_words)
   if padded != slots:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
@@ -469,9 +491,9 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
   if num_warps is None:
-    num_warps = default_warps(fmt, groups)
+    num_warps = default_warps(fmt)
   acc, m, l, *logits = _build(
-      batch, rows, q.shape[2], g_pad, heads, rows_out, padded, head_dim,
+      batch, rows, num_rows, n, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
       num_warps, num_stages, backend == "interpret")(
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
