@@ -3,14 +3,15 @@ version of its file, on the same inputs in one process:
 
   git show REV:lmcache_jax/kernels/decode_attention.py > /tmp/other.py
   PYTHONPATH=. python3 experiments/benchmarks/_kernel_ab.py /tmp/other.py \
-      [BLOCK,WARPS,SPLIT[,STAGES] ...] [--format=int4] [--small]
+      [BLOCK,WARPS,SPLIT[,STAGES] ...] [--format=int4] [--group=128] [--small]
 
 The other file is imported beside this tree (it uses this tree's other
 modules). Shapes as the kernel suite: 16 sequences x 8 kv heads x 32K slots,
 4 query heads per kv head, head dim 128, int4 (or ``--format``) with one
-scale and zero per token and head. Each configuration runs two rounds, alternating the two
-versions; each line is the median of 30 calls and the largest difference
-from the jnp reference over out, lse and logits.
+scale and zero per token and head (or per ``--group`` channels). Each
+configuration runs two rounds, alternating the two versions; each line is
+the median of 30 calls and the largest difference from the jnp reference
+over out, lse and logits.
 """
 import importlib.util
 import inspect
@@ -44,8 +45,11 @@ def main():
   configs = configs or [(64, 4, 1024)]
   names = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--format=")]
   fmt = FORMATS[names[-1] if names else "int4"]
+  groups = [int(a.split("=", 1)[1]) for a in sys.argv
+            if a.startswith("--group=")]
+  group = groups[-1] if groups else HEAD_DIM
   shape = (BATCH, KV_HEADS, CONTEXT, HEAD_DIM)
-  quantize = jax.jit(lambda a: schemes.quantize(a, fmt, HEAD_DIM))
+  quantize = jax.jit(lambda a: schemes.quantize(a, fmt, group))
   kq = quantize(jax.random.normal(jax.random.key(1), shape, jnp.bfloat16))
   vq = quantize(jax.random.normal(jax.random.key(2), shape, jnp.bfloat16))
   q = jax.random.normal(jax.random.key(3), (BATCH, KV_HEADS, GROUP, HEAD_DIM),
@@ -55,7 +59,7 @@ def main():
                               (BATCH, KV_HEADS, CONTEXT))
   args = (q, q_pos, slot_pos, *kq, *vq)
   want = jax.jit(lambda *a: this.decode_attention_reference(
-      *a, fmt=fmt, group_size=HEAD_DIM))(*args)
+      *a, fmt=fmt, group_size=group))(*args)
   print(f"device: {benchmarks.device_name()}")
   for config in configs:
     for _ in range(2):
@@ -65,7 +69,7 @@ def main():
         accepted = inspect.signature(module.decode_attention).parameters
         knobs = {k: v for k, v in knobs.items() if k in accepted}
         fn = jax.jit(lambda *a, m=module, k=knobs: m.decode_attention(
-            *a, fmt=fmt, group_size=HEAD_DIM, **k))
+            *a, fmt=fmt, group_size=group, **k))
         got = fn(*args)
         err = max(float(jnp.max(jnp.abs(g - w)))
                   for g, w in zip(got, want) if g is not None)
