@@ -89,6 +89,28 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
   np.testing.assert_allclose(np.asarray(want[1]), lse, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,group", [("int4", 64), ("int3", 32)])
+def test_decode_attention_bfloat16_queries(name, group):
+  """The GPU path's dtype: bfloat16 queries and products (several groups per
+  head, 3 heads padded into group blocks) agree with the float32 reference
+  to bfloat16 precision."""
+  fmt = FORMATS[name]
+  rng = np.random.default_rng(group)
+  kq = _packed(rng, fmt, (1, 2, 48, 128), group)
+  vq = _packed(rng, fmt, (1, 2, 48, 128), group)
+  q = jnp.asarray(rng.standard_normal((1, 2, 3, 128)), jnp.bfloat16)
+  q_pos = jnp.array([40], jnp.int32)
+  slot_pos = jnp.tile(jnp.arange(48, dtype=jnp.int32), (1, 2, 1))
+  want = da.decode_attention_reference(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
+                                       group_size=group)
+  got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
+                            group_size=group, block_s=16, split_s=32,
+                            interpret=True)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-2,
+                               atol=2e-2)
+
+
 def test_decode_attention_with_nothing_visible():
   fmt = FORMATS["int4"]
   rng = np.random.default_rng(0)
