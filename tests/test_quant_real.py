@@ -32,3 +32,38 @@ def test_quantized_perplexity_on_hamlet(real_lm):
     ppl[label] = float(np.exp(nll.mean()))
   assert abs(ppl["int8"] / ppl["bf16"] - 1) < 0.01, ppl
   assert abs(ppl["int4+window"] / ppl["bf16"] - 1) < 0.05, ppl
+
+
+def test_quant_spread_reports_every_window(real_lm):
+  from configs import default
+  from experiments.tasks import quant_spread as spread
+  config = default.get_config()
+  config.context = 64
+  config.quant.calibration_tokens = 64
+  ctx = RunContext(config=config, lm=real_lm, policy=KeepAll())
+  out = spread.quant_spread(ctx, windows=("hamlet@0", "lear@100"),
+                            residuals=(0, 64))
+  by_label = {r["setting"]: r for r in out["rows"]}
+  assert len(by_label) == 2 and all(len(r["changes_pct"]) == 2
+                                    for r in out["rows"])
+  window = by_label["int4 rot. + cent. + 4 sinks + residual 64"]
+  # a 64-token window over 64 tokens keeps every token exact
+  np.testing.assert_allclose(window["changes_pct"], 0.0, atol=1e-3)
+  assert window["compression"] < by_label[
+      "int4 rot. + cent. + 4 sinks + residual 0"]["compression"]
+
+
+def test_quant_spread_windows_and_summary():
+  from experiments.tasks import quant_spread as spread
+  assert spread.summary([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+  assert spread.summary([1.5]) == (1.5, 0.0)
+
+  class Tokens:
+    def encode(self, text):
+      return list(range(100))
+
+  assert list(spread.window_tokens(Tokens(), "hamlet@10", 5)) == list(range(10, 16))
+  with pytest.raises(ValueError, match="play@offset"):
+    spread.window_tokens(Tokens(), "hamlet", 5)
+  with pytest.raises(ValueError, match="needs 106 tokens; hamlet has 100"):
+    spread.window_tokens(Tokens(), "hamlet@100", 5)

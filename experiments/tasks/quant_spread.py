@@ -1,0 +1,99 @@
+"""The 4-bit target across texts: how much int4 costs in perplexity on
+several windows of real text, with the mean and spread.
+
+  python -m experiments.run --task=quant_spread
+
+One text is one draw of rounding noise: at this model size int4 settings
+that differ by less than about 1% on one text cannot be told apart
+(docs/quantization.md). This task streams ``context`` tokens of each window
+(``play@offset``, token offset into a Shakespeare work; default
+``WINDOWS``) through a full cache, 32 tokens per forward pass, in bf16 and
+in int4 (rotated, keys centered, 4 exact sinks) with exact recent windows of
+``RESIDUALS`` tokens, and reports every window's change, the mean and the
+sample standard deviation, and the KV bytes of each setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from experiments.context import RunContext
+from experiments.tasks import TASKS
+from experiments.tasks.perplexity import stream_nll
+from experiments.tasks.quant_table import kv_bytes
+from lmcache_jax import quant
+from lmcache_jax.data import shakespeare
+from lmcache_jax.quant import calibration
+from lmcache_jax.quant.plan import QuantPlan
+
+WINDOWS = ("hamlet@0", "hamlet@2048", "othello@0", "lear@0", "tempest@0",
+           "twelfth_night@0")
+RESIDUALS = (0, 16, 32, 64)
+
+
+def window_tokens(tokenizer, spec: str, length: int) -> np.ndarray:
+  """``length`` + 1 token ids of ``play@offset``."""
+  play, _, offset = spec.partition("@")
+  if not offset.isdigit():
+    raise ValueError(f"window {spec!r} must be play@offset (a token offset), "
+                     f"e.g. hamlet@2048")
+  start = int(offset)
+  tokens = np.asarray(tokenizer.encode(shakespeare.load_text(play)), np.int32)
+  if start + length + 1 > len(tokens):
+    raise ValueError(f"window {spec!r} needs {start + length + 1} tokens; "
+                     f"{play} has {len(tokens)}")
+  return tokens[start:start + length + 1]
+
+
+def summary(changes: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one window) of changes."""
+  values = np.asarray(changes, np.float64)
+  spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return float(np.mean(values)), spread
+
+
+@TASKS.register("quant_spread")
+def quant_spread(ctx: RunContext, windows=WINDOWS,
+                 residuals=RESIDUALS) -> dict:
+  """Per-window perplexity change of int4 settings vs bf16, mean and spread."""
+  config, lm = ctx.config, ctx.lm
+  length = int(config.context)
+  chunk = int(config.quant.get("eval_chunk", 32))
+  group = int(config.quant.get("group_size", 64))
+  key_shift = calibration.key_means(calibration.collect(
+      lm, quant.calibration_tokens_for(config.quant, lm)))
+  plans = {f"int4 rot. + cent. + 4 sinks + residual {r}": QuantPlan.uniform(
+      lm.cfg, "int4", group_size=group, sinks=4, residual=r, rotate=True,
+      key_shift=key_shift) for r in residuals}
+  changes = {label: [] for label in plans}
+  for spec in windows:
+    tokens = window_tokens(lm.tokenizer, spec, length)
+    nll, _ = stream_nll(ctx, tokens, 256)   # dense: any chunking is exact
+    base = float(np.exp(np.mean(nll)))
+    for label, plan in plans.items():
+      start = time.perf_counter()
+      nll, _ = stream_nll(dataclasses.replace(ctx, quant=plan), tokens, chunk)
+      changes[label].append(100 * (float(np.exp(np.mean(nll))) / base - 1))
+      print(f"{spec:18s} {label:42s} {changes[label][-1]:+.2f}% "
+            f"[{time.perf_counter() - start:.0f}s]", flush=True)
+  dense = kv_bytes(lm.cfg, length, None)
+  rows = []
+  for label, plan in plans.items():
+    mean, spread = summary(changes[label])
+    nbytes = kv_bytes(lm.cfg, length, plan)
+    rows.append({"setting": label, "changes_pct": changes[label],
+                 "mean_pct": mean, "sd_pct": spread, "kv_bytes": nbytes,
+                 "compression": dense / nbytes})
+  lines = ["| setting | " + " | ".join(windows) + " | mean | sd | smaller |",
+           "|---" * (len(windows) + 4) + "|"]
+  for r in rows:
+    lines.append(f"| {r['setting']} | "
+                 + " | ".join(f"{c:+.2f}%" for c in r["changes_pct"])
+                 + f" | {r['mean_pct']:+.2f}% | {r['sd_pct']:.2f} | "
+                 f"{r['compression']:.2f}x |")
+  print("\n".join(lines))
+  return {"tokens": length, "eval_chunk": chunk, "windows": list(windows),
+          "rows": rows, "markdown": "\n".join(lines)}
