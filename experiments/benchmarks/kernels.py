@@ -60,6 +60,15 @@ def copy_bandwidth() -> float:
   return 2 * x.nbytes / t
 
 
+LOGITS_BYTES = BATCH * KV_HEADS * GROUP * CONTEXT * 4   # float32, every slot
+
+
+def kernel_bytes(kq, vq, slot_pos) -> int:
+  """Bytes a kernel call moves: packed codes, scales, zeros and slot
+  positions read, logits written."""
+  return sum(a.nbytes for a in (*kq, *vq)) + slot_pos.nbytes + LOGITS_BYTES
+
+
 def timed_row(what: str, seconds: float, nbytes: int, bandwidth: float,
               baseline: float | None = None) -> dict:
   """One table row: time, bytes moved, their rate and share of the copy
@@ -121,10 +130,8 @@ def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
                                atol=2e-3, err_msg=f"group {group}")
   t = benchmarks.timed(lambda: fn(*args), repeats=20)["median_s"]
-  nbytes = (sum(a.nbytes for a in (*kq, *vq)) + slot_pos.nbytes
-            + BATCH * KV_HEADS * GROUP * CONTEXT * 4)
   return timed_row(f"int4 kernel, group {group} (2 groups per head), defaults",
-                   t, nbytes, bandwidth)
+                   t, kernel_bytes(kq, vq, slot_pos), bandwidth)
 
 
 def run(config=None) -> dict:
@@ -148,8 +155,7 @@ def run(config=None) -> dict:
       *a, fmt=FMT, group_size=GROUP_SIZE))
   t_ref = benchmarks.timed(lambda: reference(q, q_pos, slot_pos, *kq, *vq),
                            repeats=10)["median_s"]
-  kernel_bytes = (sum(a.nbytes for a in (*kq, *vq)) + slot_pos.nbytes
-                  + BATCH * KV_HEADS * GROUP * CONTEXT * 4)
+  moved = kernel_bytes(kq, vq, slot_pos)
   best = None
   for block, warps, split, stages in BLOCKS:
     fn = jax.jit(lambda *a, b=block, w=warps, s=split, st=stages:
@@ -163,12 +169,12 @@ def run(config=None) -> dict:
     t = benchmarks.timed(lambda: fn(q, q_pos, slot_pos, *kq, *vq),
                          repeats=20)["median_s"]
     rows.append(timed_row(f"int4 kernel block {block} split {split} warps "
-                          f"{warps} stages {stages}", t, kernel_bytes,
+                          f"{warps} stages {stages}", t, moved,
                           bandwidth))
     if best is None or t < best[0]:
       best = (t, block, warps, split, stages)
   rows.append(timed_row("int4 jnp reference under XLA (unpack + attention)",
-                        t_ref, kernel_bytes, bandwidth))
+                        t_ref, moved, bandwidth))
   rows.append(several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth))
   notes.append(f"fused attention matches the reference at {BATCH}x{CONTEXT}")
 
@@ -205,7 +211,7 @@ def run(config=None) -> dict:
   np.testing.assert_allclose(np.asarray(mass_q.sum(-1)), GROUP, rtol=1e-3)
   t_q = benchmarks.timed(lambda: attend(qt, packed, query_positions, weights),
                          repeats=20)["median_s"]
-  attend_bytes = kernel_bytes + BATCH * KV_HEADS * GROUP * CONTEXT * 4 + mass_bytes
+  attend_bytes = moved + LOGITS_BYTES + mass_bytes   # logits re-read
   rows.append(timed_row("int4 attend (kernel + merge + mass)", t_q,
                         attend_bytes, bandwidth, baseline=t_bf16))
   # the default storage: keys centered, head vectors Hadamard-rotated
@@ -230,7 +236,7 @@ def run(config=None) -> dict:
       lambda: attend_out(qt, stored, query_positions, weights),
       repeats=20)["median_s"]
   plain_bytes = bf16_bytes - mass_bytes
-  packed_bytes = kernel_bytes - BATCH * KV_HEADS * GROUP * CONTEXT * 4
+  packed_bytes = moved - LOGITS_BYTES
   rows.append(timed_row(f"{jnp.dtype(dense_dtype()).name} attend, no mass",
                         t_bf16_out, plain_bytes, bandwidth))
   rows.append(timed_row("int4 attend, rotated + centered, no mass", t_r_out,

@@ -150,13 +150,11 @@ def _lane_tiles(raw, bits: int, ptx: bool):
   return tiles
 
 
-def _lane_groups(bits: int, head_dim: int, group_size: int):
-  """[1, Hd·p/8] channel group of every column of each lane tile of a
-  p-bit plane (computed in the kernel: Triton kernels take no array
-  constants)."""
+def _lane_group(h: int, bits: int, head_dim: int, group_size: int):
+  """[1, Hd·p/8] channel group of every column of lane tile h of a p-bit
+  plane (computed in the kernel: Triton kernels take no array constants)."""
   b = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim * bits // 8), 1)
-  return [_lane_channel(b, h, bits, head_dim) // group_size
-          for h in range(8 // bits)]
+  return _lane_channel(b, h, bits, head_dim) // group_size
 
 
 def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
@@ -303,9 +301,8 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   l_ref[...] = l
   start = 0
   for acc, (j, h) in zip(accs, lanes):
-    bits = layout[j][0]
     if groups > 1:   # each column from its own group's block
-      own = row_group == _lane_groups(bits, head_dim, group_size)[h]
+      own = row_group == _lane_group(h, layout[j][0], head_dim, group_size)
       acc = _sum_groups(jnp.where(own, acc, 0.0), groups)
     acc_ref[:, pl.ds(start, widths[j])] = acc
     start += widths[j]
