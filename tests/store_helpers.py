@@ -61,8 +61,8 @@ def quantized_like_cache(capacity=32, group=4):
         data=jnp.asarray(rng.integers(0, 2**32, lead + (capacity, 2)), jnp.uint32),
         scale=jnp.asarray(rng.standard_normal(lead + (capacity // group, 1)),
                           jnp.float16),
-        zero=jnp.asarray(rng.standard_normal(lead + (capacity // group, 1)),
-                         jnp.float16),
+        zero=jnp.asarray(rng.integers(0, 256, lead + (capacity // group, 1)),
+                         jnp.uint8),
         heads=jnp.broadcast_to(jnp.arange(lead[2])[None, None, :, None],
                                lead + (1,)),
         fmt=get_format("int4"), group_size=8)

@@ -187,7 +187,7 @@ def test_bytes_count_codes_scales_and_exact_copies():
   # per layer: two int4 rows and one int8 row, except layer 2 (int2 + 2x int4)
   # -> parts int2 (1 row), int4 (2 rows), int8 (1 row)
   codes = sum(rows * S * Hd * bits // 8 for bits, rows in ((2, 1), (4, 2), (8, 1)))
-  scales = 4 * S * 2 * 2 * (Hd // 32)             # 4 rows, scale + zero, f16
+  scales = 4 * S * (2 + 1) * (Hd // 32)           # 4 rows, f16 scale + u8 zero
   heads = 4 * 4                                   # int32 per row
   exact = K * 10 * Hd * 2 + K * 10 * 4            # copies (bf16) + slot map
   per_lb = 2 * (codes + scales + heads + exact)   # keys and values

@@ -55,6 +55,32 @@ def test_int_error_is_at_most_half_a_step(name):
   assert np.all(np.abs(np.asarray(y) - np.asarray(x)) <= slack)
 
 
+@pytest.mark.parametrize("name", INT_FORMATS)
+@pytest.mark.parametrize("offset", [-50.0, -2.0, 0.0, 2.0, 50.0])
+def test_zero_code_grids_hold_every_group(name, offset):
+  """The uint8 zero code puts the grid over [min(lo, 0), max(hi, 0)]: groups
+  on one side of 0 (offset) still round to within half a step, and the
+  code is the share of the grid below 0 in 255ths."""
+  fmt = FORMATS[name]
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((6, 64)) + offset,
+                  jnp.float32)
+  payload, scale, zero = schemes.quantize(x, fmt, 32)
+  assert zero.dtype == jnp.uint8 and scale.dtype == jnp.float16
+  y = schemes.dequantize(payload, scale, zero, fmt, 32, 64)
+  step = np.repeat(np.asarray(scale, np.float32), 32, axis=-1)
+  slack = 0.5 * step + 2e-3 * np.abs(np.asarray(x)) + 1e-3
+  assert np.all(np.abs(np.asarray(y) - np.asarray(x)) <= slack)
+  groups = np.asarray(x).reshape(6, 2, 32)
+  lo, hi = groups.min(-1), groups.max(-1)
+  below, span = -np.minimum(lo, 0), np.maximum(hi, 0) - np.minimum(lo, 0)
+  np.testing.assert_allclose(np.asarray(zero), np.round(255 * below / span),
+                             atol=1)
+  assert np.all(np.asarray(zero)[lo >= 0] == 0)
+  assert np.all(np.asarray(zero)[hi <= 0] == 255)
+  if abs(offset) == 50:   # every group on one side: the clamp is exercised
+    assert np.all((lo >= 0) | (hi <= 0))
+
+
 def test_constant_group_and_fp8():
   x = jnp.full((2, 32), 1.5, jnp.float32)
   for fmt in FORMATS.values():

@@ -5,9 +5,10 @@ heads sharing that kv head attend over S slots. The grid splits S into
 ``split_s`` slots per program (flash-decoding); a program loops over blocks of
 ``block_s`` slots with an online softmax, unpacking keys and values straight
 from the packed words. Scales and zeros are folded out of the products
-(q·k = scale·(q·code) + zero·Σq), so the inner products run on the codes,
-on tensor cores once the query heads are padded to 16 rows (narrower tiles,
-e.g. int3's 1-bit plane at small head dims, multiply and sum instead).
+(q·k = scale·(q·code + share·Σq), the zero as a share of the scale), so the
+inner products run on the codes, on tensor cores once the query heads are
+padded to 16 rows (narrower tiles, e.g. int3's 1-bit plane at small head
+dims, multiply and sum instead).
 
 The packed words are read as *byte lanes*: viewed as bytes, field h of
 every byte of a p-bit plane (bits p·h..p·h+p) forms a [block, Hd·p/8]
@@ -196,12 +197,12 @@ def _block_rows(i, block_s: int):
 
 
 def _per_slot(ref, rows, group: int):
-  """[1, bs] float32 scales (or zeros) of one channel group for a block."""
+  """[1, bs] float32 scales (or zero codes) of one channel group for a block."""
   return ref[rows, group].astype(jnp.float32)[None, :]
 
 
 def _per_row(ref, rows, row_group, groups: int):
-  """[M, bs] (or [1, bs] for one group) float32 scale or zero of each
+  """[M, bs] (or [1, bs] for one group) float32 scale or zero code of each
   product row's channel group, for a block."""
   out = _per_slot(ref, rows, 0)
   for gi in range(1, groups):
@@ -257,10 +258,12 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   q_pos = jnp.max(qpos_ref[...])
   q_lanes = [q_ref[:, pl.ds(j * head_dim + h * widths[j], widths[j])]
              for j, h in lanes]
-  # q·k = scale * (q·code) + zero * sum(q over the group); plane 0 has
-  # weight 1 and every channel once
-  q_sum = jnp.sum(q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32),
-                  axis=1)[:, None]
+  # q·k = scale * (q·code + zero_share * sum(q over the group)), zero =
+  # scale * zero_share (quant.schemes); plane 0 has weight 1 and every
+  # channel once
+  zero_share = -((1 << fmt.bits) - 1) / 255
+  q_zero = zero_share * jnp.sum(
+      q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32), axis=1)[:, None]
 
   def tiles(ref, rows):
     per_plane = [_lane_tiles(ref[rows, pl.ds(first, width)], bits, ptx)
@@ -273,9 +276,9 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     pos = pos_ref[rows]
     dots = sum(_qk(q, codes, dtype)
                for q, codes in zip(q_lanes, tiles(kb_ref, rows)))
-    logits = _sum_groups(dots * _per_row(ks_ref, rows, row_group, groups)
-                         + q_sum * _per_row(kz_ref, rows, row_group, groups),
-                         groups)
+    logits = _sum_groups(
+        _per_row(ks_ref, rows, row_group, groups)
+        * (dots + q_zero * _per_row(kz_ref, rows, row_group, groups)), groups)
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
                                       logits_out, rows, real_heads)
     m, l, alpha, p = _softmax_step(m, l, logits, visible)
@@ -283,7 +286,8 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     p = _spread_groups(p, groups)
     # p @ values = (p · scale) @ codes + Σ p · zero, per row's group
     p_scaled = p * _per_row(vs_ref, rows, row_group, groups)
-    p_zero = jnp.sum(p * _per_row(vz_ref, rows, row_group, groups), axis=1)
+    p_zero = zero_share * jnp.sum(
+        p_scaled * _per_row(vz_ref, rows, row_group, groups), axis=1)
     new = []
     for acc, (j, _), codes in zip(accs, lanes, tiles(vb_ref, rows)):
       part = _pv(p_scaled, codes, dtype)
@@ -435,7 +439,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
       is in [0, q_pos].
     slot_pos: [B, R, S] int32 original position per slot (-1 = skip).
     k_words, v_words: [B, R, S, W] uint32 packed codes (``fmt``).
-    k_scale, k_zero, v_scale, v_zero: [B, R, S, Hd/g] float16.
+    k_scale, v_scale: [B, R, S, Hd/g] float16; k_zero, v_zero: the uint8
+      zero codes (``quant.schemes``).
     fmt, group_size: the int format and its group.
     block_s: slots per loop step of a program (a power of two).
     split_s: slots per program (a multiple of block_s; S is padded to a

@@ -57,11 +57,13 @@ def _kernel(words_ref, scale_ref, zero_ref, out_ref, *, fmt: Format,
             group_size: int):
   # words_ref [bn, W]; scale_ref, zero_ref [bn, Hd/g]; out_ref [bn, Hd]
   head_dim = out_ref.shape[-1]
+  levels = float((1 << fmt.bits) - 1)
   reader = ChunkReader(words_ref, fmt, head_dim)
   for c in range(reader.num_chunks()):
     gi = c * reader.chunk // group_size
     scale = scale_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
-    zero = zero_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
+    zero = (scale * zero_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
+            * (-levels / 255))
     x = reader.codes(c).astype(jnp.float32) * scale + zero
     out_ref[:, pl.ds(c * reader.chunk, reader.chunk)] = x.astype(out_ref.dtype)
 
@@ -101,7 +103,8 @@ def unpack_dequantize(payload, scale, zero, *, fmt: Format, group_size: int,
 
   Args:
     payload: uint32 words [..., Hd*bits/32] (int formats) or float8 [..., Hd].
-    scale, zero: float16 [..., Hd/g] (zero None for fp8).
+    scale, zero: float16 scales and uint8 zero codes [..., Hd/g] (zero None
+      for fp8; ``quant.schemes``).
     fmt, group_size, head_dim: as quantized.
     dtype: output dtype.
     block_rows: rows per program; interpret: Pallas interpret mode.

@@ -1,4 +1,4 @@
-"""Quantize + pack: float rows [N, Hd] → uint32 codes, float16 scales and zeros.
+"""Quantize + pack: float rows [N, Hd] → uint32 codes, float16 scales, uint8 zero codes.
 
 The layout is ``quant.formats``' planar packing; the math is
 ``quant.schemes.quantize`` (its reference here). One program handles
@@ -27,13 +27,16 @@ def _kernel(x_ref, words_ref, scale_ref, zero_ref, *, fmt: Format,
   zeros, invs = [], []
   for gi in range(head_dim // group_size):
     xg = x_ref[:, pl.ds(gi * group_size, group_size)].astype(jnp.float32)
-    zero = jnp.min(xg, axis=1).astype(jnp.float16)
-    scale = ((jnp.max(xg, axis=1) - zero.astype(jnp.float32)) / levels
-             ).astype(jnp.float16)
-    zero_ref[:, pl.ds(gi, 1)] = zero[:, None]
-    scale_ref[:, pl.ds(gi, 1)] = scale[:, None]
+    below = -jnp.minimum(jnp.min(xg, axis=1), 0.0)
+    span = jnp.maximum(jnp.max(xg, axis=1), 0.0) + below
+    scale = (span / levels).astype(jnp.float16)
     s = scale.astype(jnp.float32)
-    zeros.append(zero.astype(jnp.float32)[:, None])
+    full = s * levels
+    share = jnp.where(full > 0, below / jnp.where(full > 0, full, 1.0), 0.0)
+    code = jnp.clip(jnp.floor(share * 255 + 0.5), 0.0, 255.0)
+    zero_ref[:, pl.ds(gi, 1)] = code.astype(jnp.int32).astype(jnp.uint8)[:, None]
+    scale_ref[:, pl.ds(gi, 1)] = scale[:, None]
+    zeros.append((s * code * (-levels / 255))[:, None])
     invs.append(jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)[:, None])
   start, low = 0, 0
   for p in fmt.planes:
@@ -64,7 +67,7 @@ def _build(rows: int, head_dim: int, fmt: Format, group_size: int,
                  pl.BlockSpec((block_rows, groups), lambda i: (i, 0))],
       out_shape=[jax.ShapeDtypeStruct((rows, words), jnp.uint32),
                  jax.ShapeDtypeStruct((rows, groups), jnp.float16),
-                 jax.ShapeDtypeStruct((rows, groups), jnp.float16)],
+                 jax.ShapeDtypeStruct((rows, groups), jnp.uint8)],
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret)
 
@@ -90,7 +93,8 @@ def quantize_pack(x: jax.Array, *, fmt: Format, group_size: int,
     interpret: run the Pallas kernel in interpret mode (CPU tests).
 
   Returns:
-    words [..., Hd*bits/32] uint32, scale and zero [..., Hd/g] float16.
+    words [..., Hd*bits/32] uint32, scale [..., Hd/g] float16 and zero
+    code [..., Hd/g] uint8 (``quant.schemes``).
   """
   head_dim = x.shape[-1]
   fmt.check(head_dim, group_size)

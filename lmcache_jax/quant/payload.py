@@ -5,7 +5,8 @@ Layout (every leaf keeps the cache's slot axis at index 3):
   Packed (one per distinct format of the plan):
     data    [L, B, R, S, W]     uint32 packed codes (int) or float8 [.., Hd]
     scale   [L, B, R, S, Hd/g]  float16 per token and channel group
-    zero    [L, B, R, S, Hd/g]  float16 (None for fp8)
+    zero    [L, B, R, S, Hd/g]  uint8 zero codes (``quant.schemes``; None
+                                for fp8)
     heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
   QuantizedKV:
     parts          tuple of Packed
@@ -99,7 +100,7 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
       zero = None
     else:
       data = jnp.zeros((*shape, fmt.words(hd)), jnp.uint32)
-      zero = jnp.zeros((*shape, groups), jnp.float16)
+      zero = jnp.zeros((*shape, groups), jnp.uint8)
     parts.append(Packed(
         data=data, scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
         heads=jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],

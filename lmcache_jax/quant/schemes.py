@@ -2,8 +2,12 @@
 
 Every format quantizes each head vector [..., Hd] over groups of
 ``group_size`` contiguous channels. Int formats are asymmetric (min/max):
-``x ≈ code * scale + zero`` with a float16 scale and zero per group; codes
-are rounded half up, ``floor(u + 0.5)``, which every backend computes alike.
+``x ≈ code * scale + zero`` with a float16 scale and a uint8 *zero code* per
+group: ``zero = -scale * levels * zc / 255`` (``levels = 2**bits - 1``), the
+share of the grid below 0 in 255ths, so a group costs 3 bytes, not 4. The
+grid always holds 0; rounding the zero moves it by at most
+``scale * levels / 510`` (1/34 of a step at 4 bits). Codes are rounded half
+up, ``floor(u + 0.5)``, which every backend computes alike.
 fp8 stores ``x / scale`` in float8 e4m3 with ``scale = absmax / 448``.
 
 These functions are the references the Pallas kernels are tested against,
@@ -27,29 +31,40 @@ def _groups(x: jnp.ndarray, group_size: int) -> jnp.ndarray:
 
 
 def int_params(x: jnp.ndarray, bits: int, group_size: int):
-  """float16 (scale, zero) [..., Hd/g] of the asymmetric grid of each group."""
+  """(float16 scale, uint8 zero code) [..., Hd/g] of each group's grid.
+
+  The grid spans [min(lo, 0), max(hi, 0)], so the zero code is in 0..255.
+  """
   g = _groups(x.astype(jnp.float32), group_size)
-  lo = jnp.min(g, axis=-1)
-  hi = jnp.max(g, axis=-1)
-  zero = lo.astype(jnp.float16)
-  scale = ((hi - zero.astype(jnp.float32)) / ((1 << bits) - 1)).astype(
-      jnp.float16)
-  return scale, zero
+  below = -jnp.minimum(jnp.min(g, axis=-1), 0.0)
+  span = jnp.maximum(jnp.max(g, axis=-1), 0.0) + below
+  levels = (1 << bits) - 1
+  scale = (span / levels).astype(jnp.float16)
+  full = scale.astype(jnp.float32) * levels
+  code = jnp.where(full > 0, below / jnp.where(full > 0, full, 1.0), 0.0)
+  return scale, jnp.clip(jnp.floor(code * 255 + 0.5), 0, 255).astype(jnp.uint8)
+
+
+def zero_value(scale: jnp.ndarray, zero_code: jnp.ndarray,
+               bits: int) -> jnp.ndarray:
+  """float32 offset of the grid: ``-scale * levels * code / 255``."""
+  return (scale.astype(jnp.float32) * zero_code.astype(jnp.float32)
+          * (-((1 << bits) - 1) / 255))
 
 
 def int_codes(x: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
               bits: int, group_size: int) -> jnp.ndarray:
-  """uint32 codes [..., Hd] of x on the grid (scale, zero) [..., Hd/g]."""
+  """uint32 codes [..., Hd] of x on the grid (scale, zero code) [..., Hd/g]."""
   g = _groups(x.astype(jnp.float32), group_size)
   s = scale.astype(jnp.float32)[..., None]
   inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-  u = (g - zero.astype(jnp.float32)[..., None]) * inv
+  u = (g - zero_value(scale, zero, bits)[..., None]) * inv
   codes = jnp.clip(jnp.floor(u + 0.5), 0, (1 << bits) - 1)
   return codes.reshape(x.shape).astype(jnp.uint32)
 
 
 def quantize(x: jnp.ndarray, fmt: Format, group_size: int):
-  """x [..., Hd] → (payload, scale [..., Hd/g] f16, zero or None).
+  """x [..., Hd] → (payload, scale [..., Hd/g] f16, zero code u8 or None).
 
   payload is packed uint32 words [..., Hd*bits/32] (int) or float8 [..., Hd].
   """
@@ -74,7 +89,7 @@ def dequantize(payload: jnp.ndarray, scale: jnp.ndarray, zero, fmt: Format,
     codes = _groups(unpack(payload, fmt, head_dim).astype(jnp.float32),
                     group_size)
     x = (codes * scale.astype(jnp.float32)[..., None]
-         + zero.astype(jnp.float32)[..., None])
+         + zero_value(scale, zero, fmt.bits)[..., None])
   return x.reshape(*payload.shape[:-1], head_dim).astype(dtype)
 
 
@@ -89,7 +104,7 @@ def fake_quant(x: jnp.ndarray, fmt: Format, group_size: int) -> jnp.ndarray:
   codes = _groups(int_codes(x, scale, zero, fmt.bits, group_size)
                   .astype(jnp.float32), group_size)
   y = (codes * scale.astype(jnp.float32)[..., None]
-       + zero.astype(jnp.float32)[..., None])
+       + zero_value(scale, zero, fmt.bits)[..., None])
   return y.reshape(x.shape).astype(x.dtype)
 
 
