@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.group_size = 64   # channels per scale/zero group
   config.quant.residual = 0      # newest tokens also kept exact
   config.quant.sinks = 0         # first tokens kept exact (attention_sink needs >= its sinks)
+  config.quant.copy_bits = 16    # sink/recent copies: 16 = cache dtype, 8 = int8 codes
   config.quant.rotate = True     # Hadamard-rotate head vectors before quantizing
   config.quant.center_keys = True  # subtract calibrated key channel means
   config.quant.save_plan = ""    # where a calibration saves its plan

@@ -39,7 +39,7 @@ def plan(formats=None, centered=False, **kw):
                              **kw)
   return QuantPlan(formats, np.ones((3, 3, 32), np.float32), 32,
                    kw.get("residual", 0), kw.get("sinks", 0), "",
-                   kw.get("rotate", False), shift)
+                   kw.get("rotate", False), shift, kw.get("copy_bits", 16))
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +66,18 @@ _write = jax.jit(attention.write_slots)
 _dequantize = jax.jit(qpayload.dequantize, static_argnames=("dtype", "exact"))
 
 
-@pytest.mark.parametrize("formats,residual,sinks,transformed", [
-    (None, 0, 0, False), (MIXED, 4, 2, False), (MIXED, 2, 1, True)])
+@pytest.mark.parametrize("formats,residual,sinks,transformed,copy_bits", [
+    (None, 0, 0, False, 16), (MIXED, 4, 2, False, 16), (MIXED, 2, 1, True, 16),
+    (MIXED, 4, 2, True, 8)])
 def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
-                                                transformed):
-  """Codes hold (k - shift)H quantized; reads undo the shift and rotation."""
+                                                transformed, copy_bits):
+  """Codes hold (k - shift)H quantized; reads undo the shift and rotation;
+  sink and recent tokens read as their copies (int8 codes of k itself with
+  ``copy_bits`` 8)."""
   rng = np.random.default_rng(0)
   cache = init_cache(CFG, 2, 16, jnp.float32, quant=plan(
       formats, transformed, residual=residual, sinks=sinks,
-      rotate=transformed))
+      rotate=transformed, copy_bits=copy_bits))
   layer = layer_of(cache, 1)
   pos = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], np.int32)
   layer, k, v = write(layer, rng, pos, np.where(pos >= 0, pos, 16))
@@ -89,7 +92,9 @@ def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
     else:
       want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
     exact = (pos < sinks) | (pos > pos.max(1, keepdims=True) - residual)
-    want = jnp.where(jnp.asarray(exact)[..., None], k[:, :, h], want)
+    copy = (k[:, :, h] if copy_bits == 16 else
+            schemes.fake_quant(k[:, :, h], FORMATS["int8"], 32))
+    want = jnp.where(jnp.asarray(exact)[..., None], copy, want)
     for b in range(2):
       n = int((pos[b] >= 0).sum())
       np.testing.assert_allclose(keys[b, h, :n], want[b, :n], rtol=1e-5, atol=1e-5)
@@ -125,17 +130,17 @@ def test_reused_slot_holds_the_new_token_only():
         rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("formats,residual,sinks,transformed", [
-    (None, 0, 0, False), (MIXED, 3, 1, False), (MIXED, 3, 1, True),
-    (None, 0, 0, True)])
+@pytest.mark.parametrize("formats,residual,sinks,transformed,copy_bits", [
+    (None, 0, 0, False, 16), (MIXED, 3, 1, False, 16), (MIXED, 3, 1, True, 16),
+    (None, 0, 0, True, 16), (MIXED, 3, 1, True, 8)])
 def test_fused_decode_equals_dequantized_attention(formats, residual, sinks,
-                                                   transformed):
+                                                   transformed, copy_bits):
   """The kernel reads stored (centered, rotated) codes; its result equals
   dense attention over the dequantized cache."""
   rng = np.random.default_rng(2)
   cache = init_cache(CFG, 2, 24, jnp.float32, quant=plan(
       formats, transformed, residual=residual, sinks=sinks,
-      rotate=transformed))
+      rotate=transformed, copy_bits=copy_bits))
   layer = layer_of(cache, 2)
   pos = np.array([np.arange(10), np.r_[np.arange(7), [-1] * 3]], np.int32)
   layer, _, _ = write(layer, rng, pos, np.where(pos >= 0, pos, 24))
@@ -193,6 +198,11 @@ def test_bytes_count_codes_scales_and_exact_copies():
   per_lb = 2 * (codes + scales + heads + exact)   # keys and values
   per_lb += K * Hd * 4                            # key channel scales (f32)
   assert cache.payload_nbytes == L * B * per_lb
+  # int8 copies: one byte per channel plus an f16 scale and u8 zero per group
+  int8_copies = init_cache(CFG, 2, 64, jnp.bfloat16, quant=plan(
+      MIXED, residual=8, sinks=2, copy_bits=8))
+  per_lb += 2 * (K * 10 * (Hd + 3 * (Hd // 32)) - K * 10 * Hd * 2)
+  assert int8_copies.payload_nbytes == L * B * per_lb
   dense = init_cache(CFG, 2, 64, jnp.bfloat16)
   assert dense.payload_nbytes == 2 * L * B * K * S * Hd * 2
 

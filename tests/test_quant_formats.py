@@ -120,6 +120,8 @@ def test_bad_input_errors():
   cfg = tiny_config(head_dim=32, hidden_size=64, num_heads=4)
   with pytest.raises(ValueError, match="group_size=24 must divide"):
     QuantPlan.uniform(cfg, "int4", group_size=24)
+  with pytest.raises(ValueError, match="copy_bits must be 8 .* or 16"):
+    QuantPlan.uniform(cfg, "int4", group_size=32, copy_bits=4)
   plan = QuantPlan.uniform(cfg, "int4", group_size=32)
   with pytest.raises(ValueError, match="quant plan has .* but model"):
     plan.check(tiny_config(head_dim=32, hidden_size=64, num_heads=4,
@@ -134,9 +136,10 @@ def test_plan_save_load(tmp_path):
                    policy="kvquant")
   back = QuantPlan.load(plan.save(tmp_path / "plan"), cfg)
   assert not back.rotate and back.key_shift is None
-  shifted = plan.replace(rotate=True, key_shift=scale - 1)
+  assert back.copy_bits == 16
+  shifted = plan.replace(rotate=True, key_shift=scale - 1, copy_bits=8)
   again = QuantPlan.load(shifted.save(tmp_path / "shifted"), cfg)
-  assert again.rotate
+  assert again.rotate and again.copy_bits == 8
   np.testing.assert_array_equal(again.key_shift, scale - 1)
   assert back.formats == formats and back.policy == "kvquant"
   assert (back.group_size, back.residual, back.sinks) == (16, 8, 2)

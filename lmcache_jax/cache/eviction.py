@@ -187,7 +187,8 @@ class EvictionPolicy:
 
   def _check_quantized_shift(self, keys) -> None:
     """Quantized keys are re-rotated through their exact copies only: every
-    key that can move must have one."""
+    key that can move must have one, held in full precision (int8 copies
+    would be rounded again at every shift, the error growing each step)."""
     if not self.only_sinks_move or keys.sinks < self.sinks:
       raise ValueError(
           f"{self.name} re-assigns positions, which in a quantized cache "
@@ -195,6 +196,11 @@ class EvictionPolicy:
           f"moves only its sink tokens (attention_sink) and a quant plan "
           f"keeping at least its {self.sinks} sinks exact (plan sinks: "
           f"{keys.sinks}); raise the plan's sinks or use reposition=False")
+    if keys.exact_scale is not None:
+      raise ValueError(
+          f"{self.name} re-assigns positions, which re-rotates the sink copies "
+          f"at every eviction; int8 copies (copy_bits=8) would be rounded "
+          f"again each time: use copy_bits=16 or reposition=False")
 
   def bind(self, cfg: ModelConfig) -> EvictionPolicy:
     """This policy for a model: re-rotation needs its RoPE frequencies."""

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmcache_jax.quant import payload as qpayload
+
 
 _LAST = np.iinfo(np.int32).max
 
@@ -69,11 +71,11 @@ def shift_keys(keys: jax.Array, shift: jax.Array, inv_freq: np.ndarray,
 
 
 def shift_exact_copies(keys, shift: jax.Array, inv_freq: np.ndarray):
-  """A quantized payload whose full-precision copies are rotated by the shift
+  """A quantized payload whose exact copies are rotated by the shift
   of the slot each mirrors (``quant.payload``: sinks and recent tokens)."""
   mirrored = keys.exact_slots >= 0
   entry_shift = jnp.take_along_axis(shift, jnp.maximum(keys.exact_slots, 0),
                                     axis=-1)
   entry_shift = jnp.where(mirrored, entry_shift, 0)
-  return keys.replace(exact=shift_keys(keys.exact, entry_shift, inv_freq,
-                                       max_shift=shift.shape[-1]))
+  return qpayload.with_copies(keys, shift_keys(
+      qpayload.copies(keys), entry_shift, inv_freq, max_shift=shift.shape[-1]))

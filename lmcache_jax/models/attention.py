@@ -235,4 +235,5 @@ def _attend_exact(qg, layer: LayerKV, q_pos):
   pos_e = jnp.take_along_axis(layer.positions, slot, axis=-1)   # [B, K, E]
   visible = ((keys.exact_slots >= 0) & (pos_e >= 0)
              & (pos_e <= q_pos[:, None, None]))
-  return dense_decode_attention(qg, keys.exact, layer.values.exact, visible)
+  return dense_decode_attention(qg, qpayload.copies(keys),
+                                qpayload.copies(layer.values), visible)

@@ -45,7 +45,8 @@ def from_config(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   saved plan; wins over the rest), ``kv_bits`` (16 = off, else the average
   code bits), ``calibration`` (a policy name or call string, e.g.
   ``kvquant(sink_tokens=4)``), ``group_size`` (64), ``residual`` (0),
-  ``sinks`` (0), ``rotate`` (True: Hadamard-rotate head vectors),
+  ``sinks`` (0), ``copy_bits`` (16; 8 holds the sink and recent copies as
+  int8 codes), ``rotate`` (True: Hadamard-rotate head vectors),
   ``center_keys`` (True: subtract each key channel's mean on the
   calibration text) and ``save_plan`` (path to save the chosen plan).
   ``calibration_tokens`` is real text (token ids) for centering and for
@@ -78,6 +79,7 @@ def from_config(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
                           group_size=int(get("group_size", 64)),
                           residual=int(get("residual", 0)),
                           sinks=int(get("sinks", 0)), storage=storage)
+  plan = plan.replace(copy_bits=int(get("copy_bits", 16)))
   print(plan.describe())
   if get("save_plan", ""):
     print(f"saved quant plan to {plan.save(get('save_plan'))}")

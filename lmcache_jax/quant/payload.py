@@ -10,9 +10,12 @@ Layout (every leaf keeps the cache's slot axis at index 3):
     heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
   QuantizedKV:
     parts          tuple of Packed
-    exact          [L, B, K, E, Hd]  full-precision copies of sink and recent
-                                     tokens (E = sinks + residual)
+    exact          [L, B, K, E, Hd]  copies of sink and recent tokens (E =
+                                     sinks + residual) in the cache dtype,
+                                     or uint8 codes (the plan's copy_bits 8)
     exact_slots    [L, B, K, E]      slot each copy mirrors, -1 = none
+    exact_scale    [L, B, K, E, Hd/g] float16 scales of int8 copies (else None)
+    exact_zero     [L, B, K, E, Hd/g] uint8 zero codes of int8 copies
     channel_scale  [L, B, K, 1, Hd]  float32 key divisors (keys only, else None)
     channel_shift  [L, B, K, 1, Hd]  float32 key channel means (keys of a
                                      centered plan, else None)
@@ -40,7 +43,7 @@ from flax import struct
 
 from lmcache_jax.kernels.dequantize import unpack_dequantize
 from lmcache_jax.kernels.quantize import quantize_pack
-from lmcache_jax.quant import transform
+from lmcache_jax.quant import schemes, transform
 from lmcache_jax.quant.formats import Format, get_format
 from lmcache_jax.quant.plan import QuantPlan
 
@@ -68,6 +71,8 @@ class QuantizedKV:
   residual: int = struct.field(pytree_node=False)
   channel_shift: jax.Array | None = None
   rotate: bool = struct.field(pytree_node=False, default=False)
+  exact_scale: jax.Array | None = None
+  exact_zero: jax.Array | None = None
 
   @property
   def head_dim(self) -> int:
@@ -113,12 +118,19 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
   channel_scale = per_head(plan.key_scale) if keys else None
   channel_shift = (per_head(plan.key_shift)
                    if keys and plan.key_shift is not None else None)
+  copies = (*kv, num_exact)
+  int8_copies = plan.copy_bits == 8
+  groups = hd // plan.group_size
   return QuantizedKV(
       parts=tuple(parts),
-      exact=jnp.zeros((*kv, num_exact, hd), dtype),
-      exact_slots=jnp.full((*kv, num_exact), -1, jnp.int32),
+      exact=jnp.zeros((*copies, hd), jnp.uint8 if int8_copies else dtype),
+      exact_slots=jnp.full(copies, -1, jnp.int32),
       channel_scale=channel_scale, sinks=plan.sinks, residual=plan.residual,
-      channel_shift=channel_shift, rotate=plan.rotate)
+      channel_shift=channel_shift, rotate=plan.rotate,
+      exact_scale=(jnp.zeros((*copies, groups), jnp.float16)
+                   if int8_copies else None),
+      exact_zero=(jnp.zeros((*copies, groups), jnp.uint8)
+                  if int8_copies else None))
 
 
 def identity_rows(payload: QuantizedKV, part: Packed) -> bool:
@@ -160,16 +172,15 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
       data, scale, zero = quantize_pack(xr, fmt=part.fmt,
                                         group_size=part.group_size)
     else:
-      from lmcache_jax.quant.schemes import quantize
-      data, scale, zero = quantize(xr, part.fmt, part.group_size)
+      data, scale, zero = schemes.quantize(xr, part.fmt, part.group_size)
     r = jnp.arange(part.heads.shape[-2])[None, :, None]
     put = lambda dst, src: dst.at[b, r, sr].set(src.astype(dst.dtype),
                                                  mode="drop")
     parts.append(part.replace(
         data=put(part.data, data), scale=put(part.scale, scale),
         zero=None if part.zero is None else put(part.zero, zero)))
-  exact, exact_slots = payload.exact, payload.exact_slots
-  num_exact = exact.shape[-2]
+  exact_slots = payload.exact_slots
+  num_exact = exact_slots.shape[-1]
   if num_exact:
     valid = (token_positions >= 0)[:, None, :] & (slots < capacity)
     stale = jnp.any((exact_slots[..., None] == slots[:, :, None, :])
@@ -184,10 +195,40 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
     entry = jnp.where(pos < payload.sinks, pos, entry)
     entry = jnp.where(valid, entry[:, None, :], num_exact)    # [B, K, T]
     h = jnp.arange(num_kv)[None, :, None]
-    exact = exact.at[b, h, entry].set(x.astype(exact.dtype), mode="drop")
+    put = lambda dst, src: (None if dst is None else
+                            dst.at[b, h, entry].set(src, mode="drop"))
+    code, scale, zero = _encode_copies(payload, x)
+    payload = payload.replace(exact=put(payload.exact, code),
+                              exact_scale=put(payload.exact_scale, scale),
+                              exact_zero=put(payload.exact_zero, zero))
     exact_slots = exact_slots.at[b, h, entry].set(slots, mode="drop")
-  return payload.replace(parts=tuple(parts), exact=exact,
-                         exact_slots=exact_slots)
+  return payload.replace(parts=tuple(parts), exact_slots=exact_slots)
+
+
+def _encode_copies(payload: QuantizedKV, x: jax.Array):
+  """(copy, scale, zero) of x [..., Hd] as the payload holds copies: x in
+  its dtype (scale, zero None) or int8 codes with their grids."""
+  if payload.exact_scale is None:
+    return x.astype(payload.exact.dtype), None, None
+  group = payload.head_dim // payload.exact_scale.shape[-1]
+  scale, zero = schemes.int_params(x, 8, group)
+  codes = schemes.int_codes(x, scale, zero, 8, group).astype(jnp.uint8)
+  return codes, scale, zero
+
+
+def copies(payload: QuantizedKV) -> jax.Array:
+  """The sink and recent copies [..., K, E, Hd] as float32."""
+  if payload.exact_scale is None:
+    return payload.exact.astype(jnp.float32)
+  group = payload.head_dim // payload.exact_scale.shape[-1]
+  return schemes.from_codes(payload.exact, payload.exact_scale,
+                            payload.exact_zero, 8, group)
+
+
+def with_copies(payload: QuantizedKV, x: jax.Array) -> QuantizedKV:
+  """The payload with every copy replaced by x [..., K, E, Hd]."""
+  code, scale, zero = _encode_copies(payload, x)
+  return payload.replace(exact=code, exact_scale=scale, exact_zero=zero)
 
 
 def to_stored(payload: QuantizedKV, x: jax.Array) -> jax.Array:
@@ -234,7 +275,6 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
   if exact and payload.exact.shape[-2]:
     h = jnp.arange(num_kv)[None, :, None]
     target = jnp.where(payload.exact_slots >= 0, payload.exact_slots, capacity)
-    out = out.at[b[:, :, None], h, target].set(
-        payload.exact.astype(jnp.float32), mode="drop")
+    out = out.at[b[:, :, None], h, target].set(copies(payload), mode="drop")
   return out.astype(dtype)
 

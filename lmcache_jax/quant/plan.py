@@ -43,6 +43,9 @@ class QuantPlan:
   key_shift:  [L, K, Hd] float32 calibrated mean of each key channel (after
               RoPE), subtracted before quantizing and added back on read, so
               the grid covers each key's deviation from the mean; None = 0.
+  copy_bits:  how the sink and recent copies are held: 16 = in the cache's
+              dtype, 8 = int8 codes per ``group_size`` channels (half the
+              bytes; int8 is lossless at the measured model sizes).
   """
   formats: tuple[tuple[str, ...], ...]
   key_scale: np.ndarray
@@ -52,6 +55,7 @@ class QuantPlan:
   policy: str = ""
   rotate: bool = False
   key_shift: np.ndarray | None = None
+  copy_bits: int = 16
 
   def __post_init__(self):
     for row in self.formats:
@@ -79,19 +83,23 @@ class QuantPlan:
                          f" int, got {value!r}")
     for name in self.distinct_formats():
       get_format(name).check(self.head_dim, self.group_size)
+    if self.copy_bits not in (8, 16):
+      raise ValueError(f"QuantPlan.copy_bits must be 8 (int8 copies) or 16 "
+                       f"(the cache dtype), got {self.copy_bits!r}")
 
   @classmethod
   def uniform(cls, cfg: ModelConfig, fmt: str, *, group_size: int = 64,
               residual: int = 0, sinks: int = 0, key_scale=None,
               policy: str = "uniform", rotate: bool = False,
-              key_shift=None) -> "QuantPlan":
+              key_shift=None, copy_bits: int = 16) -> "QuantPlan":
     formats = tuple((fmt,) * cfg.num_kv_heads for _ in range(cfg.num_layers))
     if key_scale is None:
       key_scale = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                           np.float32)
     return cls(formats, np.asarray(key_scale, np.float32), group_size,
                residual, sinks, policy, rotate,
-               None if key_shift is None else np.asarray(key_shift, np.float32))
+               None if key_shift is None else np.asarray(key_shift, np.float32),
+               copy_bits)
 
   def replace(self, **changes) -> "QuantPlan":
     return dataclasses.replace(self, **changes)
@@ -133,7 +141,8 @@ class QuantPlan:
     scaled = bool(np.any(self.key_scale != 1))
     extras = "".join([", per-channel key scales" if scaled else "",
                       ", centered keys" if self.key_shift is not None else "",
-                      ", Hadamard-rotated" if self.rotate else ""])
+                      ", Hadamard-rotated" if self.rotate else "",
+                      ", int8 copies" if self.copy_bits == 8 else ""])
     return (f"plan[{self.policy or 'custom'}] avg {self.average_bits():.2f} "
             f"bits; {dict(sorted(counts.items()))}; group {self.group_size}, "
             f"residual {self.residual}, sinks {self.sinks}{extras}\n"
@@ -152,6 +161,7 @@ class QuantPlan:
         "sinks": np.int32(self.sinks),
         "policy": np.frombuffer((self.policy or "-").encode(), np.uint8),
         "rotate": np.int32(self.rotate),
+        "copy_bits": np.int32(self.copy_bits),
     }
     if self.key_shift is not None:
       tree["key_shift"] = self.key_shift.astype(np.float32)
@@ -177,7 +187,8 @@ class QuantPlan:
                int(tree["group_size"]), int(tree["residual"]),
                int(tree["sinks"]), "" if policy == "-" else policy,
                bool(tree.get("rotate", 0)),
-               None if shift is None else np.asarray(shift, np.float32))
+               None if shift is None else np.asarray(shift, np.float32),
+               int(tree.get("copy_bits", 16)))
     if cfg is not None:
       plan.check(cfg)
     return plan

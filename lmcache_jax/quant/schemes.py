@@ -63,6 +63,15 @@ def int_codes(x: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
   return codes.reshape(x.shape).astype(jnp.uint32)
 
 
+def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
+               bits: int, group_size: int) -> jnp.ndarray:
+  """float32 values [..., Hd] of unpacked codes on their grids [..., Hd/g]."""
+  g = _groups(codes.astype(jnp.float32), group_size)
+  x = (g * scale.astype(jnp.float32)[..., None]
+       + zero_value(scale, zero, bits)[..., None])
+  return x.reshape(codes.shape)
+
+
 def quantize(x: jnp.ndarray, fmt: Format, group_size: int):
   """x [..., Hd] → (payload, scale [..., Hd/g] f16, zero code u8 or None).
 
@@ -86,10 +95,8 @@ def dequantize(payload: jnp.ndarray, scale: jnp.ndarray, zero, fmt: Format,
     y = _groups(payload.astype(jnp.float32), group_size)
     x = y * scale.astype(jnp.float32)[..., None]
   else:
-    codes = _groups(unpack(payload, fmt, head_dim).astype(jnp.float32),
-                    group_size)
-    x = (codes * scale.astype(jnp.float32)[..., None]
-         + zero_value(scale, zero, fmt.bits)[..., None])
+    x = from_codes(unpack(payload, fmt, head_dim), scale, zero, fmt.bits,
+                   group_size)
   return x.reshape(*payload.shape[:-1], head_dim).astype(dtype)
 
 
@@ -101,11 +108,8 @@ def fake_quant(x: jnp.ndarray, fmt: Format, group_size: int) -> jnp.ndarray:
     return dequantize(payload, scale, None, fmt, group_size, x.shape[-1],
                       x.dtype)
   scale, zero = int_params(x, fmt.bits, group_size)
-  codes = _groups(int_codes(x, scale, zero, fmt.bits, group_size)
-                  .astype(jnp.float32), group_size)
-  y = (codes * scale.astype(jnp.float32)[..., None]
-       + zero_value(scale, zero, fmt.bits)[..., None])
-  return y.reshape(x.shape).astype(x.dtype)
+  codes = int_codes(x, scale, zero, fmt.bits, group_size)
+  return from_codes(codes, scale, zero, fmt.bits, group_size).astype(x.dtype)
 
 
 def kivi_fake_quant(keys: jnp.ndarray, values: jnp.ndarray, fmt: Format,
