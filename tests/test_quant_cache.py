@@ -92,8 +92,10 @@ def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
     else:
       want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
     exact = (pos < sinks) | (pos > pos.max(1, keepdims=True) - residual)
-    copy = (k[:, :, h] if copy_bits == 16 else
-            schemes.fake_quant(k[:, :, h], FORMATS["int8"], 32))
+    copy = k[:, :, h]
+    if copy_bits == 8:   # int8 codes of the stored vector
+      copy = (schemes.fake_quant((copy - SHIFT[1, h]) @ hadamard,
+                                 FORMATS["int8"], 32) @ hadamard.T + SHIFT[1, h])
     want = jnp.where(jnp.asarray(exact)[..., None], copy, want)
     for b in range(2):
       n = int((pos[b] >= 0).sum())

@@ -42,15 +42,18 @@ def test_quant_spread_reports_every_window(real_lm):
   config.quant.calibration_tokens = 64
   ctx = RunContext(config=config, lm=real_lm, policy=KeepAll())
   out = spread.quant_spread(ctx, windows=("hamlet@0", "lear@100"),
-                            residuals=(0, 64))
+                            settings=((0, 16), (64, 16), (64, 8)))
   by_label = {r["setting"]: r for r in out["rows"]}
-  assert len(by_label) == 2 and all(len(r["changes_pct"]) == 2
+  assert len(by_label) == 3 and all(len(r["changes_pct"]) == 2
                                     for r in out["rows"])
-  window = by_label["int4 rot. + cent. + 4 sinks + residual 64"]
+  window = by_label[spread.setting_label(64, 16)]
   # a 64-token window over 64 tokens keeps every token exact
   np.testing.assert_allclose(window["changes_pct"], 0.0, atol=1e-3)
-  assert window["compression"] < by_label[
-      "int4 rot. + cent. + 4 sinks + residual 0"]["compression"]
+  # int8 copies: smaller, and within int8 noise of exact
+  int8 = by_label[spread.setting_label(64, 8)]
+  assert (window["compression"] < int8["compression"]
+          < by_label[spread.setting_label(0, 16)]["compression"])
+  np.testing.assert_allclose(int8["changes_pct"], 0.0, atol=0.5)
 
 
 def test_quant_spread_windows_and_summary():

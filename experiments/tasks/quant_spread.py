@@ -8,9 +8,10 @@ that differ by less than about 1% on one text cannot be told apart
 (docs/quantization.md). This task streams ``context`` tokens of each window
 (``play@offset``, token offset into a Shakespeare work; default
 ``WINDOWS``) through a full cache, 32 tokens per forward pass, in bf16 and
-in int4 (rotated, keys centered, 4 exact sinks) with exact recent windows of
-``RESIDUALS`` tokens, and reports every window's change, the mean and the
-sample standard deviation, and the KV bytes of each setting.
+in int4 (rotated, keys centered, 4 exact sinks) with the exact recent
+windows of ``SETTINGS`` (tokens, and the copies' bits: 16 = bf16, 8 = int8
+codes), and reports every window's change, the mean and the sample standard
+deviation, and the KV bytes of each setting.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lmcache_jax.quant.plan import QuantPlan
 
 WINDOWS = ("hamlet@0", "hamlet@2048", "othello@0", "lear@0", "tempest@0",
            "twelfth_night@0")
-RESIDUALS = (0, 16, 32, 64)
+SETTINGS = ((0, 16), (16, 8), (32, 16), (32, 8), (64, 8))
 
 
 def window_tokens(tokenizer, spec: str, length: int) -> np.ndarray:
@@ -48,6 +49,11 @@ def window_tokens(tokenizer, spec: str, length: int) -> np.ndarray:
   return tokens[start:start + length + 1]
 
 
+def setting_label(residual: int, copy_bits: int) -> str:
+  copies = " (int8 copies)" if copy_bits == 8 else ""
+  return f"int4 rot. + cent. + 4 sinks + residual {residual}{copies}"
+
+
 def summary(changes: list[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for one window) of changes."""
   values = np.asarray(changes, np.float64)
@@ -57,7 +63,7 @@ def summary(changes: list[float]) -> tuple[float, float]:
 
 @TASKS.register("quant_spread")
 def quant_spread(ctx: RunContext, windows=WINDOWS,
-                 residuals=RESIDUALS) -> dict:
+                 settings=SETTINGS) -> dict:
   """Per-window perplexity change of int4 settings vs bf16, mean and spread."""
   config, lm = ctx.config, ctx.lm
   length = int(config.context)
@@ -65,9 +71,9 @@ def quant_spread(ctx: RunContext, windows=WINDOWS,
   group = int(config.quant.get("group_size", 64))
   key_shift = calibration.key_means(calibration.collect(
       lm, quant.calibration_tokens_for(config.quant, lm)))
-  plans = {f"int4 rot. + cent. + 4 sinks + residual {r}": QuantPlan.uniform(
+  plans = {setting_label(r, bits): QuantPlan.uniform(
       lm.cfg, "int4", group_size=group, sinks=4, residual=r, rotate=True,
-      key_shift=key_shift) for r in residuals}
+      key_shift=key_shift, copy_bits=bits) for r, bits in settings}
   changes = {label: [] for label in plans}
   for spec in windows:
     tokens = window_tokens(lm.tokenizer, spec, length)

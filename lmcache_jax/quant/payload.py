@@ -12,7 +12,8 @@ Layout (every leaf keeps the cache's slot axis at index 3):
     parts          tuple of Packed
     exact          [L, B, K, E, Hd]  copies of sink and recent tokens (E =
                                      sinks + residual) in the cache dtype,
-                                     or uint8 codes (the plan's copy_bits 8)
+                                     or uint8 codes of the stored vectors
+                                     (the plan's copy_bits 8)
     exact_slots    [L, B, K, E]      slot each copy mirrors, -1 = none
     exact_scale    [L, B, K, E, Hd/g] float16 scales of int8 copies (else None)
     exact_zero     [L, B, K, E, Hd/g] uint8 zero codes of int8 copies
@@ -206,23 +207,26 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
 
 
 def _encode_copies(payload: QuantizedKV, x: jax.Array):
-  """(copy, scale, zero) of x [..., Hd] as the payload holds copies: x in
-  its dtype (scale, zero None) or int8 codes with their grids."""
+  """(copy, scale, zero) of x [B, K, ..., Hd] as the payload holds copies:
+  x in its dtype (scale, zero None), or int8 codes of the stored vectors
+  with their grids (centered and rotated like the packed codes: raw sink
+  tokens have outlier channels that per-token int8 rounds visibly)."""
   if payload.exact_scale is None:
     return x.astype(payload.exact.dtype), None, None
   group = payload.head_dim // payload.exact_scale.shape[-1]
-  scale, zero = schemes.int_params(x, 8, group)
-  codes = schemes.int_codes(x, scale, zero, 8, group).astype(jnp.uint8)
+  stored = to_stored(payload, x)
+  scale, zero = schemes.int_params(stored, 8, group)
+  codes = schemes.int_codes(stored, scale, zero, 8, group).astype(jnp.uint8)
   return codes, scale, zero
 
 
 def copies(payload: QuantizedKV) -> jax.Array:
-  """The sink and recent copies [..., K, E, Hd] as float32."""
+  """The sink and recent copies [B, K, E, Hd] as float32 head vectors."""
   if payload.exact_scale is None:
     return payload.exact.astype(jnp.float32)
   group = payload.head_dim // payload.exact_scale.shape[-1]
-  return schemes.from_codes(payload.exact, payload.exact_scale,
-                            payload.exact_zero, 8, group)
+  return from_stored(payload, schemes.from_codes(
+      payload.exact, payload.exact_scale, payload.exact_zero, 8, group))
 
 
 def with_copies(payload: QuantizedKV, x: jax.Array) -> QuantizedKV:

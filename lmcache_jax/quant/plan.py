@@ -44,8 +44,8 @@ class QuantPlan:
               RoPE), subtracted before quantizing and added back on read, so
               the grid covers each key's deviation from the mean; None = 0.
   copy_bits:  how the sink and recent copies are held: 16 = in the cache's
-              dtype, 8 = int8 codes per ``group_size`` channels (half the
-              bytes; int8 is lossless at the measured model sizes).
+              dtype, 8 = int8 codes of the stored (centered, rotated)
+              vectors per ``group_size`` channels: half the bytes.
   """
   formats: tuple[tuple[str, ...], ...]
   key_scale: np.ndarray
