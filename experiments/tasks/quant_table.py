@@ -6,13 +6,14 @@ Streams ``context`` tokens of the evaluation text through a full cache, 32
 tokens per forward pass, in each storage setting: bf16 (dense), fp8, and
 uniform int8/int4/int3/int2 each stored plainly, Hadamard-rotated with keys
 centered (the default), with 4 exact sink tokens too, and with an exact
-window of the 64 most recent tokens too; then every calibration policy at 2,
-3 and 4 average bits (rotated and centered). Centering and calibration read
-512 tokens of another text. With a window of R written tokens and chunks of
-C, each query reads its R - C + 1 to R latest tokens exact (R in decode).
-KV bytes are the payload a
-bfloat16-storage cache of that setting allocates (codes, scales, zeros, exact
-copies and maps), whatever the compute dtype of the run.
+window of the 64 most recent tokens too (below int8: also a 32-token window
+held as int8 copies, the 4-bit target's setting); then every calibration
+policy at 2, 3 and 4 average bits (rotated and centered). Centering and
+calibration read 512 tokens of another text. With a window of R written
+tokens and chunks of C, each query reads its R - C + 1 to R latest tokens
+exact (R in decode). KV bytes are the payload a bfloat16-storage cache of
+that setting allocates (codes, scales, zeros, exact copies and maps),
+whatever the compute dtype of the run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def settings(qconf, lm, calibration_tokens):
     yield f"{fmt} rot. + cent. + 4 sinks", uniform(sinks=4, **stored)
     yield (f"{fmt} rot. + cent. + 4 sinks + residual {residual}",
            uniform(sinks=4, residual=residual, **stored))
+    if fmt != "int8":   # the window as int8 copies, half their bytes
+      yield (f"{fmt} rot. + cent. + 4 sinks + residual 32, int8 copies",
+             uniform(sinks=4, residual=32, copy_bits=8, **stored))
   for name in ("variance", "sensitivity", "kvquant"):
     for bits in (2, 3, 4):
       start = time.perf_counter()
