@@ -4,14 +4,17 @@ version of its file, on the same inputs in one process:
   git show REV:lmcache_jax/kernels/decode_attention.py > /tmp/other.py
   PYTHONPATH=. python3 experiments/benchmarks/_kernel_ab.py /tmp/other.py \
       [BLOCK,WARPS,SPLIT[,STAGES] ...] [--format=int4] [--group=128] [--small]
+      [--rounds=2] [--other-float16-zeros]
 
 The other file is imported beside this tree (it uses this tree's other
 modules). Shapes as the kernel suite: 16 sequences x 8 kv heads x 32K slots,
 4 query heads per kv head, head dim 128, int4 (or ``--format``) with one
 scale and zero per token and head (or per ``--group`` channels). Each
-configuration runs two rounds, alternating the two versions; each line is
-the median of 30 calls and the largest difference from the jnp reference
-over out, lse and logits.
+configuration runs ``--rounds`` rounds (2), alternating the two versions;
+each line is the median of 30 calls and the largest difference from the
+jnp reference over out, lse and logits. ``--other-float16-zeros``: the
+other version predates uint8 zero codes (before 8aa1666) and gets each
+group's zero as a float16 value of the same grid.
 """
 import importlib.util
 import inspect
@@ -37,17 +40,21 @@ def load(path):
   return module
 
 
+def flag(name: str, default: str) -> str:
+  """The last ``--name=value`` on the command line, or ``default``."""
+  values = [a.split("=", 1)[1] for a in sys.argv
+            if a.startswith(f"--{name}=")]
+  return values[-1] if values else default
+
+
 def main():
   paths_and_configs = [a for a in sys.argv[1:] if not a.startswith("--")]
   other = load(paths_and_configs[0])
   configs = [tuple(int(v) for v in a.split(","))
              for a in paths_and_configs[1:]]
   configs = configs or [(64, 4, 1024)]
-  names = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--format=")]
-  fmt = FORMATS[names[-1] if names else "int4"]
-  groups = [int(a.split("=", 1)[1]) for a in sys.argv
-            if a.startswith("--group=")]
-  group = groups[-1] if groups else HEAD_DIM
+  fmt = FORMATS[flag("format", "int4")]
+  group = int(flag("group", str(HEAD_DIM)))
   shape = (BATCH, KV_HEADS, CONTEXT, HEAD_DIM)
   quantize = jax.jit(lambda a: schemes.quantize(a, fmt, group))
   kq = quantize(jax.random.normal(jax.random.key(1), shape, jnp.bfloat16))
@@ -58,22 +65,28 @@ def main():
   slot_pos = jnp.broadcast_to(jnp.arange(CONTEXT, dtype=jnp.int32),
                               (BATCH, KV_HEADS, CONTEXT))
   args = (q, q_pos, slot_pos, *kq, *vq)
+  other_args = args
+  if "--other-float16-zeros" in sys.argv:
+    as_f16 = lambda p: (p[0], p[1], schemes.zero_value(
+        p[1], p[2], fmt.bits).astype(jnp.float16))
+    other_args = (q, q_pos, slot_pos, *as_f16(kq), *as_f16(vq))
   want = jax.jit(lambda *a: this.decode_attention_reference(
       *a, fmt=fmt, group_size=group))(*args)
   print(f"device: {benchmarks.device_name()}")
   for config in configs:
-    for _ in range(2):
-      for name, module in (("other", other), ("this tree", this)):
+    for _ in range(int(flag("rounds", "2"))):
+      for name, module, inputs in (("other", other, other_args),
+                                   ("this tree", this, args)):
         knobs = dict(zip(("block_s", "num_warps", "split_s", "num_stages"),
                          config))
         accepted = inspect.signature(module.decode_attention).parameters
         knobs = {k: v for k, v in knobs.items() if k in accepted}
         fn = jax.jit(lambda *a, m=module, k=knobs: m.decode_attention(
             *a, fmt=fmt, group_size=group, **k))
-        got = fn(*args)
+        got = fn(*inputs)
         err = max(float(jnp.max(jnp.abs(g - w)))
                   for g, w in zip(got, want) if g is not None)
-        t = benchmarks.timed(lambda: fn(*args), warmup=2,
+        t = benchmarks.timed(lambda: fn(*inputs), warmup=2,
                              repeats=30)["median_s"]
         print(f"| {name} | {knobs} | {1e3 * t:.3f} ms | max diff {err:.1e} |",
               flush=True)
