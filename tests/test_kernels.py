@@ -111,6 +111,29 @@ def test_decode_attention_bfloat16_queries(name, group):
                                atol=2e-2)
 
 
+def test_decode_attention_blocks_without_visible_slots():
+  """Blocks with no visible slot ahead of visible ones in a program (slots
+  evicted or after the query), and programs with none at all: the online
+  softmax must drop what those blocks summed."""
+  fmt = FORMATS["int4"]
+  rng = np.random.default_rng(5)
+  kq = _packed(rng, fmt, (1, 2, 128, 64), 64)
+  vq = _packed(rng, fmt, (1, 2, 128, 64), 64)
+  q = jnp.asarray(rng.standard_normal((1, 2, 4, 64)), jnp.float32)
+  slot_pos = np.tile(np.arange(128, dtype=np.int32), (1, 2, 1))
+  slot_pos[:, 0, :48] = -1     # row 0: blocks 0-2 of the first program empty
+  slot_pos[:, 1, 16:64] = -1   # row 1: a visible block, then three empty
+  q_pos = jnp.array([60], jnp.int32)   # the second program sees nothing
+  want = da.decode_attention_reference(q, q_pos, jnp.asarray(slot_pos), *kq,
+                                       *vq, fmt=fmt, group_size=64)
+  got = da.decode_attention(q, q_pos, jnp.asarray(slot_pos), *kq, *vq,
+                            fmt=fmt, group_size=64, block_s=16, split_s=64,
+                            interpret=True)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_decode_attention_with_nothing_visible():
   fmt = FORMATS["int4"]
   rng = np.random.default_rng(0)
