@@ -90,6 +90,7 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
   plan.check(cfg)
   lead = (cfg.num_layers, batch_size)
   hd = cfg.head_dim
+  groups = hd // plan.group_size
   parts = []
   for name in plan.distinct_formats():
     fmt = get_format(name)
@@ -100,7 +101,6 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
     for layer, h in enumerate(per_layer):
       heads[layer, :len(h)] = h
     shape = (*lead, rows, capacity)
-    groups = hd // plan.group_size
     if fmt.kind == "fp8":
       data = jnp.zeros((*shape, hd), jnp.float8_e4m3fn)
       zero = None
@@ -121,7 +121,6 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
                    if keys and plan.key_shift is not None else None)
   copies = (*kv, num_exact)
   int8_copies = plan.copy_bits == 8
-  groups = hd // plan.group_size
   return QuantizedKV(
       parts=tuple(parts),
       exact=jnp.zeros((*copies, hd), jnp.uint8 if int8_copies else dtype),
@@ -207,7 +206,7 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
 
 
 def _encode_copies(payload: QuantizedKV, x: jax.Array):
-  """(copy, scale, zero) of x [B, K, ..., Hd] as the payload holds copies:
+  """(copy, scale, zero) of x [..., K, T, Hd] as the payload holds copies:
   x in its dtype (scale, zero None), or int8 codes of the stored vectors
   with their grids (centered and rotated like the packed codes: raw sink
   tokens have outlier channels that per-token int8 rounds visibly)."""
@@ -221,7 +220,7 @@ def _encode_copies(payload: QuantizedKV, x: jax.Array):
 
 
 def copies(payload: QuantizedKV) -> jax.Array:
-  """The sink and recent copies [B, K, E, Hd] as float32 head vectors."""
+  """The sink and recent copies [..., K, E, Hd] as float32 head vectors."""
   if payload.exact_scale is None:
     return payload.exact.astype(jnp.float32)
   group = payload.head_dim // payload.exact_scale.shape[-1]
