@@ -9,7 +9,7 @@ version of its file, on the same inputs in one process:
 The other file is imported beside this tree (it uses this tree's other
 modules). Shapes as the kernel suite: 16 sequences x 8 kv heads x 32K slots,
 4 query heads per kv head, head dim 128, int4 (or ``--format``) with one
-scale and zero per token and head (or per ``--group`` channels). Each
+scale and zero code per token and head (or per ``--group`` channels). Each
 configuration runs ``--rounds`` rounds (2), alternating the two versions;
 each line is the median of 30 calls and the largest difference from the
 jnp reference over out, lse and logits. ``--other-float16-zeros``: the
