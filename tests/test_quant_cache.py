@@ -84,18 +84,22 @@ def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
   keys = _dequantize(layer.keys, jnp.float32)
   fmt_of = (formats or (("int8",) * 3,) * 3)[1]
   hadamard = jnp.asarray(transform.hadamard(32))
+  rotate = lambda x, h: jnp.matmul(x, h, precision=jax.lax.Precision.HIGHEST)
+
+  def stored_round_trip(x, fmt, shift):
+    """x stored as (x - shift)H, quantized, and read back."""
+    codes = schemes.fake_quant(rotate(x - shift, hadamard), fmt, 32)
+    return rotate(codes, hadamard.T) + shift
+
   for h in range(3):
     if transformed:
-      shift = SHIFT[1, h]
-      stored = (k[:, :, h] - shift) @ hadamard
-      want = schemes.fake_quant(stored, FORMATS[fmt_of[h]], 32) @ hadamard.T + shift
+      want = stored_round_trip(k[:, :, h], FORMATS[fmt_of[h]], SHIFT[1, h])
     else:
       want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
     exact = (pos < sinks) | (pos > pos.max(1, keepdims=True) - residual)
     copy = k[:, :, h]
     if copy_bits == 8:   # int8 codes of the stored vector
-      copy = (schemes.fake_quant((copy - SHIFT[1, h]) @ hadamard,
-                                 FORMATS["int8"], 32) @ hadamard.T + SHIFT[1, h])
+      copy = stored_round_trip(copy, FORMATS["int8"], SHIFT[1, h])
     want = jnp.where(jnp.asarray(exact)[..., None], copy, want)
     for b in range(2):
       n = int((pos[b] >= 0).sum())
