@@ -43,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.save_plan = ""    # where a calibration saves its plan
   config.quant.calibration_text = "macbeth"  # Shakespeare work to calibrate on
   config.quant.calibration_tokens = 512
+  config.quant.eval_chunk = 32   # quant_table/quant_spread: tokens per pass (1 = as decoding)
+  config.quant.spread_settings = ""  # quant_spread: "window:copy_bits,..." ("" = its defaults)
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.num_tokens = 0   # tokens scored; 0 = `context`

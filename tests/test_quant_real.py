@@ -60,6 +60,10 @@ def test_quant_spread_windows_and_summary():
   from experiments.tasks import quant_spread as spread
   assert spread.summary([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
   assert spread.summary([1.5]) == (1.5, 0.0)
+  assert spread.parse_settings("32:8, 64:16") == ((32, 8), (64, 16))
+  assert spread.parse_settings("") == ()
+  with pytest.raises(ValueError, match="WINDOW:COPY_BITS"):
+    spread.parse_settings("32:4")
 
   class Tokens:
     def encode(self, text):

@@ -2,6 +2,8 @@
 several windows of real text, with the mean and spread.
 
   python -m experiments.run --task=quant_spread
+  python -m experiments.run --task=quant_spread --config.quant.eval_chunk=1 \
+      --config.quant.spread_settings=32:8     # one setting, one token per pass
 
 One text is one draw of rounding noise: at this model size int4 settings
 that differ by less than about 1% on one text cannot be told apart
@@ -10,8 +12,11 @@ that differ by less than about 1% on one text cannot be told apart
 ``WINDOWS``) through a full cache, 32 tokens per forward pass, in bf16 and
 in int4 (rotated, keys centered, 4 exact sinks) with the exact recent
 windows of ``SETTINGS`` (tokens, and the copies' bits: 16 = bf16, 8 = int8
-codes), and reports every window's change, the mean and the sample standard
-deviation, and the KV bytes of each setting.
+codes; ``quant.spread_settings`` picks others), and reports every window's
+change, the mean and the sample standard deviation, and the KV bytes of
+each setting. ``quant.eval_chunk`` tokens go through each forward pass
+(default 32); 1 is how decoding writes them, so the recent window then
+always holds a query's latest tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +54,18 @@ def window_tokens(tokenizer, spec: str, length: int) -> np.ndarray:
   return tokens[start:start + length + 1]
 
 
+def parse_settings(text: str) -> tuple[tuple[int, int], ...]:
+  """``"32:8,64:16"`` → ((32, 8), (64, 16)): recent window and copy bits."""
+  out = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    window, _, bits = item.partition(":")
+    if not (window.isdigit() and bits in ("8", "16")):
+      raise ValueError(f"quant.spread_settings item {item!r} must be "
+                       f"WINDOW:COPY_BITS with COPY_BITS 8 or 16, e.g. 32:8")
+    out.append((int(window), int(bits)))
+  return tuple(out)
+
+
 def setting_label(residual: int, copy_bits: int) -> str:
   copies = " (int8 copies)" if copy_bits == 8 else ""
   return f"int4 rot. + cent. + 4 sinks + residual {residual}{copies}"
@@ -62,10 +79,11 @@ def summary(changes: list[float]) -> tuple[float, float]:
 
 
 @TASKS.register("quant_spread")
-def quant_spread(ctx: RunContext, windows=WINDOWS,
-                 settings=SETTINGS) -> dict:
+def quant_spread(ctx: RunContext, windows=WINDOWS, settings=None) -> dict:
   """Per-window perplexity change of int4 settings vs bf16, mean and spread."""
   config, lm = ctx.config, ctx.lm
+  settings = (settings or parse_settings(config.quant.get("spread_settings", ""))
+              or SETTINGS)
   length = int(config.context)
   chunk = int(config.quant.get("eval_chunk", 32))
   group = int(config.quant.get("group_size", 64))
