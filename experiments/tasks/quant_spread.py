@@ -9,7 +9,7 @@ One text is one draw of rounding noise: at this model size int4 settings
 that differ by less than about 1% on one text cannot be told apart
 (docs/quantization.md). This task streams ``context`` tokens of each window
 (``play@offset``, token offset into a Shakespeare work; default
-``WINDOWS``) through a full cache, 32 tokens per forward pass, in bf16 and
+``WINDOWS``) through a full cache in bf16 and
 in int4 (rotated, keys centered, 4 exact sinks) with the exact recent
 windows of ``SETTINGS`` (tokens, and the copies' bits: 16 = bf16, 8 = int8
 codes; ``quant.spread_settings`` picks others), and reports every window's
