@@ -90,16 +90,26 @@ def test_from_config_calibrates_and_saves(lm, tmp_path, name, bits):
   plan.check(CFG)
   assert plan.average_bits() <= bits and plan.policy == name
   assert len({tuple(sorted(row)) for row in plan.formats}) == 1  # same multiset
-  if name == "kvquant":
+  if name == "kvquant":   # 1% of 32 channels, at least one, kept exact
     assert plan.sinks == 4 and not np.all(plan.key_scale == 1)
+    assert plan.outliers == 1
   # rotated and centered on the calibration text by default
   assert plan.rotate
   np.testing.assert_allclose(plan.key_shift, calibration.key_means(
       calibration.collect(lm, tokens)), rtol=1e-6)
   loaded = quant.from_config({"plan": str(path)}, lm)
   assert loaded.formats == plan.formats and loaded.rotate
+  assert loaded.outliers == plan.outliers
   np.testing.assert_array_equal(loaded.key_scale, plan.key_scale)
   np.testing.assert_array_equal(loaded.key_shift, plan.key_shift)
+
+
+def test_kvquant_outlier_count():
+  from policies.calibration.kvquant import KVQuant
+  assert KVQuant().outliers(64) == 1 and KVQuant().outliers(256) == 3
+  assert KVQuant(outlier_fraction=0).outliers(64) == 0
+  with pytest.raises(ValueError, match="outlier_fraction must be in"):
+    KVQuant(outlier_fraction=1.5).outliers(64)
 
 
 def test_bad_calibration_input(lm):

@@ -170,7 +170,7 @@ def test_kernels_lower_to_triton(name, rows_out):
 def test_formats_without_a_kernel_say_so(caplog):
   """fp8 has no Pallas kernel: the wrappers run the reference and log it,
   even when a kernel was asked for (interpret mode)."""
-  backend._note.cache_clear()
+  backend.note.cache_clear()
   fmt = FORMATS["fp8"]
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 8, 32)),
                   jnp.float32)

@@ -39,7 +39,8 @@ def plan(formats=None, centered=False, **kw):
                              **kw)
   return QuantPlan(formats, np.ones((3, 3, 32), np.float32), 32,
                    kw.get("residual", 0), kw.get("sinks", 0), "",
-                   kw.get("rotate", False), shift, kw.get("copy_bits", 16))
+                   kw.get("rotate", False), shift, kw.get("copy_bits", 16),
+                   kw.get("outliers", 0))
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +67,20 @@ _write = jax.jit(attention.write_slots)
 _dequantize = jax.jit(qpayload.dequantize, static_argnames=("dtype", "exact"))
 
 
-@pytest.mark.parametrize("formats,residual,sinks,transformed,copy_bits", [
-    (None, 0, 0, False, 16), (MIXED, 4, 2, False, 16), (MIXED, 2, 1, True, 16),
-    (MIXED, 4, 2, True, 8)])
+@pytest.mark.parametrize("formats,residual,sinks,transformed,copy_bits,outliers", [
+    (None, 0, 0, False, 16, 0), (MIXED, 4, 2, False, 16, 0),
+    (MIXED, 2, 1, True, 16, 0), (MIXED, 4, 2, True, 8, 0),
+    (MIXED, 0, 0, True, 16, 2)])
 def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
-                                                transformed, copy_bits):
+                                                transformed, copy_bits,
+                                                outliers):
   """Codes hold (k - shift)H quantized; reads undo the shift and rotation;
   sink and recent tokens read as their copies (int8 codes of k itself with
   ``copy_bits`` 8)."""
   rng = np.random.default_rng(0)
   cache = init_cache(CFG, 2, 16, jnp.float32, quant=plan(
       formats, transformed, residual=residual, sinks=sinks,
-      rotate=transformed, copy_bits=copy_bits))
+      rotate=transformed, copy_bits=copy_bits, outliers=outliers))
   layer = layer_of(cache, 1)
   pos = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], np.int32)
   layer, k, v = write(layer, rng, pos, np.where(pos >= 0, pos, 16))
@@ -86,14 +89,15 @@ def test_written_slots_dequantize_to_the_tokens(formats, residual, sinks,
   hadamard = jnp.asarray(transform.hadamard(32))
   rotate = lambda x, h: jnp.matmul(x, h, precision=jax.lax.Precision.HIGHEST)
 
-  def stored_round_trip(x, fmt, shift):
+  def stored_round_trip(x, fmt, shift, outliers=0):
     """x stored as (x - shift)H, quantized, and read back."""
-    codes = schemes.fake_quant(rotate(x - shift, hadamard), fmt, 32)
+    codes = schemes.fake_quant(rotate(x - shift, hadamard), fmt, 32, outliers)
     return rotate(codes, hadamard.T) + shift
 
   for h in range(3):
     if transformed:
-      want = stored_round_trip(k[:, :, h], FORMATS[fmt_of[h]], SHIFT[1, h])
+      want = stored_round_trip(k[:, :, h], FORMATS[fmt_of[h]], SHIFT[1, h],
+                               outliers)
     else:
       want = schemes.fake_quant(k[:, :, h], FORMATS[fmt_of[h]], 32)
     exact = (pos < sinks) | (pos > pos.max(1, keepdims=True) - residual)
@@ -136,17 +140,20 @@ def test_reused_slot_holds_the_new_token_only():
         rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("formats,residual,sinks,transformed,copy_bits", [
-    (None, 0, 0, False, 16), (MIXED, 3, 1, False, 16), (MIXED, 3, 1, True, 16),
-    (None, 0, 0, True, 16), (MIXED, 3, 1, True, 8)])
+@pytest.mark.parametrize("formats,residual,sinks,transformed,copy_bits,outliers", [
+    (None, 0, 0, False, 16, 0), (MIXED, 3, 1, False, 16, 0),
+    (MIXED, 3, 1, True, 16, 0), (None, 0, 0, True, 16, 0),
+    (MIXED, 3, 1, True, 8, 0), (MIXED, 3, 1, True, 16, 1)])
 def test_fused_decode_equals_dequantized_attention(formats, residual, sinks,
-                                                   transformed, copy_bits):
+                                                   transformed, copy_bits,
+                                                   outliers):
   """The kernel reads stored (centered, rotated) codes; its result equals
-  dense attention over the dequantized cache."""
+  dense attention over the dequantized cache (with outliers, decode reads
+  the dequantized layer itself)."""
   rng = np.random.default_rng(2)
   cache = init_cache(CFG, 2, 24, jnp.float32, quant=plan(
       formats, transformed, residual=residual, sinks=sinks,
-      rotate=transformed, copy_bits=copy_bits))
+      rotate=transformed, copy_bits=copy_bits, outliers=outliers))
   layer = layer_of(cache, 2)
   pos = np.array([np.arange(10), np.r_[np.arange(7), [-1] * 3]], np.int32)
   layer, _, _ = write(layer, rng, pos, np.where(pos >= 0, pos, 24))
@@ -209,6 +216,11 @@ def test_bytes_count_codes_scales_and_exact_copies():
       MIXED, residual=8, sinks=2, copy_bits=8))
   per_lb += 2 * (K * 10 * (Hd + 3 * (Hd // 32)) - K * 10 * Hd * 2)
   assert int8_copies.payload_nbytes == L * B * per_lb
+  # two outliers per vector: a uint8 channel and a float16 delta each
+  with_outliers = init_cache(CFG, 2, 64, jnp.bfloat16, quant=plan(
+      MIXED, residual=8, sinks=2, copy_bits=8, outliers=2))
+  per_lb += 2 * 4 * S * 2 * 3
+  assert with_outliers.payload_nbytes == L * B * per_lb
   dense = init_cache(CFG, 2, 64, jnp.bfloat16)
   assert dense.payload_nbytes == 2 * L * B * K * S * Hd * 2
 

@@ -81,6 +81,28 @@ def test_zero_code_grids_hold_every_group(name, offset):
     assert np.all((lo >= 0) | (hi <= 0))
 
 
+@pytest.mark.parametrize("name", INT_FORMATS)
+def test_outliers_are_kept_and_leave_the_grid(name):
+  """The largest entries of each vector are stored beside the codes: they
+  read back to float16 precision and no longer stretch the grid."""
+  fmt = FORMATS[name]
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((8, 64)).astype(np.float32)
+  spikes = np.stack([rng.choice(64, 2, replace=False) for _ in range(8)])
+  x[np.arange(8)[:, None], spikes] = 30 * rng.choice([-1, 1], (8, 2))
+  dense, index, values = schemes.split_outliers(jnp.asarray(x), 2)
+  assert index.dtype == jnp.uint8
+  assert np.all(np.sort(np.asarray(index), -1) == np.sort(spikes, -1))
+  assert not np.asarray(dense)[np.arange(8)[:, None], spikes].any()
+  kept = np.asarray(schemes.fake_quant(jnp.asarray(x), fmt, 32, outliers=2))
+  np.testing.assert_allclose(kept[np.arange(8)[:, None], spikes],
+                             x[np.arange(8)[:, None], spikes], rtol=1e-3)
+  plain = np.asarray(schemes.fake_quant(jnp.asarray(x), fmt, 32))
+  rest = np.ones_like(x, bool)
+  rest[np.arange(8)[:, None], spikes] = False
+  assert (np.abs(kept - x)[rest].mean() < np.abs(plain - x)[rest].mean() / 3)
+
+
 def test_constant_group_and_fp8():
   x = jnp.full((2, 32), 1.5, jnp.float32)
   for fmt in FORMATS.values():
@@ -122,6 +144,8 @@ def test_bad_input_errors():
     QuantPlan.uniform(cfg, "int4", group_size=24)
   with pytest.raises(ValueError, match="copy_bits must be 8 .* or 16"):
     QuantPlan.uniform(cfg, "int4", group_size=32, copy_bits=4)
+  with pytest.raises(ValueError, match=r"outliers must be an int in \[0, head_dim=32\)"):
+    QuantPlan.uniform(cfg, "int4", group_size=32, outliers=32)
   plan = QuantPlan.uniform(cfg, "int4", group_size=32)
   with pytest.raises(ValueError, match="quant plan has .* but model"):
     plan.check(tiny_config(head_dim=32, hidden_size=64, num_heads=4,
@@ -136,10 +160,11 @@ def test_plan_save_load(tmp_path):
                    policy="kvquant")
   back = QuantPlan.load(plan.save(tmp_path / "plan"), cfg)
   assert not back.rotate and back.key_shift is None
-  assert back.copy_bits == 16
-  shifted = plan.replace(rotate=True, key_shift=scale - 1, copy_bits=8)
+  assert back.copy_bits == 16 and back.outliers == 0
+  shifted = plan.replace(rotate=True, key_shift=scale - 1, copy_bits=8,
+                         outliers=2)
   again = QuantPlan.load(shifted.save(tmp_path / "shifted"), cfg)
-  assert again.rotate and again.copy_bits == 8
+  assert again.rotate and again.copy_bits == 8 and again.outliers == 2
   np.testing.assert_array_equal(again.key_shift, scale - 1)
   assert back.formats == formats and back.policy == "kvquant"
   assert (back.group_size, back.residual, back.sinks) == (16, 8, 2)

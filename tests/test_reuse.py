@@ -121,7 +121,8 @@ def test_encrypted_store_writes_no_plaintext(lm, tmp_path):
   assert warm.generation.tokens == cold.tokens
 
 
-def test_quantized_cache_stores_its_packed_form(tmp_path):
+@pytest.mark.parametrize("outliers", [0, 1])
+def test_quantized_cache_stores_its_packed_form(tmp_path, outliers):
   from lmcache_jax.cache.kv_cache import init_cache
   from lmcache_jax.engine.generate import decode
   from lmcache_jax.engine.prefill import prefill
@@ -129,7 +130,7 @@ def test_quantized_cache_stores_its_packed_form(tmp_path):
   from lmcache_jax.store import KVStore, Layout
   cfg = tiny_config(head_dim=32)
   lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
-  plan = QuantPlan.uniform(cfg, "int4", group_size=32)
+  plan = QuantPlan.uniform(cfg, "int4", group_size=32, outliers=outliers)
   new_cache = lambda b, s: init_cache(lm.cfg, b, s, jnp.float32, quant=plan)  # noqa: E731
   prompt = tokens_for(50, 41)
   logits, cache = prefill(lm, new_cache(1, 96), [prompt], lm_policy(), 8)

@@ -27,7 +27,8 @@ def interpret_mode():
 
 
 @functools.lru_cache(maxsize=None)
-def _note(op: str, message: str) -> None:
+def note(op: str, message: str) -> None:
+  """Logs ``op: message`` once per process."""
   log.warning("%s: %s", op, message)
 
 
@@ -40,7 +41,7 @@ def choose(op: str, interpret: bool | None, fmt=None) -> str:
   (``fmt.kind != "int"``: fp8) always run the reference, also logged.
   """
   if fmt is not None and fmt.kind != "int":
-    _note(op, f"no Pallas kernel for format {fmt.name}; running the pure-jnp "
+    note(op, f"no Pallas kernel for format {fmt.name}; running the pure-jnp "
               f"reference {op}_reference")
     return "reference"
   if interpret or (interpret is None and _interpret_all):
@@ -48,7 +49,7 @@ def choose(op: str, interpret: bool | None, fmt=None) -> str:
   backend = jax.default_backend()
   if backend == "gpu":
     return "triton"
-  _note(op, f"no Pallas lowering used on backend {backend!r}; running the "
+  note(op, f"no Pallas lowering used on backend {backend!r}; running the "
             f"pure-jnp reference {op}_reference")
   return "reference"
 

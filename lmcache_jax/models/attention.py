@@ -8,7 +8,8 @@ query heads and the weighted queries), which eviction scorers consume.
 Keys and values are either dense arrays or quantized payloads
 (``lmcache_jax.quant.payload.QuantizedKV``). Quantized ones are quantized on
 write; a single-token (decode) step reads them with the fused Pallas kernel,
-longer steps (prefill) dequantize the layer and attend densely.
+longer steps (prefill) dequantize the layer and attend densely, as does
+decode when the plan keeps outlier entries (the kernel reads codes only).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lmcache_jax.kernels import backend
 from lmcache_jax.kernels.decode_attention import (decode_attention,
                                                   dense_decode_attention)
 from lmcache_jax.models.blocked_attention import block_size_for, blocked_attend
@@ -98,10 +100,13 @@ def attend(q: jax.Array, layer: LayerKV, query_positions: jax.Array,
   if not is_quantized(layer):
     out, mass = _attend_any(q, layer.keys, layer.values, layer.positions,
                             query_positions, query_weights, with_mass)
-  elif q.shape[1] == 1:
+  elif q.shape[1] == 1 and not qpayload.has_outliers(layer.keys):
     out, mass = _attend_packed_decode(q, layer, query_positions, query_weights,
                                       with_mass)
   else:
+    if q.shape[1] == 1:
+      backend.note("decode_attention", "plans with outliers decode from the "
+                   "dequantized layer: the fused kernel reads codes only")
     keys = qpayload.dequantize(layer.keys, q.dtype)
     values = qpayload.dequantize(layer.values, q.dtype)
     out, mass = _attend_any(q, keys, values, layer.positions, query_positions,

@@ -93,10 +93,11 @@ def collect(lm: LoadedModel, tokens) -> Activations:
 class Storage:
   """How the cache transforms head vectors before quantizing them (the plan
   fields of the same names): keys centered on calibrated channel means,
-  every vector Hadamard-rotated. Policies measure with it and put it in the
+  every vector Hadamard-rotated, outlier entries kept exact. Policies measure with it and put it in the
   plans they return."""
   rotate: bool = False
   key_shift: np.ndarray | None = None   # [L, K, Hd]
+  outliers: int = 0                     # entries per vector kept exact
 
   def shift(self, layer: int, head: int):
     """[Hd] channel means of one head's keys (None when not centered)."""
@@ -109,10 +110,10 @@ def key_means(acts: Activations) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "residual",
-                                             "rotate"))
+                                             "rotate", "outliers"))
 def attention_error(queries, keys, values, key_scale, key_shift=None, *,
                     fmt: Format, group_size: int, residual: int,
-                    rotate: bool = False):
+                    rotate: bool = False, outliers: int = 0):
   """Relative squared error of causal attention outputs of one kv head.
 
   Args:
@@ -122,10 +123,11 @@ def attention_error(queries, keys, values, key_scale, key_shift=None, *,
       (``transform.stored``).
     residual: tokens within this distance of a query are read exact.
     rotate: the cache stores Hadamard-rotated vectors.
+    outliers: entries per stored vector kept exact.
   """
   fake = lambda x, scale, shift: transform.restored(
       schemes.fake_quant(transform.stored(x, scale, shift, rotate), fmt,
-                         group_size), scale, shift, rotate)
+                         group_size, outliers), scale, shift, rotate)
   kq = fake(keys, key_scale, key_shift)
   vq = fake(values, None, None)
   steps, head_dim = keys.shape

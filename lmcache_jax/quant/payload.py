@@ -8,6 +8,9 @@ Layout (every leaf keeps the cache's slot axis at index 3):
     zero    [L, B, R, S, Hd/g]  uint8 zero codes (``quant.schemes``; None
                                 for fp8)
     heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
+    outlier_index [L, B, R, S, n] uint8 channels kept exact (the plan's
+                                  ``outliers`` n; None when 0 or fp8)
+    outlier_delta [L, B, R, S, n] float16 exact minus coded value there
   QuantizedKV:
     parts          tuple of Packed
     exact          [L, B, K, E, Hd]  copies of sink and recent tokens (E =
@@ -60,6 +63,15 @@ class Packed:
   heads: jax.Array
   fmt: Format = struct.field(pytree_node=False)
   group_size: int = struct.field(pytree_node=False)
+  outlier_index: jax.Array | None = None
+  outlier_delta: jax.Array | None = None
+
+  @property
+  def slot_leaves(self) -> tuple[str, ...]:
+    """Names of the leaves indexed by slot, in a fixed order."""
+    return tuple(name for name in ("data", "scale", "zero", "outlier_index",
+                                   "outlier_delta")
+                 if getattr(self, name) is not None)
 
 
 @struct.dataclass
@@ -101,17 +113,22 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
     for layer, h in enumerate(per_layer):
       heads[layer, :len(h)] = h
     shape = (*lead, rows, capacity)
+    outliers = {}
     if fmt.kind == "fp8":
       data = jnp.zeros((*shape, hd), jnp.float8_e4m3fn)
       zero = None
     else:
       data = jnp.zeros((*shape, fmt.words(hd)), jnp.uint32)
       zero = jnp.zeros((*shape, groups), jnp.uint8)
+      if plan.outliers:
+        outliers = dict(
+            outlier_index=jnp.zeros((*shape, plan.outliers), jnp.uint8),
+            outlier_delta=jnp.zeros((*shape, plan.outliers), jnp.float16))
     parts.append(Packed(
         data=data, scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
         heads=jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],
                                (*lead, rows, 1)),
-        fmt=fmt, group_size=plan.group_size))
+        fmt=fmt, group_size=plan.group_size, **outliers))
   num_exact = plan.sinks + plan.residual
   kv = (*lead, cfg.num_kv_heads)
   per_head = lambda a: jnp.broadcast_to(
@@ -131,6 +148,11 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
                    if int8_copies else None),
       exact_zero=(jnp.zeros((*copies, groups), jnp.uint8)
                   if int8_copies else None))
+
+
+def has_outliers(payload: QuantizedKV) -> bool:
+  """True when some part keeps outlier entries beside its codes."""
+  return any(part.outlier_index is not None for part in payload.parts)
 
 
 def identity_rows(payload: QuantizedKV, part: Packed) -> bool:
@@ -168,17 +190,26 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
       xr = jnp.take_along_axis(stored, safe[:, :, None, None], axis=1)
       sr = jnp.take_along_axis(slots, safe[:, :, None], axis=1)
       sr = jnp.where((rows < num_kv)[:, :, None], sr, capacity)
+    new = {}
+    if part.outlier_index is not None:
+      xr, index, values = schemes.split_outliers(
+          xr, part.outlier_index.shape[-1])
     if part.fmt.kind == "int":
-      data, scale, zero = quantize_pack(xr, fmt=part.fmt,
-                                        group_size=part.group_size)
+      new["data"], new["scale"], new["zero"] = quantize_pack(
+          xr, fmt=part.fmt, group_size=part.group_size)
     else:
-      data, scale, zero = schemes.quantize(xr, part.fmt, part.group_size)
+      new["data"], new["scale"], _ = schemes.quantize(xr, part.fmt,
+                                                      part.group_size)
+    if part.outlier_index is not None:
+      new["outlier_index"] = index
+      new["outlier_delta"] = schemes.outlier_deltas(
+          values, index, new["scale"], new["zero"], part.fmt.bits,
+          part.group_size)
     r = jnp.arange(part.heads.shape[-2])[None, :, None]
-    put = lambda dst, src: dst.at[b, r, sr].set(src.astype(dst.dtype),
-                                                 mode="drop")
-    parts.append(part.replace(
-        data=put(part.data, data), scale=put(part.scale, scale),
-        zero=None if part.zero is None else put(part.zero, zero)))
+    parts.append(part.replace(**{
+        name: getattr(part, name).at[b, r, sr].set(
+            new[name].astype(getattr(part, name).dtype), mode="drop")
+        for name in part.slot_leaves}))
   exact_slots = payload.exact_slots
   num_exact = exact_slots.shape[-1]
   if num_exact:
@@ -270,6 +301,9 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
   for part in payload.parts:
     dense = unpack_dequantize(part.data, part.scale, part.zero, fmt=part.fmt,
                               group_size=part.group_size, head_dim=head_dim)
+    if part.outlier_index is not None:
+      dense = schemes.add_outliers(dense.astype(jnp.float32),
+                                   part.outlier_index, part.outlier_delta)
     if identity_rows(payload, part):
       out = dense.astype(jnp.float32)
     else:

@@ -46,6 +46,10 @@ class QuantPlan:
   copy_bits:  how the sink and recent copies are held: 16 = in the cache's
               dtype, 8 = int8 codes of the stored (centered, rotated)
               vectors per ``group_size`` channels: half the bytes.
+  outliers:   entries of largest magnitude per stored vector kept exact
+              beside the int codes (KVQuant's dense-and-sparse; 3 bytes
+              each). Decoding then reads the dequantized layer instead of
+              the fused kernel (logged).
   """
   formats: tuple[tuple[str, ...], ...]
   key_scale: np.ndarray
@@ -56,6 +60,7 @@ class QuantPlan:
   rotate: bool = False
   key_shift: np.ndarray | None = None
   copy_bits: int = 16
+  outliers: int = 0
 
   def __post_init__(self):
     for row in self.formats:
@@ -83,6 +88,12 @@ class QuantPlan:
                          f" int, got {value!r}")
     for name in self.distinct_formats():
       get_format(name).check(self.head_dim, self.group_size)
+    if not (isinstance(self.outliers, (int, np.integer))
+            and 0 <= self.outliers < self.head_dim
+            and (self.outliers == 0 or self.head_dim <= 256)):
+      raise ValueError(f"QuantPlan.outliers must be an int in [0, head_dim="
+                       f"{self.head_dim}) (head_dim <= 256 for outliers: "
+                       f"their channels are uint8), got {self.outliers!r}")
     if self.copy_bits not in (8, 16):
       raise ValueError(f"QuantPlan.copy_bits must be 8 (int8 copies) or 16 "
                        f"(the cache dtype), got {self.copy_bits!r}")
@@ -91,7 +102,8 @@ class QuantPlan:
   def uniform(cls, cfg: ModelConfig, fmt: str, *, group_size: int = 64,
               residual: int = 0, sinks: int = 0, key_scale=None,
               policy: str = "uniform", rotate: bool = False,
-              key_shift=None, copy_bits: int = 16) -> "QuantPlan":
+              key_shift=None, copy_bits: int = 16,
+              outliers: int = 0) -> "QuantPlan":
     formats = tuple((fmt,) * cfg.num_kv_heads for _ in range(cfg.num_layers))
     if key_scale is None:
       key_scale = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
@@ -99,7 +111,7 @@ class QuantPlan:
     return cls(formats, np.asarray(key_scale, np.float32), group_size,
                residual, sinks, policy, rotate,
                None if key_shift is None else np.asarray(key_shift, np.float32),
-               copy_bits)
+               copy_bits, outliers)
 
   def replace(self, **changes) -> "QuantPlan":
     return dataclasses.replace(self, **changes)
@@ -142,7 +154,9 @@ class QuantPlan:
     extras = "".join([", per-channel key scales" if scaled else "",
                       ", centered keys" if self.key_shift is not None else "",
                       ", Hadamard-rotated" if self.rotate else "",
-                      ", int8 copies" if self.copy_bits == 8 else ""])
+                      ", int8 copies" if self.copy_bits == 8 else "",
+                      f", {self.outliers} outliers per vector"
+                      if self.outliers else ""])
     return (f"plan[{self.policy or 'custom'}] avg {self.average_bits():.2f} "
             f"bits; {dict(sorted(counts.items()))}; group {self.group_size}, "
             f"residual {self.residual}, sinks {self.sinks}{extras}\n"
@@ -162,6 +176,7 @@ class QuantPlan:
         "policy": np.frombuffer((self.policy or "-").encode(), np.uint8),
         "rotate": np.int32(self.rotate),
         "copy_bits": np.int32(self.copy_bits),
+        "outliers": np.int32(self.outliers),
     }
     if self.key_shift is not None:
       tree["key_shift"] = self.key_shift.astype(np.float32)
@@ -188,7 +203,7 @@ class QuantPlan:
                int(tree["sinks"]), "" if policy == "-" else policy,
                bool(tree.get("rotate", 0)),
                None if shift is None else np.asarray(shift, np.float32),
-               int(tree.get("copy_bits", 16)))
+               int(tree.get("copy_bits", 16)), int(tree.get("outliers", 0)))
     if cfg is not None:
       plan.check(cfg)
     return plan

@@ -13,6 +13,12 @@ fp8 stores ``x / scale`` in float8 e4m3 with ``scale = absmax / 448``.
 These functions are the references the Pallas kernels are tested against,
 and the XLA path wherever no kernel is used (fp8, CPU).
 
+*Outliers* (KVQuant's dense-and-sparse storage): the ``count`` entries of
+largest magnitude of each vector are set to 0 before quantizing, so they do
+not stretch the grid (which always holds 0), and kept beside the codes as
+(index, delta) pairs, delta being the exact value minus what the codes read
+there (``split_outliers``, ``outlier_deltas``, ``add_outliers``).
+
 ``kivi_fake_quant`` is the KIVI layout (keys per channel over groups of
 tokens, values per token over groups of channels, recent tokens exact) for
 contiguous sequences, used to measure layouts on calibration text; the cache
@@ -21,6 +27,7 @@ itself stores per-token groups for both (see docs/architecture.md).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from lmcache_jax.quant.formats import FP8_MAX, Format, pack, unpack
@@ -72,6 +79,35 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
   return x.reshape(codes.shape)
 
 
+def split_outliers(x: jnp.ndarray, count: int):
+  """(x with its ``count`` largest-magnitude entries per vector set to 0,
+  their channels [..., count] uint8, their float32 values [..., count])."""
+  x = x.astype(jnp.float32)
+  _, index = jax.lax.top_k(jnp.abs(x), count)
+  values = jnp.take_along_axis(x, index, axis=-1)
+  picked = jnp.any(jnp.arange(x.shape[-1]) == index[..., None], axis=-2)
+  return jnp.where(picked, 0.0, x), index.astype(jnp.uint8), values
+
+
+def outlier_deltas(values, index, scale, zero, bits: int, group_size: int):
+  """float16 exact minus stored value at each outlier (the codes there hold
+  0 rounded onto the group's grid)."""
+  s = scale.astype(jnp.float32)
+  z = zero_value(scale, zero, bits)
+  inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+  stored_zero = jnp.clip(jnp.floor(-z * inv + 0.5), 0, (1 << bits) - 1) * s + z
+  group = index.astype(jnp.int32) // group_size
+  return (values - jnp.take_along_axis(stored_zero, group, axis=-1)
+          ).astype(jnp.float16)
+
+
+def add_outliers(x: jnp.ndarray, index, delta) -> jnp.ndarray:
+  """x [..., Hd] (float32) with ``delta`` added at the outlier channels."""
+  onehot = jnp.arange(x.shape[-1]) == index.astype(jnp.int32)[..., None]
+  return x + jnp.sum(jnp.where(onehot, delta.astype(jnp.float32)[..., None],
+                               0.0), axis=-2)
+
+
 def quantize(x: jnp.ndarray, fmt: Format, group_size: int):
   """x [..., Hd] → (payload, scale [..., Hd/g] f16, zero code u8 or None).
 
@@ -100,9 +136,18 @@ def dequantize(payload: jnp.ndarray, scale: jnp.ndarray, zero, fmt: Format,
   return x.reshape(*payload.shape[:-1], head_dim).astype(dtype)
 
 
-def fake_quant(x: jnp.ndarray, fmt: Format, group_size: int) -> jnp.ndarray:
+def fake_quant(x: jnp.ndarray, fmt: Format, group_size: int,
+               outliers: int = 0) -> jnp.ndarray:
   """x after a quantize/dequantize round trip, in x's dtype (packing, which
-  is lossless, skipped, so any last-axis length divisible by the group works)."""
+  is lossless, skipped, so any last-axis length divisible by the group
+  works), keeping ``outliers`` entries per vector (int formats)."""
+  if outliers and fmt.kind == "int":
+    dense, index, values = split_outliers(x, outliers)
+    scale, zero = int_params(dense, fmt.bits, group_size)
+    codes = int_codes(dense, scale, zero, fmt.bits, group_size)
+    delta = outlier_deltas(values, index, scale, zero, fmt.bits, group_size)
+    return add_outliers(from_codes(codes, scale, zero, fmt.bits, group_size),
+                        index, delta).astype(x.dtype)
   if fmt.kind == "fp8":
     payload, scale, _ = quantize(x, fmt, group_size)
     return dequantize(payload, scale, None, fmt, group_size, x.shape[-1],

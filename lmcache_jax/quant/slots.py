@@ -29,9 +29,8 @@ def slice_slots(kv, start: int, stop: int):
                      f"{capacity(kv)} slots")
   if not isinstance(kv, qpayload.QuantizedKV):
     return kv[:, :, :, start:stop]
-  cut = lambda a: None if a is None else a[:, :, :, start:stop]
-  parts = tuple(p.replace(data=cut(p.data), scale=cut(p.scale),
-                          zero=cut(p.zero)) for p in kv.parts)
+  parts = tuple(p.replace(**{name: getattr(p, name)[:, :, :, start:stop]
+                             for name in p.slot_leaves}) for p in kv.parts)
   inside = (kv.exact_slots >= start) & (kv.exact_slots < stop)
   return kv.replace(parts=parts,
                     exact_slots=jnp.where(inside, kv.exact_slots - start, -1))

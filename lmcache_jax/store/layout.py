@@ -1,7 +1,8 @@
 """The cache payload as the store sees it: slot arrays with the slot axis at 3.
 
 A cache's keys and values may be dense arrays or quantized payloads
-(``quant.payload.QuantizedKV``: packed codes, scales and zeros per slot).
+(``quant.payload.QuantizedKV``: packed codes, scales, zeros and any outlier
+entries per slot).
 Every slot array is [L, B, R, S', ...] with S' = S / g, g >= 1 the slots one
 stored entry covers. A chunk of ``c`` tokens is, per slot array, the
 [L, R, c / g, ...] slice of one sequence, so a quantized cache stores and
@@ -35,8 +36,7 @@ def slot_arrays(kv) -> list[jax.Array]:
         f"the store cannot hold a quantized cache with exact copies (sinks="
         f"{kv.sinks}, residual={kv.residual}): they belong to the latest "
         f"tokens, not to a chunk; use a plan with sinks=0 and residual=0")
-  return [a for p in kv.parts for a in (p.data, p.scale, p.zero)
-          if a is not None]
+  return [getattr(p, name) for p in kv.parts for name in p.slot_leaves]
 
 
 def with_slot_arrays(kv, arrays: list[jax.Array]):
@@ -44,12 +44,9 @@ def with_slot_arrays(kv, arrays: list[jax.Array]):
   if not isinstance(kv, QuantizedKV):
     return arrays[0]
   arrays = iter(arrays)
-  parts = []
-  for p in kv.parts:
-    data, scale = next(arrays), next(arrays)
-    zero = None if p.zero is None else next(arrays)
-    parts.append(p.replace(data=data, scale=scale, zero=zero))
-  return kv.replace(parts=tuple(parts))
+  parts = tuple(p.replace(**{name: next(arrays) for name in p.slot_leaves})
+                for p in kv.parts)
+  return kv.replace(parts=parts)
 
 
 def _plan_digest(kv) -> str:

@@ -1,4 +1,4 @@
-"""``kvquant``: per-channel key scales fitted before RoPE, sinks exact.
+"""``kvquant``: per-channel key scales fitted before RoPE, outliers exact.
 
 KVQuant observes that a few key channels carry outliers, consistently across
 tokens, and that they are visible before RoPE mixes channel pairs. Dividing
@@ -6,8 +6,10 @@ each key channel by its calibrated magnitude before per-token quantization
 (and multiplying back on read) keeps those outlier channels from stretching
 every token's grid. Scales are tied on each RoPE pair (d, d + Hd/2), where
 dividing commutes with the rotation, so the cache's post-RoPE keys can be
-scaled. The first ``sink_tokens`` tokens stay in full precision. Bits are
-allocated as in ``sensitivity``, measured with these scales.
+scaled. Outliers stay in full precision twice over, as in KVQuant: the first
+``sink_tokens`` tokens, and in every stored vector the ``outlier_fraction``
+of entries of largest magnitude (dense-and-sparse; at least one). Bits are
+allocated as in ``sensitivity``, measured with these scales and outliers.
 """
 
 from __future__ import annotations
@@ -44,16 +46,30 @@ class KVQuant:
   name: ClassVar[str] = "kvquant"
   sink_tokens: int = 4
   quantile: float = 0.99
+  outlier_fraction: float = 0.01
+
+  def outliers(self, head_dim: int) -> int:
+    """Entries per vector kept exact: the fraction of the head dim, at least
+    one (none for a fraction of 0)."""
+    if not 0 <= self.outlier_fraction < 1:
+      raise ValueError(f"kvquant outlier_fraction must be in [0, 1), got "
+                       f"{self.outlier_fraction!r}")
+    if self.outlier_fraction == 0:
+      return 0
+    return max(1, round(self.outlier_fraction * head_dim))
 
   def calibrate(self, lm, acts: calibration.Activations | None, *,
                 bits: float, group_size: int, residual: int, sinks: int,
                 storage: calibration.Storage = calibration.Storage()
                 ) -> QuantPlan:
     cfg = lm.cfg
+    storage = dataclasses.replace(storage,
+                                  outliers=self.outliers(cfg.head_dim))
     scales = channel_scales(acts.keys, self.quantile)
     errors = head_errors(acts, cfg.group_size, group_size, residual, scales,
                          storage)
     chosen = calibration.allocate(errors, bits)
     return QuantPlan(calibration.formats_of(chosen), scales, group_size,
                      residual, max(sinks, self.sink_tokens), self.name,
-                     storage.rotate, storage.key_shift)
+                     storage.rotate, storage.key_shift,
+                     outliers=storage.outliers)

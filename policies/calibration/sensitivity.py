@@ -36,7 +36,7 @@ def head_errors(acts: calibration.Activations, group: int, group_size: int,
             q, jnp.asarray(acts.keys_rope[l, k]), jnp.asarray(acts.values[l, k]),
             jnp.asarray(key_scale[l, k]), storage.shift(l, k),
             fmt=format_for_bits(b), group_size=group_size, residual=residual,
-            rotate=storage.rotate))
+            rotate=storage.rotate, outliers=storage.outliers))
   return errors
 
 
