@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from lmcache_jax.engine import steps
 from lmcache_jax.engine.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
+from lmcache_jax.kernels import backend
 from lmcache_jax.kernels.backend import interpret_mode
 from lmcache_jax.models import attention
 from lmcache_jax.models.llama import from_weights
@@ -244,3 +247,18 @@ def test_slot_helpers():
   dense = jnp.arange(2 * 1 * 3 * 16 * 2, dtype=jnp.float32).reshape(2, 1, 3, 16, 2)
   np.testing.assert_array_equal(slots.dequantize_slots(dense, 3, 5),
                                 dense[:, :, :, 3:5])
+
+
+def test_decode_with_outliers_names_its_fallback(caplog):
+  """The fused kernel reads codes only: a plan with outliers decodes from
+  the dequantized layer, and says so in the log."""
+  backend.note.cache_clear()
+  rng = np.random.default_rng(7)
+  cache = init_cache(CFG, 1, 8, jnp.float32, quant=plan(MIXED, outliers=1))
+  layer, _, _ = write(layer_of(cache, 0), rng, np.arange(5, dtype=np.int32)[None],
+                      np.arange(5)[None])
+  q = jnp.asarray(rng.standard_normal((1, 1, 6, 32)), jnp.float32)
+  with caplog.at_level(logging.WARNING, logger="lmcache_jax.kernels"):
+    out, _ = attention.attend(q, layer, jnp.array([[4]]), jnp.ones((1, 1)))
+  assert "plans with outliers decode from the dequantized layer" in caplog.text
+  assert np.all(np.isfinite(np.asarray(out)))
