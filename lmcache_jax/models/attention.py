@@ -100,7 +100,8 @@ def attend(q: jax.Array, layer: LayerKV, query_positions: jax.Array,
   if not is_quantized(layer):
     out, mass = _attend_any(q, layer.keys, layer.values, layer.positions,
                             query_positions, query_weights, with_mass)
-  elif q.shape[1] == 1 and not qpayload.has_outliers(layer.keys):
+  elif q.shape[1] == 1 and not (qpayload.has_outliers(layer.keys)
+                                or qpayload.has_outliers(layer.values)):
     out, mass = _attend_packed_decode(q, layer, query_positions, query_weights,
                                       with_mass)
   else:

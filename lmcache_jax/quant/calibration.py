@@ -93,8 +93,8 @@ def collect(lm: LoadedModel, tokens) -> Activations:
 class Storage:
   """How the cache transforms head vectors before quantizing them (the plan
   fields of the same names): keys centered on calibrated channel means,
-  every vector Hadamard-rotated, outlier entries kept exact. Policies measure with it and put it in the
-  plans they return."""
+  every vector Hadamard-rotated, outlier entries kept exact. Policies
+  measure with it and put it in the plans they return."""
   rotate: bool = False
   key_shift: np.ndarray | None = None   # [L, K, Hd]
   outliers: int = 0                     # entries per vector kept exact
