@@ -261,7 +261,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   # q·k = scale * (q·code + zero_share * sum(q over the group)), zero =
   # scale * zero_share (quant.schemes); plane 0 has weight 1 and every
   # channel once
-  zero_share = -((1 << fmt.bits) - 1) / 255
+  zero_share = schemes.zero_share(fmt.bits)
   q_zero = zero_share * jnp.sum(
       q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32), axis=1)[:, None]
 

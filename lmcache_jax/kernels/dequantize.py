@@ -57,14 +57,12 @@ def _kernel(words_ref, scale_ref, zero_ref, out_ref, *, fmt: Format,
             group_size: int):
   # words_ref [bn, W]; scale_ref, zero_ref [bn, Hd/g]; out_ref [bn, Hd]
   head_dim = out_ref.shape[-1]
-  levels = float((1 << fmt.bits) - 1)
   reader = ChunkReader(words_ref, fmt, head_dim)
   for c in range(reader.num_chunks()):
     gi = c * reader.chunk // group_size
-    scale = scale_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
-    zero = (scale * zero_ref[:, pl.ds(gi, 1)].astype(jnp.float32)
-            * (-levels / 255))
-    x = reader.codes(c).astype(jnp.float32) * scale + zero
+    scale = scale_ref[:, pl.ds(gi, 1)]
+    zero = schemes.zero_value(scale, zero_ref[:, pl.ds(gi, 1)], fmt.bits)
+    x = reader.codes(c).astype(jnp.float32) * scale.astype(jnp.float32) + zero
     out_ref[:, pl.ds(c * reader.chunk, reader.chunk)] = x.astype(out_ref.dtype)
 
 

@@ -36,7 +36,7 @@ def _kernel(x_ref, words_ref, scale_ref, zero_ref, *, fmt: Format,
     code = jnp.clip(jnp.floor(share * 255 + 0.5), 0.0, 255.0)
     zero_ref[:, pl.ds(gi, 1)] = code.astype(jnp.int32).astype(jnp.uint8)[:, None]
     scale_ref[:, pl.ds(gi, 1)] = scale[:, None]
-    zeros.append((s * code * (-levels / 255))[:, None])
+    zeros.append(schemes.zero_value(scale, code, fmt.bits)[:, None])
     invs.append(jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)[:, None])
   start, low = 0, 0
   for p in fmt.planes:

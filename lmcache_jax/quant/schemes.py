@@ -52,11 +52,16 @@ def int_params(x: jnp.ndarray, bits: int, group_size: int):
   return scale, jnp.clip(jnp.floor(code * 255 + 0.5), 0, 255).astype(jnp.uint8)
 
 
+def zero_share(bits: int) -> float:
+  """The grid offset per unit of zero code, in steps: ``-levels / 255``."""
+  return -((1 << bits) - 1) / 255
+
+
 def zero_value(scale: jnp.ndarray, zero_code: jnp.ndarray,
                bits: int) -> jnp.ndarray:
   """float32 offset of the grid: ``-scale * levels * code / 255``."""
   return (scale.astype(jnp.float32) * zero_code.astype(jnp.float32)
-          * (-((1 << bits) - 1) / 255))
+          * zero_share(bits))
 
 
 def int_codes(x: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
