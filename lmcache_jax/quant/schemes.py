@@ -64,14 +64,20 @@ def zero_value(scale: jnp.ndarray, zero_code: jnp.ndarray,
           * zero_share(bits))
 
 
-def int_codes(x: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
-              bits: int, group_size: int) -> jnp.ndarray:
-  """uint32 codes [..., Hd] of x on the grid (scale, zero code) [..., Hd/g]."""
-  g = _groups(x.astype(jnp.float32), group_size)
+def _grid_codes(g: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
+                bits: int) -> jnp.ndarray:
+  """float32 codes of values g [..., Hd/g, n] on each group's grid."""
   s = scale.astype(jnp.float32)[..., None]
   inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
   u = (g - zero_value(scale, zero, bits)[..., None]) * inv
-  codes = jnp.clip(jnp.floor(u + 0.5), 0, (1 << bits) - 1)
+  return jnp.clip(jnp.floor(u + 0.5), 0, (1 << bits) - 1)
+
+
+def int_codes(x: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
+              bits: int, group_size: int) -> jnp.ndarray:
+  """uint32 codes [..., Hd] of x on the grid (scale, zero code) [..., Hd/g]."""
+  codes = _grid_codes(_groups(x.astype(jnp.float32), group_size), scale, zero,
+                      bits)
   return codes.reshape(x.shape).astype(jnp.uint32)
 
 
@@ -97,10 +103,9 @@ def split_outliers(x: jnp.ndarray, count: int):
 def outlier_deltas(values, index, scale, zero, bits: int, group_size: int):
   """float16 exact minus stored value at each outlier (the codes there hold
   0 rounded onto the group's grid)."""
-  s = scale.astype(jnp.float32)
-  z = zero_value(scale, zero, bits)
-  inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-  stored_zero = jnp.clip(jnp.floor(-z * inv + 0.5), 0, (1 << bits) - 1) * s + z
+  code = _grid_codes(jnp.zeros((*scale.shape, 1)), scale, zero, bits)[..., 0]
+  stored_zero = (code * scale.astype(jnp.float32)
+                 + zero_value(scale, zero, bits))
   group = index.astype(jnp.int32) // group_size
   return (values - jnp.take_along_axis(stored_zero, group, axis=-1)
           ).astype(jnp.float16)
