@@ -78,8 +78,10 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
       q, q_pos, slot_pos, *kq, *vq, fmt=fmt, group_size=group, block_s=block,
       split_s=split, with_logits=False, interpret=True)
   assert none is None
-  np.testing.assert_array_equal(out, got[0])
-  np.testing.assert_array_equal(lse, got[1])
+  # the same sums, compiled without the logits store (XLA may order the
+  # float32 reductions differently)
+  np.testing.assert_allclose(out, got[0], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(lse, got[1], rtol=0, atol=1e-5)
   # the reference itself: softmax over visible slots of dequantized keys
   keys = schemes.dequantize(*kq, fmt, group, head_dim)
   logits = np.einsum("brgh,brsh->brgs", np.asarray(q), np.asarray(keys)) / np.sqrt(head_dim)

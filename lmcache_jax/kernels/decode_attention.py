@@ -5,15 +5,19 @@ heads sharing that kv head attend over S slots. The grid splits S into
 ``split_s`` slots per program (flash-decoding); a program loops over blocks of
 ``block_s`` slots with an online softmax, unpacking keys and values straight
 from the packed words. Scales and zeros are folded out of the products
-(q·k = scale·(q·code + share·Σq), the zero as a share of the scale), so the
+(q·k = scale·(q·code + share·zero code·Σq), the zero as a share of the
+scale), so the
 inner products run on the codes, on tensor cores once the query heads are
 padded to 16 rows (narrower tiles, e.g. int3's 1-bit plane at small head
 dims, multiply and sum instead).
 
-The packed words are read as *byte lanes*: viewed as bytes, field h of
-every byte of a p-bit plane (bits p·h..p·h+p) forms a [block, Hd·p/8]
-bfloat16 tile with a shift, a mask and the mantissa of bfloat16 128
-(``_lane_tiles``): no lane shuffles, no int→float conversion instructions.
+The packed words are read as *lanes* of 16 bits (or bytes where 16-bit
+tiles would be too narrow): field h of every lane of a p-bit plane (bits
+p·h..p·h+p) forms a [block, Hd·p/L] bfloat16 tile with a shift and one
+AND/OR per pair of codes (``_lane_tiles``): the mantissa of bfloat16 128
+takes the code, so a tile holds 128 + code, and the products' surplus
+(128 times a row sum of the other operand) is subtracted once per row with
+the zero. No lane shuffles, no int→float conversion instructions.
 Each lane tile holds a fixed permutation of the channels; the query is
 permuted the same way before the kernel and the output permuted back after
 it (q·k and p·v do not depend on the channel order). A multi-plane format
@@ -49,15 +53,29 @@ from lmcache_jax.quant.formats import Format
 MASKED = -1e30
 
 
-def _lane_channel(b, h: int, bits: int, head_dim: int):
+def lane_bits(fmt: Format, head_dim: int) -> int:
+  """Width of the lanes the packed words are read in: 16 bits (a pair of
+  codes per register, straight into a bfloat16 pair) where every plane's
+  lane tiles stay at least 32 columns wide, else bytes (16-column tiles
+  double the products per block and ran slower: int2 at Hd 128 on an H200,
+  docs/benchmarks.md). 8-bit codes are read as bytes, each byte a code."""
+  if fmt.bits == 8 or any(head_dim * bits // 16 < 32 for bits in fmt.planes):
+    return 8
+  return 16
+
+
+def _lane_channel(b, h: int, bits: int, head_dim: int, lane: int):
   """Channel in column ``b`` (an array) of lane tile ``h``.
 
-  Byte ``b`` of a p-bit plane is byte ``b % 4`` of word ``b // 4``; its
-  field ``h`` is field ``k = (b % 4) * 8/p + h`` of the word, i.e. channel
-  ``k * W + b // 4`` (``quant.formats``: channel d sits in word d % W at bit
-  p·(d // W)).
+  Lane ``b`` of a p-bit plane read in ``lane``-bit lanes is lane
+  ``b % (32/lane)`` of word ``b // (32/lane)``; its field ``h`` is field
+  ``k = (b % (32/lane)) * lane/p + h`` of the word, i.e. channel
+  ``k * W + b // (32/lane)`` (``quant.formats``: channel d sits in word
+  d % W at bit p·(d // W)).
   """
-  return ((b % 4) * (8 // bits) + h) * (head_dim * bits // 32) + b // 4
+  per_word = 32 // lane
+  return (((b % per_word) * (lane // bits) + h) * (head_dim * bits // 32)
+          + b // per_word)
 
 
 def planes(fmt: Format, head_dim: int) -> list[tuple[int, int, int]]:
@@ -72,11 +90,13 @@ def planes(fmt: Format, head_dim: int) -> list[tuple[int, int, int]]:
 
 
 def lane_order(fmt: Format, head_dim: int) -> np.ndarray:
-  """Channel held by each column of the byte-lane tiles: lanes concatenated,
+  """Channel held by each column of the lane tiles: lanes concatenated,
   planes concatenated (every channel once per plane)."""
+  lane = lane_bits(fmt, head_dim)
   return np.concatenate([
-      _lane_channel(np.arange(head_dim * bits // 8), h, bits, head_dim)
-      for bits, _, _ in planes(fmt, head_dim) for h in range(8 // bits)])
+      _lane_channel(np.arange(head_dim * bits // lane), h, bits, head_dim,
+                    lane)
+      for bits, _, _ in planes(fmt, head_dim) for h in range(lane // bits)])
 
 
 def _dot(a, b, contract, dtype):
@@ -105,57 +125,85 @@ def _pv(p, codes, dtype):
   return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
 
 
-# bfloat16 128.0 has a zero mantissa: OR-ing a code c < 128 into it gives
-# 128 + c, and subtracting 128 leaves c exactly. That is two cheap ops instead
-# of int→float conversions, which run at a quarter of the ALU rate and bounded
-# this kernel.
-_BF16_128 = 0x4300
+# A code c of p < 8 bits written into the top mantissa bits of bfloat16 1.0
+# gives 1 + c / 2**p exactly: a shift and one AND/OR per pair of codes
+# instead of int→float conversions (those run at a quarter of the ALU rate
+# and bounded this kernel). The products then carry 1 · (a row sum of the
+# other operand), which the kernel subtracts once per row; the code sits
+# high in the mantissa so that this surplus stays of the size of the
+# products (little float32 cancellation). 8-bit codes are read as they are.
+_BF16_ONE = 0x3F80
+
+
+def tile_base(bits: int) -> float:
+  """What a lane tile adds to every scaled code: 1, or 0 for 8-bit codes."""
+  return 0.0 if bits == 8 else 1.0
+
+
+def plane_weight(bits: int, low: int) -> float:
+  """Weight of a p-bit plane's tile values in a code: the plane holds bits
+  low..low+p, and its tiles hold code / 2**p (exact powers of two)."""
+  return 2.0 ** (low + (0 if bits == 8 else bits))
 
 
 def _lane_tiles(raw, bits: int, ptx: bool):
-  """Byte-lane code tiles [bs, Hd·p/8] (bfloat16) of packed bytes
-  [bs, Hd·p/8]: field h of every byte.
+  """Code tiles [bs, Hd·p/L] (bfloat16, 1 + field / 2**p) of a plane read
+  as L-bit lanes [bs, Hd·p/L] (uint16 or uint8): field h of every lane.
 
-  On the GPU (``ptx``) one inline-PTX instance turns four bytes into four
-  codes with two byte permutes, two AND/ORs and two paired bfloat16 FMAs;
-  the jnp form (interpret mode) computes the same bits."""
+  On the GPU (``ptx``) inline PTX does it per 32-bit register: a 16-bit
+  lane pair takes a shift and one AND/OR into a bfloat16 pair; four bytes
+  take two byte permutes as well (to spread them into 16-bit halves). The
+  jnp form (interpret mode) computes the same bits."""
   if bits == 8:
     return [raw]   # codes 0..255 are exact in bfloat16
-  mask = (1 << bits) - 1
+  lane = raw.dtype.itemsize * 8
+  mask = ((1 << bits) - 1) << (7 - bits)   # the top p of 7 mantissa bits
   if not ptx:
-    raw = raw.astype(jnp.int16)
+    raw = raw.astype(jnp.uint16)
     return [jax.lax.bitcast_convert_type(
-        ((raw >> (bits * h)) & mask) | _BF16_128, jnp.bfloat16) - 128
-            for h in range(8 // bits)]
+        (_shift(raw, bits * h - (7 - bits)) & mask) | _BF16_ONE,
+        jnp.bfloat16) for h in range(lane // bits)]
   pair = lambda half: half | half << 16
+  field = f"{pair(mask)}, {pair(_BF16_ONE)}, 0xEA"   # (t & mask) | 1.0
   tiles = []
-  for h in range(8 // bits):
-    # bytes 0,1 (2,3) of the shifted word → the low halves of two 16-bit
-    # lanes; keep the field, set the exponent of 128, then x * 1 - 128
-    asm = f"""{{
-      .reg .b32 t, lo, hi, one, minus_128;
-      mov.b32 one, {pair(0x3F80)};
-      mov.b32 minus_128, {pair(0xC300)};
-      shr.b32 t, $2, {bits * h};
-      prmt.b32 lo, t, 0, 0x4140;
-      prmt.b32 hi, t, 0, 0x4342;
-      lop3.b32 lo, lo, {pair(mask)}, {pair(_BF16_128)}, 0xEA;
-      lop3.b32 hi, hi, {pair(mask)}, {pair(_BF16_128)}, 0xEA;
-      fma.rn.bf16x2 $0, lo, one, minus_128;
-      fma.rn.bf16x2 $1, hi, one, minus_128;
-    }}"""
+  for h in range(lane // bits):
+    # the field moves to the top mantissa bits of its 16-bit half (or
+    # byte); what a shift carries in from a neighbour falls outside the mask
+    by = bits * h - (7 - bits)
+    word = "$1" if lane == 16 else "$2"
+    shift = (f"shr.b32 t, {word}, {by};" if by >= 0
+             else f"shl.b32 t, {word}, {-by};")
+    if lane == 16:
+      asm = f"{{ .reg .b32 t; {shift} lop3.b32 $0, t, {field}; }}"
+      constraints, pack = "=r,r", 2
+    else:   # bytes 0,1 (2,3) → the low halves of two 16-bit lanes
+      asm = f"""{{
+        .reg .b32 t, lo, hi;
+        {shift}
+        prmt.b32 lo, t, 0, 0x4140;
+        prmt.b32 hi, t, 0, 0x4342;
+        lop3.b32 $0, lo, {field};
+        lop3.b32 $1, hi, {field};
+      }}"""
+      constraints, pack = "=r,=r,r", 4
     [tile] = plgpu.elementwise_inline_asm(
-        asm, args=[raw], constraints="=r,=r,r", pack=4,
+        asm, args=[raw], constraints=constraints, pack=pack,
         result_shape_dtypes=[jax.ShapeDtypeStruct(raw.shape, jnp.bfloat16)])
     tiles.append(tile)
   return tiles
 
 
-def _lane_group(h: int, bits: int, head_dim: int, group_size: int):
-  """[1, Hd·p/8] channel group of every column of lane tile h of a p-bit
+def _shift(x, by: int):
+  """x >> by, or x << -by."""
+  return x >> by if by >= 0 else x << -by
+
+
+def _lane_group(h: int, bits: int, head_dim: int, group_size: int,
+                lane: int):
+  """[1, Hd·p/L] channel group of every column of lane tile h of a p-bit
   plane (computed in the kernel: Triton kernels take no array constants)."""
-  b = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim * bits // 8), 1)
-  return _lane_channel(b, h, bits, head_dim) // group_size
+  b = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim * bits // lane), 1)
+  return _lane_channel(b, h, bits, head_dim, lane) // group_size
 
 
 def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
@@ -232,7 +280,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   """q_ref [M, P·Hd]: M = groups·n product rows; rows gi·n .. gi·n+n hold
   the query heads (repeated cyclically) restricted to channel group gi, for
   each of the P planes in that plane's lane order times 2**low (the plane's
-  weight in a code). k/v bytes [split, Hd·b/8]; k/v scale and zero
+  weight in a code). k/v lanes [split, Hd·b/L]; k/v scale and zero
   [split, Hd/g]; acc_ref [n, P·Hd]: per plane, Σ p · field in lane order
   (the wrapper weights and sums the planes); m_ref, l_ref [n]; logits_ref
   [Go, split] when the caller wants logits. ``ptx``: unpack with inline PTX
@@ -250,63 +298,78 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   heads = num_rows // groups
   logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
+  lane = kb_ref.dtype.itemsize * 8
   layout = planes(fmt, head_dim)
-  widths = [head_dim * bits // 8 for bits, _, _ in layout]
+  widths = [head_dim * bits // lane for bits, _, _ in layout]
   lanes = [(j, h) for j, (bits, _, _) in enumerate(layout)
-           for h in range(8 // bits)]
+           for h in range(lane // bits)]
   row_group = jax.lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0) // heads
   q_pos = jnp.max(qpos_ref[...])
   q_lanes = [q_ref[:, pl.ds(j * head_dim + h * widths[j], widths[j])]
              for j, h in lanes]
-  # q·k = scale * (q·code + zero_share * sum(q over the group)), zero =
-  # scale * zero_share (quant.schemes); plane 0 has weight 1 and every
-  # channel once
-  zero_share = schemes.zero_share(fmt.bits)
-  q_zero = zero_share * jnp.sum(
-      q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32), axis=1)[:, None]
+  # Plane j's tiles hold base + code_j / 2**p and its query copy is times
+  # w_j = plane_weight, so a product carries base · Σ_j w_j · Σq on top of
+  # q·code; with the zero (scale · share · zero code, quant.schemes) each
+  # row's correction per slot is (share · zero code - base · Σ w) · Σq,
+  # taken from the row's plane-0 copy (every own channel once, times w_0).
+  # The same correction, weighted by the probabilities, completes p·v.
+  share = schemes.zero_share(fmt.bits)
+  surplus = tile_base(fmt.bits) * sum(
+      plane_weight(bits, low) for bits, _, low in layout)
+  w0 = plane_weight(layout[0][0], layout[0][2])
+  q_sum = jnp.sum(q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32),
+                  axis=1)[:, None]
 
   def tiles(ref, rows):
-    per_plane = [_lane_tiles(ref[rows, pl.ds(first, width)], bits, ptx)
+    per_plane = [_lane_tiles(ref[rows, pl.ds(first * 8 // lane, width)],
+                             bits, ptx)
                  for (bits, first, _), width in zip(layout, widths)]
     return [per_plane[j][h] for j, h in lanes]
 
+  def correction(zero_ref, rows):
+    return (share * _per_row(zero_ref, rows, row_group, groups)
+            - surplus) / w0
+
   def body(i, carry):
-    m, l, accs = carry
+    m, l, fix, accs = carry
     rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
     dots = sum(_qk(q, codes, dtype)
                for q, codes in zip(q_lanes, tiles(kb_ref, rows)))
     logits = _sum_groups(
         _per_row(ks_ref, rows, row_group, groups)
-        * (dots + q_zero * _per_row(kz_ref, rows, row_group, groups)), groups)
+        * (dots + q_sum * correction(kz_ref, rows)), groups)
     logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
                                       logits_out, rows, real_heads)
     m, l, alpha, p = _softmax_step(m, l, logits, visible)
     alpha = _spread_groups(alpha[:, None], groups)
-    p = _spread_groups(p, groups)
-    # p @ values = (p · scale) @ codes + Σ p · zero, per row's group
-    p_scaled = p * _per_row(vs_ref, rows, row_group, groups)
-    p_zero = zero_share * jnp.sum(
-        p_scaled * _per_row(vz_ref, rows, row_group, groups), axis=1)
-    new = []
-    for acc, (j, _), codes in zip(accs, lanes, tiles(vb_ref, rows)):
-      part = _pv(p_scaled, codes, dtype)
-      if j == 0:   # the zero term once per channel
-        part = part + p_zero[:, None]
-      new.append(acc * alpha + part)
-    return m, l, tuple(new)
+    # p @ values = (p · scale) @ tiles + Σ (p · scale) · correction: the
+    # second term per row, accumulated apart and added to plane 0 at the end
+    p_scaled = (_spread_groups(p, groups)
+                * _per_row(vs_ref, rows, row_group, groups)).astype(dtype)
+    fix = fix * alpha + jnp.sum(
+        p_scaled.astype(jnp.float32) * correction(vz_ref, rows), axis=1,
+        keepdims=True)
+    accs = tuple(acc * alpha + _pv(p_scaled, codes, dtype)
+                 for acc, codes in zip(accs, tiles(vb_ref, rows)))
+    return m, l, fix, accs
 
   init = (jnp.full((heads,), MASKED, jnp.float32),
           jnp.zeros((heads,), jnp.float32),
+          jnp.zeros((num_rows, 1), jnp.float32),
           tuple(jnp.zeros((num_rows, widths[j]), jnp.float32)
                 for j, _ in lanes))
-  m, l, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body, init)
+  m, l, fix, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body,
+                                      init)
   m_ref[...] = m
   l_ref[...] = l
   start = 0
   for acc, (j, h) in zip(accs, lanes):
+    if j == 0:
+      acc = acc + fix
     if groups > 1:   # each column from its own group's block
-      own = row_group == _lane_group(h, layout[j][0], head_dim, group_size)
+      own = row_group == _lane_group(h, layout[j][0], head_dim, group_size,
+                                     lane)
       acc = _sum_groups(jnp.where(own, acc, 0.0), groups)
     acc_ref[:, pl.ds(start, widths[j])] = acc
     start += widths[j]
@@ -416,10 +479,13 @@ def dense_decode_attention(q, keys, values, visible):
   return out, lse, logits
 
 
-def _as_bytes(words):
-  """uint32 [..., W] → uint8 [..., 4W], byte k of a word = its bits 8k.."""
-  as_u8 = jax.lax.bitcast_convert_type(words, jnp.uint8)
-  return as_u8.reshape(*words.shape[:-1], 4 * words.shape[-1])
+def _as_lanes(words, lane: int):
+  """uint32 [..., W] → uint16 or uint8 [..., 32W/lane]: lane k of a word =
+  its bits lane·k.."""
+  per_word = 32 // lane
+  narrow = jax.lax.bitcast_convert_type(
+      words, jnp.uint16 if lane == 16 else jnp.uint8)
+  return narrow.reshape(*words.shape[:-1], per_word * words.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -479,13 +545,15 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   rows_out = next_pow2(heads) if with_logits else 0
   layout = planes(fmt, head_dim)
   order = lane_order(fmt, head_dim)
-  # each plane's copy carries the plane's weight 2**low (exact), so the
+  # each plane's copy carries the plane's weight (exact), so the
   # kernel sums plain products; each row sees only its group's channels
-  weight = np.repeat([2.0 ** low for _, _, low in layout], head_dim)
+  weight = np.repeat([plane_weight(bits, low) for bits, _, low in layout],
+                     head_dim)
   own = order[None, :] // group_size == row_group[:, None]
   q = jnp.where(jnp.asarray(own), q[:, :, row_head][..., order] * weight,
                 0).astype(q.dtype)
-  k_words, v_words = _as_bytes(k_words), _as_bytes(v_words)
+  lane = lane_bits(fmt, head_dim)
+  k_words, v_words = _as_lanes(k_words, lane), _as_lanes(v_words, lane)
   if padded != slots:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
@@ -504,6 +572,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   # back to channel order, each plane times its weight
   out = sum(out[..., j * head_dim + np.argsort(order[j * head_dim:
                                                      (j + 1) * head_dim])]
-            * 2.0 ** low for j, (_, _, low) in enumerate(layout))
+            * plane_weight(bits, low)
+            for j, (bits, _, low) in enumerate(layout))
   logits = logits[0][:, :, :heads, :slots] if with_logits else None
   return out[:, :, :heads], lse[:, :, :heads], logits
