@@ -41,6 +41,20 @@ def test_timed_takes_the_median_after_warmup():
   assert once["runs"] == 1
 
 
+def test_timed_back_to_back_issues_whole_batches():
+  calls = []
+
+  def fn():
+    calls.append(len(calls))
+    return jnp.asarray(float(len(calls)))
+
+  out = benchmarks.timed_back_to_back(fn, calls=4, repeats=3)
+  assert len(calls) == 4 * (1 + 3) and out["runs"] == 3
+  assert out["median_s"] >= out["min_s"] > 0
+  with pytest.raises(ValueError, match="calls \\(0\\)"):
+    benchmarks.timed_back_to_back(fn, calls=0)
+
+
 @pytest.mark.parametrize("spec", ["4096:full", "4096x16", "ax16:full", "4096x16:h2o(("])
 def test_bad_workload(spec):
   with pytest.raises(ValueError):

@@ -11,6 +11,8 @@ becomes a line of the printed Markdown table; the whole dict is saved as JSON.
 The helpers below are shared by the suites, so every number is taken the
 same way: device work is synchronized before a clock is read, the first runs
 (compilation) are left out, and the median of the timed runs is reported.
+``timed`` waits for each call; ``timed_back_to_back`` issues a batch of calls
+and waits once (the device's time per call).
 """
 
 from __future__ import annotations
@@ -69,6 +71,29 @@ def timed(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
       break
   return {"median_s": statistics.median(times), "min_s": min(times),
           "runs": len(times), "result": result}
+
+
+def timed_back_to_back(fn: Callable[[], Any], *, calls: int = 20,
+                       repeats: int = 5) -> dict:
+  """Seconds per call when ``calls`` calls of ``fn`` are issued without
+  waiting in between, as a decode loop issues them: the host's dispatch
+  overlaps the device's work, so this is the device's time per call (what
+  a call timed alone adds on top is launch and synchronization latency).
+  Median over ``repeats`` batches, after one batch of warm-up. Returns
+  {"median_s", "min_s", "runs"} (``runs`` = batches timed)."""
+  if calls < 1 or repeats < 1:
+    raise ValueError(f"calls ({calls}) and repeats ({repeats}) must be >= 1")
+
+  def batch() -> float:
+    start = time.perf_counter()
+    results = [fn() for _ in range(calls)]
+    sync(results)
+    return (time.perf_counter() - start) / calls
+
+  batch()
+  times = [batch() for _ in range(repeats)]
+  return {"median_s": statistics.median(times), "min_s": min(times),
+          "runs": len(times)}
 
 
 def device_memory() -> dict:

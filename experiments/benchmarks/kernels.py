@@ -10,6 +10,10 @@ on the card, the Pallas kernels against their jnp references (quantize,
 dequantize, fused attention); then times:
 
 * copy: the card's copy bandwidth (read + write of a 2 GiB buffer);
+
+every time is per call with calls issued back to back (the device's time,
+as a decode loop sees it); "ms alone" times single synchronized calls,
+launch and synchronization latency included;
 * bf16: this project's dense ``attention.attend`` over a bfloat16 cache
   (XLA), with the per-slot attention mass;
 * int4 kernel: the Pallas ``decode_attention`` call alone, for each block
@@ -56,7 +60,7 @@ def copy_bandwidth() -> float:
   """Bytes/s of an elementwise pass over 2 GiB (1 GiB read + 1 GiB written)."""
   x = jnp.ones((2**28 if CONTEXT == 32768 else 2**20,), jnp.float32)
   bump = jax.jit(lambda a: a + 1)
-  t = benchmarks.timed(lambda: bump(x), warmup=2, repeats=10)["median_s"]
+  t = benchmarks.timed_back_to_back(lambda: bump(x), calls=10)["median_s"]
   return 2 * x.nbytes / t
 
 
@@ -69,15 +73,26 @@ def kernel_bytes(kq, vq, slot_pos) -> int:
   return sum(a.nbytes for a in (*kq, *vq)) + slot_pos.nbytes + LOGITS_BYTES
 
 
-def timed_row(what: str, seconds: float, nbytes: int, bandwidth: float,
-              baseline: float | None = None) -> dict:
-  """One table row: time, bytes moved, their rate and share of the copy
-  bandwidth, and the speed-up over ``baseline`` seconds (the bf16 attend)."""
-  row = {"what": what, "ms": 1e3 * seconds, "MB moved": nbytes / 1e6,
-         "GB/s": nbytes / seconds / 1e9,
+def time_call(fn) -> tuple[float, float]:
+  """(seconds per call back to back, seconds of a call timed alone): the
+  first is the device's time (a decode loop's steady state), the second adds
+  launch and synchronization latency."""
+  alone = benchmarks.timed(fn, warmup=2, repeats=20)["median_s"]
+  return benchmarks.timed_back_to_back(fn)["median_s"], alone
+
+
+def timed_row(what: str, times: tuple[float, float], nbytes: int,
+              bandwidth: float, baseline: tuple[float, float] | None = None
+              ) -> dict:
+  """One table row: time per call back to back (and alone), bytes moved,
+  their rate and share of the copy bandwidth, and the speed-up over the
+  ``baseline`` times (the bf16 attend), all from back-to-back times."""
+  seconds, alone = times
+  row = {"what": what, "ms": 1e3 * seconds, "ms alone": 1e3 * alone,
+         "MB moved": nbytes / 1e6, "GB/s": nbytes / seconds / 1e9,
          "of copy bw": nbytes / seconds / bandwidth}
   if baseline is not None:
-    row["speed-up vs bf16"] = baseline / seconds
+    row["speed-up vs bf16"] = baseline[0] / seconds
   return row
 
 
@@ -129,7 +144,7 @@ def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
   for g, w in zip(fn(*args), want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
                                atol=2e-3, err_msg=f"group {group}")
-  t = benchmarks.timed(lambda: fn(*args), repeats=20)["median_s"]
+  t = time_call(lambda: fn(*args))
   return timed_row(f"int4 kernel, group {group} (2 groups per head), defaults",
                    t, kernel_bytes(kq, vq, slot_pos), bandwidth)
 
@@ -153,8 +168,7 @@ def run(config=None) -> dict:
   rows = [{"what": "copy bandwidth", "GB/s": bandwidth / 1e9}]
   reference = jax.jit(lambda *a: da.decode_attention_reference(
       *a, fmt=FMT, group_size=GROUP_SIZE))
-  t_ref = benchmarks.timed(lambda: reference(q, q_pos, slot_pos, *kq, *vq),
-                           repeats=10)["median_s"]
+  t_ref = time_call(lambda: reference(q, q_pos, slot_pos, *kq, *vq))
   moved = kernel_bytes(kq, vq, slot_pos)
   best = None
   for block, warps, split, stages in BLOCKS:
@@ -166,13 +180,12 @@ def run(config=None) -> dict:
     for g, w, name in zip(got, want, ("out", "lse", "logits")):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
                                  atol=2e-3, err_msg=f"{name} block {block}")
-    t = benchmarks.timed(lambda: fn(q, q_pos, slot_pos, *kq, *vq),
-                         repeats=20)["median_s"]
+    t = time_call(lambda: fn(q, q_pos, slot_pos, *kq, *vq))
     rows.append(timed_row(f"int4 kernel block {block} split {split} warps "
                           f"{warps} stages {stages}", t, moved,
                           bandwidth))
-    if best is None or t < best[0]:
-      best = (t, block, warps, split, stages)
+    if best is None or t[0] < best[0]:
+      best = (t[0], block, warps, split, stages)
   rows.append(timed_row("int4 jnp reference under XLA (unpack + attention)",
                         t_ref, moved, bandwidth))
   rows.append(several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth))
@@ -186,8 +199,7 @@ def run(config=None) -> dict:
   weights = jnp.ones((BATCH, 1), jnp.float32)
   dense = attention.LayerKV(keys, values, positions, scores)
   attend = jax.jit(attention.attend)
-  t_bf16 = benchmarks.timed(lambda: attend(qt, dense, query_positions, weights),
-                            repeats=20)["median_s"]
+  t_bf16 = time_call(lambda: attend(qt, dense, query_positions, weights))
   mass_bytes = positions.size * 4
   bf16_bytes = keys.nbytes + values.nbytes + positions.nbytes + mass_bytes
   rows.append(timed_row(f"{jnp.dtype(dense_dtype()).name} attend (XLA)",
@@ -209,8 +221,7 @@ def run(config=None) -> dict:
   np.testing.assert_allclose(np.asarray(out_q, np.float32),
                              np.asarray(ref_out, np.float32), atol=2e-2)
   np.testing.assert_allclose(np.asarray(mass_q.sum(-1)), GROUP, rtol=1e-3)
-  t_q = benchmarks.timed(lambda: attend(qt, packed, query_positions, weights),
-                         repeats=20)["median_s"]
+  t_q = time_call(lambda: attend(qt, packed, query_positions, weights))
   attend_bytes = moved + LOGITS_BYTES + mass_bytes   # logits re-read
   rows.append(timed_row("int4 attend (kernel + merge + mass)", t_q,
                         attend_bytes, bandwidth, baseline=t_bf16))
@@ -222,19 +233,16 @@ def run(config=None) -> dict:
       payload(*quantize(keys, shift), ones, shift, True),
       payload(*quantize(values, None), None, None, True), positions, scores)
   out_r, _ = attend(qt, stored, query_positions, weights)
-  t_r = benchmarks.timed(lambda: attend(qt, stored, query_positions, weights),
-                         repeats=20)["median_s"]
+  t_r = time_call(lambda: attend(qt, stored, query_positions, weights))
   rows.append(timed_row("int4 attend, rotated + centered storage", t_r,
                         attend_bytes, bandwidth, baseline=t_bf16))
   # policies that do not score by attention (full cache, windows) skip the
   # mass: no logits written or re-read
   attend_out = jax.jit(lambda *a: attention.attend(*a, with_mass=False)[0])
-  t_bf16_out = benchmarks.timed(
-      lambda: attend_out(qt, dense, query_positions, weights),
-      repeats=20)["median_s"]
-  t_r_out = benchmarks.timed(
-      lambda: attend_out(qt, stored, query_positions, weights),
-      repeats=20)["median_s"]
+  t_bf16_out = time_call(lambda: attend_out(qt, dense, query_positions,
+                                            weights))
+  t_r_out = time_call(lambda: attend_out(qt, stored, query_positions,
+                                         weights))
   plain_bytes = bf16_bytes - mass_bytes
   packed_bytes = moved - LOGITS_BYTES
   rows.append(timed_row(f"{jnp.dtype(dense_dtype()).name} attend, no mass",
