@@ -11,8 +11,9 @@ modules). Shapes as the kernel suite: 16 sequences x 8 kv heads x 32K slots,
 4 query heads per kv head, head dim 128, int4 (or ``--format``) with one
 scale and zero code per token and head (or per ``--group`` channels). Each
 configuration runs ``--rounds`` rounds (2), alternating the two versions;
-each line is the median of 30 calls and the largest difference from the
-jnp reference over out, lse and logits. ``--other-float16-zeros``: the
+each line is the time per call issued back to back (the median of 5
+batches of 20) and the largest difference from the jnp reference over out,
+lse and logits. ``--other-float16-zeros``: the
 other version predates uint8 zero codes (before 8aa1666) and gets each
 group's zero as a float16 value of the same grid.
 """
@@ -86,8 +87,7 @@ def main():
         got = fn(*inputs)
         err = max(float(jnp.max(jnp.abs(g - w)))
                   for g, w in zip(got, want) if g is not None)
-        t = benchmarks.timed(lambda: fn(*inputs), warmup=2,
-                             repeats=30)["median_s"]
+        t = benchmarks.timed_back_to_back(lambda: fn(*inputs))["median_s"]
         print(f"| {name} | {knobs} | {1e3 * t:.3f} ms | max diff {err:.1e} |",
               flush=True)
 

@@ -52,8 +52,8 @@ FMT, GROUP_SIZE = FORMATS["int4"], 128
 if "--runlocal" in sys.argv:   # a seconds-long smoke run of the script's logic
   BATCH, KV_HEADS, CONTEXT = 2, 2, 1024
 # (block, warps, split, pipeline stages); the first is the kernel's default
-BLOCKS = ((64, 1, 2048, 3), (64, 4, 2048, 3), (64, 1, 1024, 3), (64, 1, 4096, 3),
-          (128, 2, 2048, 3), (32, 1, 2048, 4))
+BLOCKS = ((128, 2, 512, 3), (64, 1, 512, 3), (64, 1, 2048, 3),
+          (128, 2, 1024, 3), (128, 4, 512, 3), (128, 2, 512, 2))
 
 
 def copy_bandwidth() -> float:

@@ -6,10 +6,9 @@ heads sharing that kv head attend over S slots. The grid splits S into
 ``block_s`` slots with an online softmax, unpacking keys and values straight
 from the packed words. Scales and zeros are folded out of the products
 (q·k = scale·(q·code + share·zero code·Σq), the zero as a share of the
-scale), so the
-inner products run on the codes, on tensor cores once the query heads are
-padded to 16 rows (narrower tiles, e.g. int3's 1-bit plane at small head
-dims, multiply and sum instead).
+scale), so the inner products run on the codes, on tensor cores (tiles
+narrower than 16 columns, e.g. int3's 1-bit plane at small head dims,
+multiply and sum instead).
 
 The packed words are read as *lanes* of 16 bits (or bytes where 16-bit
 tiles would be too narrow): field h of every lane of a p-bit plane (bits
@@ -112,7 +111,7 @@ def _precision(dtype):
 
 def _qk(q, codes, dtype):
   """[G, w] x [bs, w] codes → [G, bs] float32, on tensor cores when wide enough."""
-  if q.shape[1] >= 16 and q.shape[0] >= 16:
+  if q.shape[1] >= 16:
     return _dot(q, codes, ((1,), (1,)), dtype)
   return jnp.sum(q.astype(jnp.float32)[:, None, :]
                  * codes.astype(jnp.float32)[None, :, :], axis=2)
@@ -120,7 +119,7 @@ def _qk(q, codes, dtype):
 
 def _pv(p, codes, dtype):
   """[G, bs] x [bs, w] codes → [G, w] float32."""
-  if codes.shape[1] >= 16 and p.shape[0] >= 16:
+  if codes.shape[1] >= 16:
     return _dot(p, codes, ((1,), (0,)), dtype)
   return jnp.sum(p[:, :, None] * codes.astype(jnp.float32)[None, :, :], axis=1)
 
@@ -421,11 +420,11 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
       interpret=interpret)
 
 
-def default_warps(fmt: Format) -> int:
-  """One warp for codes of at most 4 bits: the softmax reductions then stay
-  inside the warp, and more programs share each SM; int8's wider tiles need
-  four. Measured on an H200 (docs/benchmarks.md)."""
-  return 1 if fmt.bits <= 4 else 4
+def default_tiling(fmt: Format) -> tuple[int, int]:
+  """(slots per loop block, Triton warps) for a format: 128-slot blocks on
+  two warps for codes of at most 4 bits, 64-slot blocks on four warps for
+  int8's wider tiles. Measured on an H200 (docs/benchmarks.md)."""
+  return (128, 2) if fmt.bits <= 4 else (64, 4)
 
 
 def _merge(acc, m, l):
@@ -442,8 +441,8 @@ def _merge(acc, m, l):
 
 def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                                v_words, v_scale, v_zero, *, fmt: Format,
-                               group_size: int, block_s: int = 64,
-                               split_s: int = 2048,
+                               group_size: int,
+                               block_s: int | None = None, split_s: int = 512,
                                num_warps: int | None = None,
                                num_stages: int = 3, with_logits: bool = True,
                                interpret: bool | None = None):
@@ -493,7 +492,7 @@ def _as_lanes(words, lane: int):
     "with_logits", "interpret"))
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      v_scale, v_zero, *, fmt: Format, group_size: int,
-                     block_s: int = 64, split_s: int = 2048,
+                     block_s: int | None = None, split_s: int = 512,
                      num_warps: int | None = None, num_stages: int = 3,
                      with_logits: bool = True,
                      interpret: bool | None = None):
@@ -508,10 +507,11 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     k_scale, v_scale: [B, R, S, Hd/g] float16; k_zero, v_zero: the uint8
       zero codes (``quant.schemes``).
     fmt, group_size: the int format and its group.
-    block_s: slots per loop step of a program (a power of two).
+    block_s: slots per loop step of a program (a power of two); None =
+      ``default_tiling``.
     split_s: slots per program (a multiple of block_s; S is padded to a
       multiple); the programs' partial results are merged after.
-    num_warps: Triton warps per program; None = ``default_warps``.
+    num_warps: Triton warps per program; None = ``default_tiling``.
     num_stages: pipeline stages of the block loop.
     with_logits: also return every slot's logit (for the attention mass);
       without, the kernel skips writing them.
@@ -531,14 +531,17 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     return decode_attention_reference(
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
         v_zero, fmt=fmt, group_size=group_size, with_logits=with_logits)
-  block = min(floor_pow2(block_s), next_pow2(slots))
+  default_block, default_warps = default_tiling(fmt)
+  block = min(floor_pow2(block_s or default_block), next_pow2(slots))
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
   padded = -(-slots // split) * split
   groups = head_dim // group_size
   # Product rows: per channel group a block of n rows holding the query
-  # heads (the padding repeats them: the kernel writes their logits), at
-  # least 16 rows in all for tensor-core products.
-  n = max(next_pow2(heads), 16 // min(groups, 16))
+  # heads, padded to a power of two by repeating them (the kernel writes
+  # their logits). Triton runs products of fewer than 16 rows on the
+  # 16-row tensor-core instructions; only the registers and the softmax
+  # follow the real rows.
+  n = next_pow2(heads)
   num_rows = groups * n
   row_head = np.arange(num_rows) % n % heads
   row_group = np.arange(num_rows) // n
@@ -560,12 +563,10 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
         pad, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
                        constant_values=-1)
-  if num_warps is None:
-    num_warps = default_warps(fmt)
   acc, m, l, *logits = _build(
       batch, rows, num_rows, n, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
-      num_warps, num_stages, backend == "interpret")(
+      num_warps or default_warps, num_stages, backend == "interpret")(
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
           k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)
