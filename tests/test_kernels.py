@@ -13,7 +13,7 @@ from jax import export
 from lmcache_jax.kernels import backend
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
-from lmcache_jax.quant import schemes
+from lmcache_jax.quant import formats, schemes
 from lmcache_jax.quant.formats import FORMATS
 
 INT_FORMATS = ["int2", "int3", "int4", "int8"]
@@ -48,6 +48,7 @@ def _packed(rng, fmt, shape, group):
     "name,batch,rows,heads,slots,head_dim,group,block,split", [
         ("int4", 2, 3, 3, 75, 64, 32, 16, 32),    # ragged S, G = 3
         ("int4", 1, 2, 4, 40, 128, 128, 16, 32),  # one group: scales folded
+        ("int4", 1, 1, 4, 24, 128, 64, 8, 16),    # 16-bit lanes, two groups
         ("int2", 1, 2, 4, 64, 32, 32, 16, 64),
         ("int3", 2, 1, 2, 40, 32, 32, 16, 16),    # two planes: chunk path
         ("int3", 1, 1, 4, 20, 128, 64, 16, 32),   # two planes, Hd 128
@@ -190,3 +191,28 @@ def test_formats_without_a_kernel_say_so(caplog):
   for op in ("decode_attention", "quantize_pack"):
     assert (f"{op}: no Pallas kernel for format fp8; running the pure-jnp "
             f"reference {op}_reference") in caplog.text
+
+
+@pytest.mark.parametrize("name", INT_FORMATS)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_lane_tiles_hold_every_code_once_per_plane(name, head_dim):
+  """The fused kernel's unpacking alone: per plane, the lane tiles of packed
+  words hold base + field / 2**p for the channels ``lane_order`` names, each
+  channel exactly once."""
+  fmt = FORMATS[name]
+  rng = np.random.default_rng(head_dim)
+  codes = jnp.asarray(rng.integers(0, 2 ** fmt.bits, (5, head_dim)),
+                      jnp.uint32)
+  lane = da.lane_bits(fmt, head_dim)
+  lanes = da._as_lanes(formats.pack(codes, fmt), lane)
+  order = da.lane_order(fmt, head_dim).reshape(len(fmt.planes), head_dim)
+  for (bits, first, low), channels in zip(da.planes(fmt, head_dim), order):
+    assert sorted(channels) == list(range(head_dim))
+    width = head_dim * bits // lane
+    raw = lanes[:, first * 8 // lane:][:, :width]
+    tiles = jnp.concatenate(da._lane_tiles(raw, bits, ptx=False), axis=1)
+    fields = (np.asarray(codes)[:, channels] >> low) & ((1 << bits) - 1)
+    step = 1.0 if bits == 8 else 2.0 ** -bits
+    np.testing.assert_array_equal(
+        np.asarray(tiles, np.float32),
+        da.tile_base(bits) + fields * step)

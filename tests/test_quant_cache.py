@@ -172,8 +172,10 @@ def test_fused_decode_equals_dequantized_attention(formats, residual, sinks,
     # without the mass the kernel writes no logits; the output is the same
     out_only, no_mass = jax.jit(attention.attend, static_argnums=4)(
         q, layer, qpos, weights, False)
+  # atol: the kernel's tiles carry 1 + code / 2**p, and the surplus leaves
+  # once per row (a float32 subtraction of about the products' size)
   for w, g in zip(want, got):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=3e-6)
   assert no_mass is None
   np.testing.assert_allclose(np.asarray(out_only), np.asarray(got[0]),
                              rtol=1e-6, atol=1e-7)

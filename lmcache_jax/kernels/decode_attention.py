@@ -13,20 +13,20 @@ multiply and sum instead).
 The packed words are read as *lanes* of 16 bits (or bytes where 16-bit
 tiles would be too narrow): field h of every lane of a p-bit plane (bits
 p·h..p·h+p) forms a [block, Hd·p/L] bfloat16 tile with a shift and one
-AND/OR per pair of codes (``_lane_tiles``): the mantissa of bfloat16 128
-takes the code, so a tile holds 128 + code, and the products' surplus
-(128 times a row sum of the other operand) is subtracted once per row with
-the zero. No lane shuffles, no int→float conversion instructions.
+AND/OR per pair of codes (``_lane_tiles``): the code goes into the top
+mantissa bits of bfloat16 1.0, so a tile holds 1 + code / 2**p, and the
+products' surplus (a row sum of the other operand) is subtracted once per
+row with the zero. No lane shuffles, no int→float conversion instructions.
 Each lane tile holds a fixed permutation of the channels; the query is
 permuted the same way before the kernel and the output permuted back after
 it (q·k and p·v do not depend on the channel order). A multi-plane format
 (int3 = a 2-bit and a 1-bit plane) is a sum of one-plane codes weighted by
 2**low: the query gets one copy per plane, in that plane's order and times
-its weight, and the kernel keeps one output accumulator per plane, which the
-wrapper weights and sums. Several scale groups per head use the product
-rows: each group has its own block of rows whose query sees only that
-group's channels, so one product per lane tile serves all groups
-(``_lanes_kernel``).
+its weight (``plane_weight``), and the kernel keeps one output accumulator
+per plane, which the wrapper weights and sums. Several scale groups per
+head use the product rows: each group has its own block of rows whose query
+sees only that group's channels, so one product per lane tile serves all
+groups (``_lanes_kernel``).
 
 Each program writes its softmax state (max m, sum l, unnormalised output acc)
 and its slots' logits; a small jnp epilogue merges the programs. The logits
@@ -278,8 +278,8 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
                   real_heads: int, ptx: bool):
   """q_ref [M, P·Hd]: M = groups·n product rows; rows gi·n .. gi·n+n hold
   the query heads (repeated cyclically) restricted to channel group gi, for
-  each of the P planes in that plane's lane order times 2**low (the plane's
-  weight in a code). k/v lanes [split, Hd·b/L]; k/v scale and zero
+  each of the P planes in that plane's lane order times its
+  ``plane_weight``. k/v lanes [split, Hd·b/L]; k/v scale and zero
   [split, Hd/g]; acc_ref [n, P·Hd]: per plane, Σ p · field in lane order
   (the wrapper weights and sums the planes); m_ref, l_ref [n]; logits_ref
   [Go, split] when the caller wants logits. ``ptx``: unpack with inline PTX
