@@ -158,13 +158,15 @@ def test_kernels_lower_to_triton(name, rows_out):
   check = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   lower = lambda f, *a: export.export(jax.jit(f), platforms=["cuda"],
                                       disabled_checks=check)(*a)
-  # group 64 on head dim 128: two blocks of 8 product rows for 3 heads
-  width = fmt.words(128) * 4       # the words read as bytes
-  packed = [sds((2, 8, 256, width), jnp.uint8),
-            sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.float16)]
-  exported = lower(da._build(2, 8, 16, 8, 3, rows_out, 256, 128, width,
+  # group 64 on head dim 128: two blocks of 4 product rows for 3 heads;
+  # the words read in the lanes the wrapper uses (16 bits for int4)
+  lane = da.lane_bits(fmt, 128)
+  width = fmt.words(128) * 32 // lane
+  packed = [sds((2, 8, 256, width), jnp.uint16 if lane == 16 else jnp.uint8),
+            sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.uint8)]
+  exported = lower(da._build(2, 8, 8, 4, 3, rows_out, 256, 128, width,
                              fmt, 64, 64, 128, 4, 2, False),
-                   sds((2, 8, 16, 128 * len(fmt.planes)), jnp.bfloat16),
+                   sds((2, 8, 8, 128 * len(fmt.planes)), jnp.bfloat16),
                    sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
                    *packed, *packed)
   assert "triton" in exported.mlir_module()
