@@ -10,10 +10,6 @@ on the card, the Pallas kernels against their jnp references (quantize,
 dequantize, fused attention); then times:
 
 * copy: the card's copy bandwidth (read + write of a 2 GiB buffer);
-
-every time is per call with calls issued back to back (the device's time,
-as a decode loop sees it); "ms alone" times single synchronized calls,
-launch and synchronization latency included;
 * bf16: this project's dense ``attention.attend`` over a bfloat16 cache
   (XLA), with the per-slot attention mass;
 * int4 kernel: the Pallas ``decode_attention`` call alone, for each block
@@ -28,6 +24,10 @@ launch and synchronization latency included;
   default plan stores it (keys centered, vectors Hadamard-rotated: the query
   and output rotations added); and both bf16 and rotated int4 without the
   per-slot mass (what policies that do not score by attention run).
+
+Every time is per call with calls issued back to back (the device's time,
+as a decode loop sees it); "ms alone" times single synchronized calls,
+launch and synchronization latency included.
 """
 
 from __future__ import annotations
