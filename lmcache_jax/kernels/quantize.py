@@ -27,13 +27,9 @@ def _kernel(x_ref, words_ref, scale_ref, zero_ref, *, fmt: Format,
   zeros, invs = [], []
   for gi in range(head_dim // group_size):
     xg = x_ref[:, pl.ds(gi * group_size, group_size)].astype(jnp.float32)
-    below = -jnp.minimum(jnp.min(xg, axis=1), 0.0)
-    span = jnp.maximum(jnp.max(xg, axis=1), 0.0) + below
-    scale = (span / levels).astype(jnp.float16)
+    scale, code = schemes.grid(jnp.min(xg, axis=1), jnp.max(xg, axis=1),
+                               fmt.bits)
     s = scale.astype(jnp.float32)
-    full = s * levels
-    share = jnp.where(full > 0, below / jnp.where(full > 0, full, 1.0), 0.0)
-    code = jnp.clip(jnp.floor(share * 255 + 0.5), 0.0, 255.0)
     zero_ref[:, pl.ds(gi, 1)] = code.astype(jnp.int32).astype(jnp.uint8)[:, None]
     scale_ref[:, pl.ds(gi, 1)] = scale[:, None]
     zeros.append(schemes.zero_value(scale, code, fmt.bits)[:, None])

@@ -43,13 +43,19 @@ def int_params(x: jnp.ndarray, bits: int, group_size: int):
   The grid spans [min(lo, 0), max(hi, 0)], so the zero code is in 0..255.
   """
   g = _groups(x.astype(jnp.float32), group_size)
-  below = -jnp.minimum(jnp.min(g, axis=-1), 0.0)
-  span = jnp.maximum(jnp.max(g, axis=-1), 0.0) + below
+  scale, code = grid(jnp.min(g, axis=-1), jnp.max(g, axis=-1), bits)
+  return scale, code.astype(jnp.uint8)
+
+
+def grid(lo: jnp.ndarray, hi: jnp.ndarray, bits: int):
+  """(float16 scale, float32 zero code in 0..255) of the grid over
+  [min(lo, 0), max(hi, 0)] (float32 group minima and maxima)."""
+  below = -jnp.minimum(lo, 0.0)
   levels = (1 << bits) - 1
-  scale = (span / levels).astype(jnp.float16)
+  scale = ((jnp.maximum(hi, 0.0) + below) / levels).astype(jnp.float16)
   full = scale.astype(jnp.float32) * levels
-  code = jnp.where(full > 0, below / jnp.where(full > 0, full, 1.0), 0.0)
-  return scale, jnp.clip(jnp.floor(code * 255 + 0.5), 0, 255).astype(jnp.uint8)
+  share = jnp.where(full > 0, below / jnp.where(full > 0, full, 1.0), 0.0)
+  return scale, jnp.clip(jnp.floor(share * 255 + 0.5), 0.0, 255.0)
 
 
 def zero_share(bits: int) -> float:
