@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -41,6 +42,14 @@ def load_suite(name: str):
   if not callable(getattr(module, "run", None)):
     raise ValueError(f"benchmark suite {name!r} defines no run(config)")
   return module
+
+
+def flag(name: str, default: str) -> str:
+  """The last ``--name=value`` on the command line, or ``default``: the
+  options of the one-off scripts beside the suites (``_kernel_*.py``)."""
+  values = [a.split("=", 1)[1] for a in sys.argv
+            if a.startswith(f"--{name}=")]
+  return values[-1] if values else default
 
 
 def sync(tree: Any) -> Any:

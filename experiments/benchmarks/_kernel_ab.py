@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from experiments import benchmarks
 from lmcache_jax.kernels import decode_attention as this
 from lmcache_jax.quant import schemes
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.quant.formats import get_format
 
 BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
 if "--small" in sys.argv:   # seconds-long check of the script on any backend
@@ -41,21 +41,14 @@ def load(path):
   return module
 
 
-def flag(name: str, default: str) -> str:
-  """The last ``--name=value`` on the command line, or ``default``."""
-  values = [a.split("=", 1)[1] for a in sys.argv
-            if a.startswith(f"--{name}=")]
-  return values[-1] if values else default
-
-
 def main():
   paths_and_configs = [a for a in sys.argv[1:] if not a.startswith("--")]
   other = load(paths_and_configs[0])
   configs = [tuple(int(v) for v in a.split(","))
              for a in paths_and_configs[1:]]
   configs = configs or [(64, 4, 1024)]
-  fmt = FORMATS[flag("format", "int4")]
-  group = int(flag("group", str(HEAD_DIM)))
+  fmt = get_format(benchmarks.flag("format", "int4"))
+  group = int(benchmarks.flag("group", str(HEAD_DIM)))
   shape = (BATCH, KV_HEADS, CONTEXT, HEAD_DIM)
   quantize = jax.jit(lambda a: schemes.quantize(a, fmt, group))
   kq = quantize(jax.random.normal(jax.random.key(1), shape, jnp.bfloat16))
@@ -75,7 +68,7 @@ def main():
       *a, fmt=fmt, group_size=group))(*args)
   print(f"device: {benchmarks.device_name()}")
   for config in configs:
-    for _ in range(int(flag("rounds", "2"))):
+    for _ in range(int(benchmarks.flag("rounds", "2"))):
       for name, module, inputs in (("other", other, other_args),
                                    ("this tree", this, args)):
         knobs = dict(zip(("block_s", "num_warps", "split_s", "num_stages"),

@@ -21,7 +21,6 @@ unpacked pair of codes (docs/benchmarks.md). Timings only come from the card
 import collections
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,17 +29,11 @@ import jax.numpy as jnp
 from jax import export
 from jax._src.pallas.triton import lowering
 
+from experiments import benchmarks
 from lmcache_jax.kernels import decode_attention as da
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.quant.formats import get_format
 
 HEADS, HEAD_DIM, SPLIT = 4, 128, 512
-
-
-def flag(name: str, default: str) -> str:
-  """The last ``--name=value`` on the command line, or ``default``."""
-  values = [a.split("=", 1)[1] for a in sys.argv
-            if a.startswith(f"--{name}=")]
-  return values[-1] if values else default
 
 
 def triton_module(fmt, group: int, block: int, warps: int,
@@ -121,12 +114,12 @@ def loop_opcodes(listing: str) -> collections.Counter:
 
 
 def main():
-  fmt = FORMATS[flag("format", "int4")]
+  fmt = get_format(benchmarks.flag("format", "int4"))
   default_block, default_warps = da.default_tiling(fmt)
-  group = int(flag("group", str(HEAD_DIM)))
-  block = int(flag("block", str(default_block)))
-  warps = int(flag("warps", str(default_warps)))
-  stages = int(flag("stages", "3"))
+  group = int(benchmarks.flag("group", str(HEAD_DIM)))
+  block = int(benchmarks.flag("block", str(default_block)))
+  warps = int(benchmarks.flag("warps", str(default_warps)))
+  stages = int(benchmarks.flag("stages", "3"))
   usage, listing = sass(triton_module(fmt, group, block, warps, stages),
                         warps, stages)
   counts = loop_opcodes(listing)

@@ -545,7 +545,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   num_rows = groups * n
   row_head = np.arange(num_rows) % n % heads
   row_group = np.arange(num_rows) // n
-  rows_out = next_pow2(heads) if with_logits else 0
+  rows_out = n if with_logits else 0
   layout = planes(fmt, head_dim)
   order = lane_order(fmt, head_dim)
   # each plane's copy carries the plane's weight (exact), so the
