@@ -78,7 +78,8 @@ def main():
         fn = jax.jit(lambda *a, m=module, k=knobs: m.decode_attention(
             *a, fmt=fmt, group_size=group, **k))
         got = fn(*inputs)
-        err = max(float(jnp.max(jnp.abs(g - w)))
+        dense = lambda x: x.dense() if hasattr(x, "dense") else x
+        err = max(float(jnp.max(jnp.abs(dense(g) - w)))
                   for g, w in zip(got, want) if g is not None)
         t = benchmarks.timed_back_to_back(lambda: fn(*inputs))["median_s"]
         print(f"| {name} | {knobs} | {1e3 * t:.3f} ms | max diff {err:.1e} |",

@@ -32,11 +32,14 @@ Each program writes its softmax state (max m, sum l, unnormalised output acc)
 and its slots' logits; a small jnp epilogue merges the programs. The logits
 let the caller merge other sources (the exact residual window) and derive the
 per-slot attention mass eviction scorers need, without a second read of the
-cache.
+cache. They leave the kernel as float16 offsets from each block's running
+max plus that max (``BlockLogits``: half the bytes of float32 logits, which
+were a tenth of the kernel's traffic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -50,6 +53,8 @@ from lmcache_jax.quant import schemes
 from lmcache_jax.quant.formats import Format
 
 MASKED = -1e30
+# Relative precision of the logits' float16 offsets from their block's max.
+LOGIT_OFFSET_PRECISION = 2.0 ** -11
 
 
 def lane_bits(fmt: Format, head_dim: int) -> int:
@@ -61,6 +66,29 @@ def lane_bits(fmt: Format, head_dim: int) -> int:
   if fmt.bits == 8 or any(head_dim * bits // 16 < 32 for bits in fmt.planes):
     return 8
   return 16
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["offsets", "block_max"], meta_fields=["slots"])
+@dataclasses.dataclass(frozen=True)
+class BlockLogits:
+  """Per-slot logits as the kernel writes them: ``offsets`` [B, R, G, S']
+  from each block's running max (float16, ≤ 0) and those maxima
+  ``block_max`` [B, R, G, S'/block] float32; the first ``slots`` of S' are
+  the cache's. ``dense()`` adds them back: inside a jit, XLA fuses that
+  into whatever reads the logits next, so the float32 logits never reach
+  memory."""
+  offsets: jax.Array
+  block_max: jax.Array
+  slots: int
+
+  def dense(self) -> jax.Array:
+    """[B, R, G, slots] float32 logits, -1e30 where masked."""
+    block = self.offsets.shape[-1] // self.block_max.shape[-1]
+    logits = (self.offsets.astype(jnp.float32)
+              + jnp.repeat(self.block_max, block, axis=-1))
+    # a masked slot's offset from a real max is -inf in float16
+    return jnp.maximum(logits, MASKED)[..., :self.slots]
 
 
 def _lane_channel(b, h: int, bits: int, head_dim: int, lane: int):
@@ -205,14 +233,11 @@ def _lane_group(h: int, bits: int, head_dim: int, group_size: int,
   return _lane_channel(b, h, bits, head_dim, lane) // group_size
 
 
-def _visible_logits(dots, pos, q_pos, head_dim: int, logits_ref, rows,
-                    real_heads: int):
+def _visible_logits(dots, pos, q_pos, head_dim: int):
   """Scaled logits of a block, masked where a slot is empty or after the
-  query (stored for the caller's attention mass), and the [1, bs] mask."""
+  query, and the [1, bs] mask."""
   visible = ((pos >= 0) & (pos <= q_pos))[None, :]
-  logits = jnp.where(visible, dots * (head_dim ** -0.5), MASKED)
-  _write_logits(logits_ref, rows, logits, real_heads)
-  return logits, visible
+  return jnp.where(visible, dots * (head_dim ** -0.5), MASKED), visible
 
 
 def _softmax_step(m, l, logits, visible):
@@ -225,17 +250,24 @@ def _softmax_step(m, l, logits, visible):
   return m_new, l, alpha, p
 
 
-def _write_logits(logits_ref, rows, logits, real: int):
-  """Stores the logits of the ``real`` query heads (if the caller asked for
-  them). The padding rows repeat the real heads cyclically, so row r goes to
-  head r % real: rows storing to the same address store the same value."""
-  if logits_ref is None:
+def _write_offsets(offsets_ref, i, block_s: int, logits, m, real: int):
+  """Stores block ``i``'s logits of the ``real`` query heads as float16
+  offsets from the running max ``m`` (≤ 0: exact to 2**-11 of their size,
+  so the slots that carry attention mass keep float32-like precision at
+  half the bytes); ``_store_rows`` maps the padding rows."""
+  _store_rows(offsets_ref, _block_rows(i, block_s),
+              (logits - m[:, None]).astype(offsets_ref.dtype), real)
+
+
+def _store_rows(ref, columns, x, real: int):
+  """ref[:real, columns] = x[:real]. The padding rows repeat the real heads
+  cyclically, so row r goes to head r % real: rows storing to the same
+  address store the same value."""
+  if x.shape[0] == ref.shape[0] == real:
+    ref[:, columns] = x
     return
-  if logits.shape[0] == logits_ref.shape[0] == real:
-    logits_ref[:, rows] = logits
-    return
-  head = jax.lax.broadcasted_iota(jnp.int32, (logits.shape[0],), 0) % real
-  logits_ref[head, rows] = logits
+  head = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0],), 0) % real
+  ref[head, columns] = x
 
 
 def _block_rows(i, block_s: int):
@@ -273,7 +305,7 @@ def _spread_groups(x, groups: int):
 
 
 def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
-                  vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_ref,
+                  vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_refs,
                   fmt: Format, group_size: int, block_s: int,
                   real_heads: int, ptx: bool):
   """q_ref [M, P·Hd]: M = groups·n product rows; rows gi·n .. gi·n+n hold
@@ -281,9 +313,10 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   each of the P planes in that plane's lane order times its
   ``plane_weight``. k/v lanes [split, Hd·b/L]; k/v scale and zero
   [split, Hd/g]; acc_ref [n, P·Hd]: per plane, Σ p · field in lane order
-  (the wrapper weights and sums the planes); m_ref, l_ref [n]; logits_ref
-  [Go, split] when the caller wants logits. ``ptx``: unpack with inline PTX
-  (GPU) rather than jnp (interpret mode).
+  (the wrapper weights and sums the planes); m_ref, l_ref [n]; when the
+  caller wants logits, logits_refs = (float16 offsets [Go, split], block
+  maxima [Go, split / block_s]): see ``_write_offsets``. ``ptx``: unpack
+  with inline PTX (GPU) rather than jnp (interpret mode).
 
   Each row's products see only its group's channels, so one product per
   lane tile serves every group: the rows are scaled by their group's scale,
@@ -295,7 +328,6 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   head_dim = acc_ref.shape[-1] // len(fmt.planes)
   groups = head_dim // group_size
   heads = num_rows // groups
-  logits_out = logits_ref[0] if logits_ref else None
   dtype = q_ref.dtype
   lane = kb_ref.dtype.itemsize * 8
   layout = planes(fmt, head_dim)
@@ -330,7 +362,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
             - surplus) / w0
 
   def body(i, carry):
-    m, l, fix, accs = carry
+    m, l, fix, accs, maxima = carry
     rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
     dots = sum(_qk(q, codes, dtype)
@@ -338,9 +370,11 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     logits = _sum_groups(
         _per_row(ks_ref, rows, row_group, groups)
         * (dots + q_sum * correction(kz_ref, rows)), groups)
-    logits, visible = _visible_logits(logits, pos, q_pos, head_dim,
-                                      logits_out, rows, real_heads)
+    logits, visible = _visible_logits(logits, pos, q_pos, head_dim)
     m, l, alpha, p = _softmax_step(m, l, logits, visible)
+    if logits_refs:
+      _write_offsets(logits_refs[0], i, block_s, logits, m, real_heads)
+      maxima = jnp.where(block_index == i, m[:, None], maxima)
     alpha = _spread_groups(alpha[:, None], groups)
     # p @ values = (p · scale) @ tiles + Σ (p · scale) · correction: the
     # second term per row, accumulated apart and added to plane 0 at the end
@@ -351,15 +385,19 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
         keepdims=True)
     accs = tuple(acc * alpha + _pv(p_scaled, codes, dtype)
                  for acc, codes in zip(accs, tiles(vb_ref, rows)))
-    return m, l, fix, accs
+    return m, l, fix, accs, maxima
 
+  blocks = pos_ref.shape[0] // block_s
+  block_index = jax.lax.broadcasted_iota(jnp.int32, (1, blocks), 1)
   init = (jnp.full((heads,), MASKED, jnp.float32),
           jnp.zeros((heads,), jnp.float32),
           jnp.zeros((num_rows, 1), jnp.float32),
           tuple(jnp.zeros((num_rows, widths[j]), jnp.float32)
-                for j, _ in lanes))
-  m, l, fix, accs = jax.lax.fori_loop(0, pos_ref.shape[0] // block_s, body,
-                                      init)
+                for j, _ in lanes),
+          jnp.full((heads, blocks), MASKED, jnp.float32))
+  m, l, fix, accs, maxima = jax.lax.fori_loop(0, blocks, body, init)
+  if logits_refs:
+    _store_rows(logits_refs[1], slice(None), maxima, real_heads)
   m_ref[...] = m
   l_ref[...] = l
   start = 0
@@ -383,10 +421,14 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
   splits = slots // split
   width = head_dim * len(fmt.planes)   # the query and acc: one Hd per plane
   per_slot = lambda b, r, j: (b, r, j, 0)
-  logits_spec = [pl.BlockSpec((None, None, rows_out, split),
-                              lambda b, r, j: (b, r, 0, j))][:bool(rows_out)]
-  logits_shape = [jax.ShapeDtypeStruct((batch, rows, rows_out, slots),
-                                       jnp.float32)][:bool(rows_out)]
+  per_split = lambda b, r, j: (b, r, 0, j)
+  logits_spec = [pl.BlockSpec((None, None, rows_out, split), per_split),
+                 pl.BlockSpec((None, None, rows_out, split // block_s),
+                              per_split)][:2 * bool(rows_out)]
+  logits_shape = [
+      jax.ShapeDtypeStruct((batch, rows, rows_out, slots), jnp.float16),
+      jax.ShapeDtypeStruct((batch, rows, rows_out, slots // block_s),
+                           jnp.float32)][:2 * bool(rows_out)]
   packed = [pl.BlockSpec((None, None, split, data_width), per_slot),
             pl.BlockSpec((None, None, split, head_dim // group_size),
                          per_slot),
@@ -521,16 +563,21 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     out [B, R, G, Hd] float32, softmax-normalised over this cache's visible
     slots; lse [B, R, G] float32 (-1e30 when nothing is visible); logits
     [B, R, G, S] float32, scaled by 1/sqrt(Hd), -1e30 where masked (None
-    without ``with_logits``).
+    without ``with_logits``), as ``BlockLogits``: each within
+    2**-11 · (its block's max - it) of the exact value
+    (``LOGIT_OFFSET_PRECISION``), stored as a float16 offset from that max.
   """
   batch, rows, heads, head_dim = q.shape
   slots = slot_pos.shape[-1]
   fmt.check(head_dim, group_size)
   backend = choose("decode_attention", interpret, fmt)
   if backend == "reference":
-    return decode_attention_reference(
+    out, lse, logits = decode_attention_reference(
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
         v_zero, fmt=fmt, group_size=group_size, with_logits=with_logits)
+    if with_logits:   # exact: offsets from a max of 0
+      logits = BlockLogits(logits, jnp.zeros((*logits.shape[:-1], 1)), slots)
+    return out, lse, logits
   default_block, default_warps = default_tiling(fmt)
   block = min(floor_pow2(block_s or default_block), next_pow2(slots))
   split = min(max(block, split_s // block * block), -(-slots // block) * block)
@@ -575,5 +622,9 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                                                      (j + 1) * head_dim])]
             * plane_weight(bits, low)
             for j, (bits, _, low) in enumerate(layout))
-  logits = logits[0][:, :, :heads, :slots] if with_logits else None
-  return out[:, :, :heads], lse[:, :, :heads], logits
+  if with_logits:
+    offsets, block_max = logits
+    logits = BlockLogits(offsets[:, :, :heads], block_max[:, :, :heads],
+                         slots)
+  return out[:, :, :heads], lse[:, :, :heads], (logits if with_logits
+                                                else None)

@@ -224,6 +224,7 @@ def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits):
         take(q_stored), q_pos, take(packed_pos), kp.data, kp.scale, kp.zero,
         vp.data, vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size,
         with_logits=with_logits)
+    s = s.dense() if with_logits else None
     if identity:
       out, lse, logits = o, l, s
       continue
