@@ -50,8 +50,7 @@ def assert_attention_close(got, want, rtol, atol):
   got_logits, want_logits = np.asarray(got[2].dense()), np.asarray(want[2])
   visible = want_logits > da.MASKED / 2
   np.testing.assert_array_equal(got_logits[~visible], want_logits[~visible])
-  top = np.max(np.where(visible, want_logits, -np.inf), -1, keepdims=True)
-  bound = (da.LOGIT_OFFSET_PRECISION * (top - want_logits) + atol
+  bound = (da.logit_rounding(want_logits) + atol
            + rtol * np.abs(want_logits))
   excess = (np.abs(got_logits - want_logits) - bound)[visible]
   assert excess.size == 0 or excess.max() <= 0, (

@@ -53,6 +53,7 @@ if "--runlocal" in sys.argv:   # a seconds-long smoke run of the script's logic
 # (block, warps, split, pipeline stages); the first is the kernel's default
 BLOCKS = ((128, 2, 512, 3), (64, 1, 512, 3), (64, 1, 2048, 3),
           (128, 2, 1024, 3), (128, 4, 512, 3), (128, 2, 512, 2))
+DEFAULT_BLOCK = da.default_tiling(FMT)[0]   # what calls without tiling use
 
 
 def copy_bandwidth() -> float:
@@ -132,9 +133,7 @@ def check_attention(got, want, what: str) -> None:
                                atol=2e-3, err_msg=f"{name}, {what}")
   logits, exact = np.asarray(got[2].dense()), np.asarray(want[2])
   visible = exact > da.MASKED / 2
-  top = np.max(np.where(visible, exact, -np.inf), -1, keepdims=True)
-  bound = (da.LOGIT_OFFSET_PRECISION * (top - exact) + 2e-3
-           + 2e-3 * np.abs(exact))
+  bound = da.logit_rounding(exact) + 2e-3 + 2e-3 * np.abs(exact)
   off = np.abs(logits - exact) > bound
   if np.any(off & visible) or np.any(logits[~visible] != exact[~visible]):
     raise AssertionError(f"logits beyond their float16 rounding, {what}")
@@ -166,7 +165,7 @@ def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
   check_attention(fn(*args), want, f"group {group}")
   t = time_call(lambda: fn(*args))
   return timed_row(f"int4 kernel, group {group} (2 groups per head), defaults",
-                   t, kernel_bytes(kq, vq, slot_pos, BLOCKS[0][0]), bandwidth)
+                   t, kernel_bytes(kq, vq, slot_pos, DEFAULT_BLOCK), bandwidth)
 
 
 def run(config=None) -> dict:
@@ -189,7 +188,7 @@ def run(config=None) -> dict:
   reference = jax.jit(lambda *a: da.decode_attention_reference(
       *a, fmt=FMT, group_size=GROUP_SIZE))
   t_ref = time_call(lambda: reference(q, q_pos, slot_pos, *kq, *vq))
-  moved = kernel_bytes(kq, vq, slot_pos, BLOCKS[0][0])   # the defaults
+  moved = kernel_bytes(kq, vq, slot_pos, DEFAULT_BLOCK)
   best = None
   for block, warps, split, stages in BLOCKS:
     fn = jax.jit(lambda *a, b=block, w=warps, s=split, st=stages:
@@ -239,7 +238,7 @@ def run(config=None) -> dict:
                              np.asarray(ref_out, np.float32), atol=2e-2)
   np.testing.assert_allclose(np.asarray(mass_q.sum(-1)), GROUP, rtol=1e-3)
   t_q = time_call(lambda: attend(qt, packed, query_positions, weights))
-  attend_bytes = moved + logits_bytes(BLOCKS[0][0]) + mass_bytes  # re-read
+  attend_bytes = moved + logits_bytes(DEFAULT_BLOCK) + mass_bytes  # re-read
   rows.append(timed_row("int4 attend (kernel + merge + mass)", t_q,
                         attend_bytes, bandwidth, baseline=t_bf16))
   # the default storage: keys centered, head vectors Hadamard-rotated
@@ -261,7 +260,7 @@ def run(config=None) -> dict:
   t_r_out = time_call(lambda: attend_out(qt, stored, query_positions,
                                          weights))
   plain_bytes = bf16_bytes - mass_bytes
-  packed_bytes = moved - logits_bytes(BLOCKS[0][0])
+  packed_bytes = moved - logits_bytes(DEFAULT_BLOCK)
   rows.append(timed_row(f"{jnp.dtype(dense_dtype()).name} attend, no mass",
                         t_bf16_out, plain_bytes, bandwidth))
   rows.append(timed_row("int4 attend, rotated + centered, no mass", t_r_out,

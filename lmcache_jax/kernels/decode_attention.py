@@ -91,6 +91,17 @@ class BlockLogits:
     return jnp.maximum(logits, MASKED)[..., :self.slots]
 
 
+def logit_rounding(logits) -> np.ndarray:
+  """How far each exact logit of ``logits`` [..., S] (-1e30 where masked)
+  may come back from ``BlockLogits.dense``: its float16 offset's rounding,
+  ``LOGIT_OFFSET_PRECISION`` of its distance below its block's max, which
+  is at most its distance below the row's max; 0 where masked (exact)."""
+  logits = np.asarray(logits)
+  visible = logits > MASKED / 2
+  top = np.max(np.where(visible, logits, -np.inf), -1, keepdims=True)
+  return np.where(visible, LOGIT_OFFSET_PRECISION * (top - logits), 0.0)
+
+
 def _lane_channel(b, h: int, bits: int, head_dim: int, lane: int):
   """Channel in column ``b`` (an array) of lane tile ``h``.
 
