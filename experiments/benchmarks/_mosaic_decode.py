@@ -161,14 +161,9 @@ def value_tile_t(block: int):
   return tile
 
 
-def build(rows: int, slots: int, split: int, stages: int, block: int,
-          auto_barriers: bool):
+def build(rows: int, slots: int, split: int, stages: int, block: int):
   """The kernel over ``rows`` = batch·kv heads: grid (rows, slots/split),
-  one warpgroup per program looping over ``block``-slot steps.
-  ``auto_barriers``: let Pallas put a warpgroup barrier before every TMA
-  copy and around every shared-memory store (12 per step); else the three
-  the kernel needs (p before its product, outputs before their copies, a
-  block's buffers before the pipeline refills them)."""
+  one warpgroup per program looping over ``block``-slot steps."""
   share = schemes.zero_share(4)
   column = plgpu.Layout.WGMMA.reduce(0)
   row = plgpu.Layout.WGMMA.reduce(1)
@@ -222,8 +217,6 @@ def build(rows: int, slots: int, split: int, stages: int, block: int,
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, values, p_smem.T)
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      if not auto_barriers:
-        plgpu.commit_smem()   # every thread is done with this block's buffers
       return m_new, l_parts, fix_parts, acc
 
     zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
@@ -264,15 +257,12 @@ def build(rows: int, slots: int, split: int, stages: int, block: int,
           out_smem=plgpu.SMEM((HEAD_DIM, HEADS), jnp.float32),
           ml_smem=plgpu.SMEM((2, HEADS), jnp.float32),
           ready=plgpu.Barrier(num_barriers=2)),
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True, unsafe_no_auto_barriers=not auto_barriers))
+      compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-@functools.partial(jax.jit, static_argnames=("split", "stages", "block",
-                                             "auto_barriers"))
+@functools.partial(jax.jit, static_argnames=("split", "stages", "block"))
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
-                     v_scale, v_zero, *, split=1024, stages=2, block=64,
-                     auto_barriers=False):
+                     v_scale, v_zero, *, split=1024, stages=2, block=64):
   """``triton_kernel.decode_attention``'s inputs (int4, group 128) → out
   [B, R, G, 128], lse [B, R, G]."""
   batch, kv_heads, heads, _ = q.shape
@@ -283,7 +273,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   per_slot = lambda a, dtype: a.reshape(rows, slots).astype(dtype)
   q16 = jnp.zeros((batch, kv_heads, HEADS, HEAD_DIM), jnp.bfloat16).at[
       :, :, :heads].set(q[..., key_channel_of_column()] * 16)
-  acc, ml = build(rows, slots, split, stages, block, auto_barriers)(
+  acc, ml = build(rows, slots, split, stages, block)(
       q16.reshape(rows, HEADS, HEAD_DIM),
       q16.astype(jnp.float32).sum(-1).reshape(rows, HEADS),
       q_pos.astype(jnp.int32), slot_pos.reshape(rows, slots),
@@ -324,12 +314,11 @@ def main():
   want_out, want_lse, _ = jax.jit(functools.partial(
       triton_kernel.decode_attention_reference, fmt=FMT,
       group_size=HEAD_DIM, with_logits=False))(*args)
-  configs = ((64, 1024, 2, True), (64, 1024, 2, False), (128, 2048, 2, True),
-             (128, 2048, 2, False), (64, 2048, 3, False))
-  for block, split, stages, auto in configs:
+  configs = ((64, 1024, 2), (128, 1024, 2), (128, 2048, 2))
+  for block, split, stages in configs:
     out, lse = decode_attention(*args, split=split, stages=stages,
-                                block=block, auto_barriers=auto)
-    print(f"check block {block}, auto barriers {auto}: out max|diff| "
+                                block=block)
+    print(f"check block {block}: out max|diff| "
           f"{float(jnp.max(jnp.abs(out - want_out))):.2e} (of "
           f"{float(jnp.max(jnp.abs(want_out))):.2e}), lse "
           f"{float(jnp.max(jnp.abs(lse - want_lse))):.2e}", flush=True)
@@ -345,11 +334,9 @@ def main():
   print("| kernel (no logits) | ms | of copy bw |\n|---|---|---|")
   for _ in range(2):
     calls = [("Triton, defaults", triton)] + [
-        (f"Mosaic GPU, block {b}, split {s}, {n} stages"
-         + ("" if auto else ", own barriers"),
-         functools.partial(decode_attention, split=s, stages=n, block=b,
-                           auto_barriers=auto))
-        for b, s, n, auto in configs]
+        (f"Mosaic GPU, block {b}, split {s}, {n} stages",
+         functools.partial(decode_attention, split=s, stages=n, block=b))
+        for b, s, n in configs]
     for name, fn in calls:
       t = benchmarks.timed_back_to_back(lambda: fn(*args))["median_s"]
       print(f"| {name} | {1e3 * t:.3f} | {nbytes / t / bandwidth:.3f} |",
