@@ -45,7 +45,7 @@ BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
 FMT = FORMATS["int4"]
 HEADS = 8        # wgmma N: the query heads of a kv head, zero-padded
 WORDS = 16       # uint32 words of a packed int4 head vector
-MASKED = -1e30
+MASKED = triton_kernel.MASKED
 
 
 def key_channel_of_column() -> np.ndarray:
@@ -94,71 +94,63 @@ def _thread():
           arith.remui(lane, _i32(4)))
 
 
-def _wgmma_fragment(shape, fill):
-  regs = np.empty(fa.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
-  fill(regs)
-  return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT,
-                            _is_signed=None)
-
-
-@functools.cache
-def key_tile(block: int):
-  """Packed key words [block, 16] in shared memory → bfloat16 codes
-  [block, 128] in wgmma's register layout: one 16-byte load per row."""
+def _register_tile(shape, fill):
+  """An inline Mosaic function taking a shared-memory ref of packed words
+  and returning bfloat16 ``shape`` in wgmma's register layout, each
+  register set by ``fill(regs, ref, warp, lane // 4, lane % 4)``."""
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
                      return_type=plgpu.ShapeDtypeStruct(
-                         (block, HEAD_DIM), jnp.bfloat16,
-                         layout=plgpu.Layout.WGMMA))
+                         shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA))
   def tile(ctx, ref):
     del ctx
-    warp, i, t = _thread()
-    quad = ir.VectorType.get((4,), ir.IntegerType.get_signless(32))
-
-    def fill(regs):
-      for mt in range(block // 64):
-        for h in range(2):
-          row = arith.addi(arith.muli(warp, _i32(16)), _i32(64 * mt + 8 * h))
-          words = vector.load(quad, ref, [_index(arith.addi(row, i)),
-                                          _index(arith.muli(t, _i32(4)))])
-          for ct in range(16):
-            word = vector.extract(
-                words, dynamic_position=[],
-                static_position=ir.DenseI64ArrayAttr.get([ct // 4]))
-            regs[mt, ct, 0, 0, h, 0, 0, 0, 0] = _nibble_pair(word, ct % 4)
-    return _wgmma_fragment((block, HEAD_DIM), fill)
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
+    fill(regs, ref, *_thread())
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT,
+                              _is_signed=None)
   return tile
 
 
 @functools.cache
+def key_tile(block: int):
+  """Packed key words [block, 16] → bfloat16 codes [block, 128]: one
+  16-byte load per row."""
+  quad = lambda: ir.VectorType.get((4,), ir.IntegerType.get_signless(32))
+
+  def fill(regs, ref, warp, i, t):
+    for mt in range(block // 64):
+      for h in range(2):
+        row = arith.addi(arith.muli(warp, _i32(16)), _i32(64 * mt + 8 * h))
+        words = vector.load(quad(), ref, [_index(arith.addi(row, i)),
+                                          _index(arith.muli(t, _i32(4)))])
+        for ct in range(16):
+          word = vector.extract(
+              words, dynamic_position=[],
+              static_position=ir.DenseI64ArrayAttr.get([ct // 4]))
+          regs[mt, ct, 0, 0, h, 0, 0, 0, 0] = _nibble_pair(word, ct % 4)
+  return _register_tile((block, HEAD_DIM), fill)
+
+
+@functools.cache
 def value_tile_t(block: int):
-  """Packed value words [block, 16] in shared memory → bfloat16 codes
-  transposed, [128, block], in wgmma's register layout: a thread reads its
-  word in two consecutive slots and pairs their 16-bit halves (one prmt)."""
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                     return_type=plgpu.ShapeDtypeStruct(
-                         (HEAD_DIM, block), jnp.bfloat16,
-                         layout=plgpu.Layout.WGMMA))
-  def tile(ctx, ref):
-    del ctx
-    warp, i, t = _thread()
+  """Packed value words [block, 16] → bfloat16 codes transposed,
+  [128, block]: a thread reads its word in two consecutive slots and pairs
+  their 16-bit halves (one prmt)."""
+  def fill(regs, ref, warp, i, t):
     unit = arith.addi(arith.muli(warp, _i32(8)), i)
     word = _index(arith.remui(unit, _i32(16)))
     # low halves of both words (0x5410) or high halves (0x7632)
     select = arith.addi(_i32(0x5410),
                         arith.muli(arith.divui(unit, _i32(16)), _i32(0x2222)))
-
-    def fill(regs):
-      for ct in range(block // 8):
-        slot = arith.addi(_i32(8 * ct), arith.muli(t, _i32(2)))
-        first = memref.load(ref, [_index(slot), word])
-        second = memref.load(ref, [_index(arith.addi(slot, _i32(1))), word])
-        pair = llvm.inline_asm(ir.IntegerType.get_signless(32),
-                               [first, second, select],
-                               "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
-        for n in range(4):
-          regs[n // 2, ct, 0, 0, n % 2, 0, 0, 0, 0] = _nibble_pair(pair, n)
-    return _wgmma_fragment((HEAD_DIM, block), fill)
-  return tile
+    for ct in range(block // 8):
+      slot = arith.addi(_i32(8 * ct), arith.muli(t, _i32(2)))
+      first = memref.load(ref, [_index(slot), word])
+      second = memref.load(ref, [_index(arith.addi(slot, _i32(1))), word])
+      pair = llvm.inline_asm(ir.IntegerType.get_signless(32),
+                             [first, second, select],
+                             "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
+      for n in range(4):
+        regs[n // 2, ct, 0, 0, n % 2, 0, 0, 0, 0] = _nibble_pair(pair, n)
+  return _register_tile((HEAD_DIM, block), fill)
 
 
 def build(rows: int, slots: int, split: int, stages: int, block: int):
