@@ -153,11 +153,9 @@ def value_tile_t(block: int):
   return _register_tile((HEAD_DIM, block), fill)
 
 
-def build(rows: int, slots: int, split: int, stages: int, block: int,
-          overlap: bool):
+def build(rows: int, slots: int, split: int, stages: int, block: int):
   """The kernel over ``rows`` = batch·kv heads: grid (rows, slots/split),
-  one warpgroup per program looping over ``block``-slot steps; with
-  ``overlap``, each step issues the next block's q·k first."""
+  one warpgroup per program looping over ``block``-slot steps."""
   share = schemes.zero_share(4)
   column = plgpu.Layout.WGMMA.reduce(0)
   row = plgpu.Layout.WGMMA.reduce(1)
@@ -167,7 +165,7 @@ def build(rows: int, slots: int, split: int, stages: int, block: int,
 
   def kernel(q_gmem, qsum_gmem, qpos_gmem, pos_gmem, k_gmem, ks_gmem,
              kz_gmem, v_gmem, vs_gmem, vz_gmem, acc_gmem, ml_gmem, q_smem,
-             qsum_smem, p_smem, out_smem, ml_smem, first_k_smem, ready):
+             qsum_smem, p_smem, out_smem, ml_smem, ready):
     r, j = lax.axis_index("rows"), lax.axis_index("split")
     q_pos = qpos_gmem[r // KV_HEADS]
     plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, ready.at[0])
@@ -176,12 +174,14 @@ def build(rows: int, slots: int, split: int, stages: int, block: int,
     plgpu.barrier_wait(ready.at[1])
     q_sum = plgpu.load(qsum_smem, layout=column)
 
-    def key_dots(codes, acc_ref):
-      plgpu.wgmma(acc_ref, codes, q_smem.T)
+    def step(_, pos_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, carry):
+      m, l_parts, fix_parts, acc = carry
+      codes = key_tile(block)(k_ref)
 
-    def finish(dots, pos_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, m,
-               l_parts, fix_parts, acc):
-      """A block's softmax and p·v from its raw q·k products ``dots``."""
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, codes, q_smem.T)
+        return acc_ref[...]
+      dots = pl.run_scoped(qk, plgpu.ACC((block, HEADS), jnp.float32))
       shape = dots.shape
       load = lambda ref: plgpu.load(ref, layout=row).astype(jnp.float32)
       # the tiles hold 1 + code/16 and the query is times 16: subtract
@@ -208,57 +208,21 @@ def build(rows: int, slots: int, split: int, stages: int, block: int,
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, values, p_smem.T)
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))   # waits for every wgmma
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       return m_new, l_parts, fix_parts, acc
-
-    dots_acc = plgpu.ACC((block, HEADS), jnp.float32)
-
-    def step(_, pos_ref, k_ref, ks_ref, kz_ref, v_ref, vs_ref, vz_ref, carry):
-      """Block i: q·k, then the rest."""
-      def run(acc_ref):
-        key_dots(key_tile(block)(k_ref), acc_ref)
-        return acc_ref[...]
-      return finish(pl.run_scoped(run, dots_acc), pos_ref, ks_ref, kz_ref,
-                    v_ref, vs_ref, vz_ref, *carry)
-
-    def overlapped_step(_, pos_ref, next_k_ref, ks_ref, kz_ref, v_ref, vs_ref,
-                        vz_ref, carry):
-      """Block i+1's q·k issued before block i's softmax and p·v (whose
-      products the carry holds), so the tensor cores run beside them."""
-      *state, dots = carry
-
-      def run(acc_ref):
-        key_dots(key_tile(block)(next_k_ref), acc_ref)
-        state_out = finish(dots, pos_ref, ks_ref, kz_ref, v_ref, vs_ref,
-                           vz_ref, *state)
-        return (*state_out, acc_ref[...])
-      return pl.run_scoped(run, dots_acc)
 
     zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
                                             plgpu.Layout.WGMMA)
     init = (plgpu.layout_cast(jnp.full((HEADS,), MASKED, jnp.float32), column),
             zeros((block, HEADS)), zeros((block, HEADS)),
             zeros((HEAD_DIM, HEADS)))
-    steps = split // block
     vec = plgpu.BlockSpec((block,), lambda i: (i,))
     words = plgpu.BlockSpec((block, WORDS), lambda i: (i, 0))
-    key_words = words
     part = pl.ds(j * split, split)
-    if overlap:   # keys one block ahead; the first block's products first
-      key_words = plgpu.BlockSpec(
-          (block, WORDS), lambda i: (jnp.minimum(i + 1, steps - 1), 0))
-      plgpu.copy_gmem_to_smem(k_gmem.at[r, pl.ds(j * split, block)],
-                              first_k_smem, ready.at[2])
-      plgpu.barrier_wait(ready.at[2])
-
-      def first(acc_ref):
-        key_dots(key_tile(block)(first_k_smem), acc_ref)
-        return acc_ref[...]
-      init = (*init, pl.run_scoped(first, dots_acc))
     gmem = (pos_gmem, k_gmem, ks_gmem, kz_gmem, v_gmem, vs_gmem, vz_gmem)
-    m, l_parts, fix_parts, acc, *_ = plgpu.emit_pipeline(
-        overlapped_step if overlap else step, grid=(steps,),
-        in_specs=[vec, key_words, vec, vec, words, vec, vec],
+    m, l_parts, fix_parts, acc = plgpu.emit_pipeline(
+        step, grid=(split // block,),
+        in_specs=[vec, words, vec, vec, words, vec, vec],
         max_concurrent_steps=stages, init_carry=init)(
             *[ref.at[r, part] for ref in gmem])
     out_smem[...] = acc + per_column(fix_parts.sum(axis=0), acc.shape)
@@ -284,16 +248,13 @@ def build(rows: int, slots: int, split: int, stages: int, block: int,
                             transforms=swizzled),
           out_smem=plgpu.SMEM((HEAD_DIM, HEADS), jnp.float32),
           ml_smem=plgpu.SMEM((2, HEADS), jnp.float32),
-          first_k_smem=plgpu.SMEM((block, WORDS), jnp.int32),
-          ready=plgpu.Barrier(num_barriers=3)),
+          ready=plgpu.Barrier(num_barriers=2)),
       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-@functools.partial(jax.jit, static_argnames=("split", "stages", "block",
-                                             "overlap"))
+@functools.partial(jax.jit, static_argnames=("split", "stages", "block"))
 def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
-                     v_scale, v_zero, *, split=1024, stages=2, block=64,
-                     overlap=False):
+                     v_scale, v_zero, *, split=1024, stages=2, block=64):
   """``triton_kernel.decode_attention``'s inputs (int4, group 128) → out
   [B, R, G, 128], lse [B, R, G]."""
   batch, kv_heads, heads, _ = q.shape
@@ -304,7 +265,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   per_slot = lambda a, dtype: a.reshape(rows, slots).astype(dtype)
   q16 = jnp.zeros((batch, kv_heads, HEADS, HEAD_DIM), jnp.bfloat16).at[
       :, :, :heads].set(q[..., key_channel_of_column()] * 16)
-  acc, ml = build(rows, slots, split, stages, block, overlap)(
+  acc, ml = build(rows, slots, split, stages, block)(
       q16.reshape(rows, HEADS, HEAD_DIM),
       q16.astype(jnp.float32).sum(-1).reshape(rows, HEADS),
       q_pos.astype(jnp.int32), slot_pos.reshape(rows, slots),
@@ -345,12 +306,11 @@ def main():
   want_out, want_lse, _ = jax.jit(functools.partial(
       triton_kernel.decode_attention_reference, fmt=FMT,
       group_size=HEAD_DIM, with_logits=False))(*args)
-  configs = [(b, s, 2, o) for b, s in ((64, 1024), (128, 2048))
-             for o in (False, True)]
-  for block, split, stages, overlap in configs:
+  configs = ((64, 1024, 2), (128, 1024, 2), (128, 2048, 2))
+  for block, split, stages in configs:
     out, lse = decode_attention(*args, split=split, stages=stages,
-                                block=block, overlap=overlap)
-    print(f"check block {block}, overlap {overlap}: out max|diff| "
+                                block=block)
+    print(f"check block {block}: out max|diff| "
           f"{float(jnp.max(jnp.abs(out - want_out))):.2e} (of "
           f"{float(jnp.max(jnp.abs(want_out))):.2e}), lse "
           f"{float(jnp.max(jnp.abs(lse - want_lse))):.2e}", flush=True)
@@ -366,11 +326,9 @@ def main():
   print("| kernel (no logits) | ms | of copy bw |\n|---|---|---|")
   for _ in range(2):
     calls = [("Triton, defaults", triton)] + [
-        (f"Mosaic GPU, block {b}, split {s}, {n} stages"
-         + (", next q·k first" if o else ""),
-         functools.partial(decode_attention, split=s, stages=n, block=b,
-                           overlap=o))
-        for b, s, n, o in configs]
+        (f"Mosaic GPU, block {b}, split {s}, {n} stages",
+         functools.partial(decode_attention, split=s, stages=n, block=b))
+        for b, s, n in configs]
     for name, fn in calls:
       t = benchmarks.timed_back_to_back(lambda: fn(*args))["median_s"]
       print(f"| {name} | {1e3 * t:.3f} | {nbytes / t / bandwidth:.3f} |",
