@@ -39,24 +39,6 @@ def test_quantize_and_dequantize_match_reference(name, rows, head_dim, group):
           *want, fmt=fmt, group_size=group, head_dim=head_dim))
 
 
-def assert_attention_close(got, want, rtol, atol):
-  """(out, lse, logits) of the kernel against the reference: out and lse
-  within ``rtol``/``atol``; each visible logit within that plus its float16
-  offset's rounding (a 2**-11 share of its distance below the row's max);
-  masked logits exactly -1e30."""
-  for name, g, w in zip(("out", "lse"), got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
-                               atol=atol, err_msg=name)
-  got_logits, want_logits = np.asarray(got[2].dense()), np.asarray(want[2])
-  visible = want_logits > da.MASKED / 2
-  np.testing.assert_array_equal(got_logits[~visible], want_logits[~visible])
-  bound = (da.logit_rounding(want_logits) + atol
-           + rtol * np.abs(want_logits))
-  excess = (np.abs(got_logits - want_logits) - bound)[visible]
-  assert excess.size == 0 or excess.max() <= 0, (
-      f"logits off by {excess.max():.3g} beyond their bound")
-
-
 def _packed(rng, fmt, shape, group):
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   return schemes.quantize(x, fmt, group)
@@ -90,7 +72,7 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
   got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
                             group_size=group, block_s=block, split_s=split,
                             interpret=True)
-  assert_attention_close(got, want, rtol=1e-5, atol=1e-5)
+  da.assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
   out, lse, none = da.decode_attention(
       q, q_pos, slot_pos, *kq, *vq, fmt=fmt, group_size=group, block_s=block,
       split_s=split, with_logits=False, interpret=True)
@@ -125,7 +107,7 @@ def test_decode_attention_bfloat16_queries(name, group):
   got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
                             group_size=group, block_s=16, split_s=32,
                             interpret=True)
-  assert_attention_close(got, want, rtol=2e-2, atol=2e-2)
+  da.assert_matches_reference(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_decode_attention_blocks_without_visible_slots():
@@ -146,7 +128,7 @@ def test_decode_attention_blocks_without_visible_slots():
   got = da.decode_attention(q, q_pos, jnp.asarray(slot_pos), *kq, *vq,
                             fmt=fmt, group_size=64, block_s=16, split_s=64,
                             interpret=True)
-  assert_attention_close(got, want, rtol=1e-5, atol=1e-5)
+  da.assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_attention_with_nothing_visible():

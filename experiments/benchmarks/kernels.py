@@ -124,21 +124,6 @@ def check_kernels() -> list[str]:
   return notes
 
 
-def check_attention(got, want, what: str) -> None:
-  """Kernel (out, lse, logits) against the reference: within 2e-3, the
-  logits also within their float16 rounding (``da.LOGIT_OFFSET_PRECISION``
-  of a logit's distance below its row's max)."""
-  for g, w, name in zip(got[:2], want, ("out", "lse")):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
-                               atol=2e-3, err_msg=f"{name}, {what}")
-  logits, exact = np.asarray(got[2].dense()), np.asarray(want[2])
-  visible = exact > da.MASKED / 2
-  bound = da.logit_rounding(exact) + 2e-3 + 2e-3 * np.abs(exact)
-  off = np.abs(logits - exact) > bound
-  if np.any(off & visible) or np.any(logits[~visible] != exact[~visible]):
-    raise AssertionError(f"logits beyond their float16 rounding, {what}")
-
-
 def dense_dtype():
   """bfloat16, except on the CPU (no bf16 dot there) in --runlocal runs."""
   return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -162,7 +147,8 @@ def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
   fn = jax.jit(lambda *a: da.decode_attention(*a, fmt=FMT, group_size=group))
   want = jax.jit(lambda *a: da.decode_attention_reference(
       *a, fmt=FMT, group_size=group))(*args)
-  check_attention(fn(*args), want, f"group {group}")
+  da.assert_matches_reference(fn(*args), want, rtol=2e-3, atol=2e-3,
+                              what=f"group {group}")
   t = time_call(lambda: fn(*args))
   return timed_row(f"int4 kernel, group {group} (2 groups per head), defaults",
                    t, kernel_bytes(kq, vq, slot_pos, DEFAULT_BLOCK), bandwidth)
@@ -195,7 +181,8 @@ def run(config=None) -> dict:
                  da.decode_attention(*a, fmt=FMT, group_size=GROUP_SIZE,
                                      block_s=b, split_s=s, num_warps=w,
                                      num_stages=st))
-    check_attention(fn(q, q_pos, slot_pos, *kq, *vq), want, f"block {block}")
+    da.assert_matches_reference(fn(q, q_pos, slot_pos, *kq, *vq), want,
+                                rtol=2e-3, atol=2e-3, what=f"block {block}")
     t = time_call(lambda: fn(q, q_pos, slot_pos, *kq, *vq))
     rows.append(timed_row(f"int4 kernel block {block} split {split} warps "
                           f"{warps} stages {stages}", t,

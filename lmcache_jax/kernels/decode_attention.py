@@ -102,6 +102,27 @@ def logit_rounding(logits) -> np.ndarray:
   return np.where(visible, LOGIT_OFFSET_PRECISION * (top - logits), 0.0)
 
 
+def assert_matches_reference(got, want, *, rtol: float, atol: float,
+                             what: str = "") -> None:
+  """Raises AssertionError unless the kernel's (out, lse, BlockLogits)
+  ``got`` matches the reference's (out, lse, logits) ``want``: out and lse
+  within ``rtol``/``atol``; each visible logit within that plus its float16
+  offset's rounding (``logit_rounding``); masked logits exactly -1e30.
+  Shared by the tests (interpret mode) and the kernel suite (on the card)."""
+  for name, g, w in zip(("out", "lse"), got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
+                               atol=atol, err_msg=f"{name} {what}")
+  got_logits, want_logits = np.asarray(got[2].dense()), np.asarray(want[2])
+  visible = want_logits > MASKED / 2
+  np.testing.assert_array_equal(got_logits[~visible], want_logits[~visible],
+                                err_msg=f"masked logits {what}")
+  bound = logit_rounding(want_logits) + atol + rtol * np.abs(want_logits)
+  excess = (np.abs(got_logits - want_logits) - bound)[visible]
+  if excess.size and excess.max() > 0:
+    raise AssertionError(
+        f"logits off by {excess.max():.3g} beyond their bound {what}")
+
+
 def _lane_channel(b, h: int, bits: int, head_dim: int, lane: int):
   """Channel in column ``b`` (an array) of lane tile ``h``.
 
@@ -637,5 +658,6 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     offsets, block_max = logits
     logits = BlockLogits(offsets[:, :, :heads], block_max[:, :, :heads],
                          slots)
-  return out[:, :, :heads], lse[:, :, :heads], (logits if with_logits
-                                                else None)
+  else:
+    logits = None
+  return out[:, :, :heads], lse[:, :, :heads], logits
