@@ -38,6 +38,7 @@ if "--small" in sys.argv:   # seconds-long check of the script on any backend
 def load(path):
   spec = importlib.util.spec_from_file_location("other_decode_attention", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # dataclasses look their module up
   spec.loader.exec_module(module)
   return module
 
