@@ -153,23 +153,16 @@ def test_kernels_lower_to_triton(name, rows_out):
   lower = lambda f, *a: export.export(jax.jit(f), platforms=["cuda"],
                                       disabled_checks=check)(*a)
   # group 64 on head dim 128: two blocks of 4 product rows for 3 heads;
-  # the words read in the lanes the wrapper uses (int4: keys as bytes for
-  # integer products with two int8 query pieces, values in 16-bit lanes)
-  integer = da.integer_keys(fmt, 128)
-  pieces = 2 if integer else 1
-  lanes = [(lane, fmt.words(128) * 32 // lane)
-           for lane in (da.key_lane_bits(fmt, 128), da.lane_bits(fmt, 128))]
-  packed = [[sds((2, 8, 256, width), jnp.uint16 if lane == 16 else jnp.uint8),
-             sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.uint8)]
-            for lane, width in lanes]
-  exported = lower(da._build(2, 8, 8, 4, 3, rows_out, 256, 128, lanes[0][1],
-                             lanes[1][1], pieces, fmt, 64, 64, 128,
-                             jnp.bfloat16, 4, 2, False),
-                   sds((2, 8, 8, pieces * 128 * len(fmt.planes)),
-                       jnp.int8 if integer else jnp.bfloat16),
-                   sds((2, 8, 8, 1), jnp.float32),
+  # the words read in the lanes the wrapper uses (16 bits for int4)
+  lane = da.lane_bits(fmt, 128)
+  width = fmt.words(128) * 32 // lane
+  packed = [sds((2, 8, 256, width), jnp.uint16 if lane == 16 else jnp.uint8),
+            sds((2, 8, 256, 2), jnp.float16), sds((2, 8, 256, 2), jnp.uint8)]
+  exported = lower(da._build(2, 8, 8, 4, 3, rows_out, 256, 128, width,
+                             fmt, 64, 64, 128, 4, 2, False),
+                   sds((2, 8, 8, 128 * len(fmt.planes)), jnp.bfloat16),
                    sds((2, 1), jnp.int32), sds((2, 8, 256), jnp.int32),
-                   *packed[0], *packed[1])
+                   *packed, *packed)
   assert "triton" in exported.mlir_module()
 
 
@@ -208,8 +201,7 @@ def test_lane_tiles_hold_every_code_once_per_plane(name, head_dim):
                       jnp.uint32)
   lane = da.lane_bits(fmt, head_dim)
   lanes = da._as_lanes(formats.pack(codes, fmt), lane)
-  order = da.lane_order(fmt, head_dim, lane).reshape(len(fmt.planes),
-                                                     head_dim)
+  order = da.lane_order(fmt, head_dim).reshape(len(fmt.planes), head_dim)
   for (bits, first, low), channels in zip(da.planes(fmt, head_dim), order):
     assert sorted(channels) == list(range(head_dim))
     width = head_dim * bits // lane
@@ -220,52 +212,3 @@ def test_lane_tiles_hold_every_code_once_per_plane(name, head_dim):
     np.testing.assert_array_equal(
         np.asarray(tiles, np.float32),
         da.tile_base(bits) + fields * step)
-
-
-@pytest.mark.parametrize("name,head_dim", [("int4", 64), ("int4", 128),
-                                           ("int2", 128), ("int3", 256)])
-def test_integer_tiles_hold_every_code_once_per_plane(name, head_dim):
-  """The keys' unpacking for integer products: per plane, the int8 tiles of
-  packed bytes hold each field's code for the channels ``lane_order`` names
-  for bytes, each channel exactly once."""
-  fmt = FORMATS[name]
-  assert da.integer_keys(fmt, head_dim)
-  rng = np.random.default_rng(head_dim)
-  codes = jnp.asarray(rng.integers(0, 2 ** fmt.bits, (5, head_dim)),
-                      jnp.uint32)
-  lanes = da._as_lanes(formats.pack(codes, fmt), 8)
-  order = da.lane_order(fmt, head_dim, 8).reshape(len(fmt.planes), head_dim)
-  for (bits, first, low), channels in zip(da.planes(fmt, head_dim), order):
-    assert sorted(channels) == list(range(head_dim))
-    raw = lanes[:, first:][:, :head_dim * bits // 8]
-    tiles = jnp.concatenate(da._integer_tiles(raw, bits, ptx=False), axis=1)
-    assert tiles.dtype == jnp.int8
-    np.testing.assert_array_equal(
-        tiles, (np.asarray(codes)[:, channels] >> low) & ((1 << bits) - 1))
-
-
-@pytest.mark.parametrize("count,dtype", [(2, jnp.bfloat16),
-                                         (3, jnp.float32)])
-def test_query_pieces_rebuild_the_query(count, dtype):
-  """s · Σ_j 254**(n-1-j) · piece_j is the query to within half the last
-  piece's step: ≤ 1.6e-5 of the row's largest |q| with two pieces, float32
-  rounding with three; rows of zeros stay zero."""
-  rng = np.random.default_rng(count)
-  q = rng.standard_normal((6, 128)) * 3
-  q[2] = 0
-  q[3] *= 1e-3   # rows of other magnitudes
-  q = np.asarray(jnp.asarray(q, dtype), np.float32)
-  pieces, step = da.query_pieces(jnp.asarray(q, dtype), count)
-  assert pieces.dtype == jnp.int8 and pieces.shape == (6, count, 128)
-  assert np.abs(np.asarray(pieces, np.int32)).max() <= 127
-  rebuilt = np.zeros_like(q, dtype=np.float64)
-  for j in range(count):
-    rebuilt = rebuilt * da.PIECE_BASE + np.asarray(pieces[:, j], np.float64)
-  rebuilt *= np.asarray(step, np.float64)[:, None]
-  top = np.abs(q).max(axis=1, keepdims=True)
-  bound = top / 127 / da.PIECE_BASE ** (count - 1) / 2
-  # plus float32 rounding of the steps and remainders (within 4 ulp of top)
-  assert np.all(np.abs(rebuilt - q) <= bound + 2.0 ** -21 * top)
-  if count == 2:
-    assert np.all(bound <= 1.6e-5 * top)
-  np.testing.assert_array_equal(rebuilt[2], 0)

@@ -48,28 +48,22 @@ def triton_module(fmt, group: int, block: int, warps: int,
     return result
 
   sds = jax.ShapeDtypeStruct
-  integer = da.integer_keys(fmt, HEAD_DIM)
-  pieces = int(benchmarks.flag("pieces", "2")) if integer else 1
+  lane = da.lane_bits(fmt, HEAD_DIM)
+  width = fmt.words(HEAD_DIM) * 32 // lane
   groups = HEAD_DIM // group
-  lanes = [(lane, fmt.words(HEAD_DIM) * 32 // lane)
-           for lane in (da.key_lane_bits(fmt, HEAD_DIM),
-                        da.lane_bits(fmt, HEAD_DIM))]
-  packed = [sds((1, 1, SPLIT, width), jnp.uint16 if lane == 16 else jnp.uint8)
-            for lane, width in lanes]
-  side = [sds((1, 1, SPLIT, groups), jnp.float16),
-          sds((1, 1, SPLIT, groups), jnp.uint8)]
+  packed = [sds((1, 1, SPLIT, width), jnp.uint16 if lane == 16 else jnp.uint8),
+            sds((1, 1, SPLIT, groups), jnp.float16),
+            sds((1, 1, SPLIT, groups), jnp.uint8)]
   kernel = da._build(1, 1, groups * HEADS, HEADS, HEADS, HEADS, SPLIT,
-                     HEAD_DIM, lanes[0][1], lanes[1][1], pieces, fmt, group,
-                     block, SPLIT, jnp.bfloat16, warps, stages, False)
+                     HEAD_DIM, width, fmt, group, block, SPLIT, warps, stages,
+                     False)
   check = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   lowering.lower_jaxpr_to_triton_module = capture
   try:
     export.export(jax.jit(kernel), platforms=["cuda"], disabled_checks=check)(
-        sds((1, 1, groups * HEADS, pieces * HEAD_DIM * len(fmt.planes)),
-            jnp.int8 if integer else jnp.bfloat16),
-        sds((1, 1, groups * HEADS, 1), jnp.float32),
+        sds((1, 1, groups * HEADS, HEAD_DIM * len(fmt.planes)), jnp.bfloat16),
         sds((1, 1), jnp.int32), sds((1, 1, SPLIT), jnp.int32),
-        packed[0], *side, packed[1], *side)
+        *packed, *packed)
   finally:
     lowering.lower_jaxpr_to_triton_module = build_module
   return captured[0]

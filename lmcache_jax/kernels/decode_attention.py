@@ -68,47 +68,6 @@ def lane_bits(fmt: Format, head_dim: int) -> int:
   return 16
 
 
-def integer_keys(fmt: Format, head_dim: int) -> bool:
-  """Whether the keys' products run on integer tensor cores: each field of
-  a byte is already an integer code, so one AND (and a shift) turns four
-  bytes into four int8 codes with no float encoding, and q·code is exact
-  in int32; the query goes in as int8 pieces (``query_pieces``). Needs
-  byte tiles at least 32 columns wide (int8 tensor-core products take 32
-  channels a step): int4 from head dim 64, int2 from 128."""
-  return fmt.bits < 8 and all(head_dim * bits // 8 >= 32
-                              for bits in fmt.planes)
-
-
-def key_lane_bits(fmt: Format, head_dim: int) -> int:
-  """Width of the lanes the packed keys are read in: bytes for integer
-  keys, else as the values (``lane_bits``)."""
-  return 8 if integer_keys(fmt, head_dim) else lane_bits(fmt, head_dim)
-
-
-# Query pieces: q ≈ s · Σ_j 254**(n-1-j) · piece_j, each piece int8 in
-# [-127, 127] (254 steps, so each remainder's piece stays in range). Two
-# pieces leave an error ≤ 2**-16 of the row's largest |q| (finer than a
-# bfloat16 query's own rounding of that element); float32 queries get a
-# third, to float32 precision.
-PIECE_BASE = 254
-
-
-def query_pieces(q, count: int):
-  """int8 [..., count, D] pieces and float32 [...] step s of float rows q
-  [..., D]: q = s · Σ_j PIECE_BASE**(count-1-j) · piece_j up to the last
-  piece's rounding (≤ s / 2)."""
-  q = q.astype(jnp.float32)
-  top = jnp.max(jnp.abs(q), axis=-1)
-  step = jnp.where(top > 0, top, 1.0) / 127
-  rest, pieces = q, []
-  for _ in range(count):
-    piece = jnp.clip(jnp.round(rest / step[..., None]), -127, 127)
-    pieces.append(piece.astype(jnp.int8))
-    rest = rest - piece * step[..., None]
-    step = step / PIECE_BASE
-  return jnp.stack(pieces, axis=-2), step * PIECE_BASE
-
-
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["offsets", "block_max"], meta_fields=["slots"])
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +148,10 @@ def planes(fmt: Format, head_dim: int) -> list[tuple[int, int, int]]:
   return out
 
 
-def lane_order(fmt: Format, head_dim: int, lane: int) -> np.ndarray:
-  """Channel held by each column of the tiles of ``lane``-bit lanes: lanes
-  concatenated, planes concatenated (every channel once per plane)."""
+def lane_order(fmt: Format, head_dim: int) -> np.ndarray:
+  """Channel held by each column of the lane tiles: lanes concatenated,
+  planes concatenated (every channel once per plane)."""
+  lane = lane_bits(fmt, head_dim)
   return np.concatenate([
       _lane_channel(np.arange(head_dim * bits // lane), h, bits, head_dim,
                     lane)
@@ -234,17 +194,15 @@ def _pv(p, codes, dtype):
 _BF16_ONE = 0x3F80
 
 
-def tile_base(bits: int, integer: bool = False) -> float:
-  """What a lane tile adds to every scaled code: 1, or 0 for 8-bit codes
-  and integer tiles."""
-  return 0.0 if bits == 8 or integer else 1.0
+def tile_base(bits: int) -> float:
+  """What a lane tile adds to every scaled code: 1, or 0 for 8-bit codes."""
+  return 0.0 if bits == 8 else 1.0
 
 
-def plane_weight(bits: int, low: int, integer: bool = False) -> float:
+def plane_weight(bits: int, low: int) -> float:
   """Weight of a p-bit plane's tile values in a code: the plane holds bits
-  low..low+p, and its tiles hold code / 2**p (exact powers of two), or the
-  code itself in integer tiles and at 8 bits."""
-  return 2.0 ** (low + (0 if bits == 8 or integer else bits))
+  low..low+p, and its tiles hold code / 2**p (exact powers of two)."""
+  return 2.0 ** (low + (0 if bits == 8 else bits))
 
 
 def _lane_tiles(raw, bits: int, ptx: bool):
@@ -294,34 +252,6 @@ def _lane_tiles(raw, bits: int, ptx: bool):
   return tiles
 
 
-def _integer_tiles(raw, bits: int, ptx: bool):
-  """int8 code tiles [bs, Hd·p/8] of a p-bit plane read as bytes: field h
-  of every byte, (byte >> p·h) & mask. On the GPU one AND (and a shift)
-  per four bytes in a register; what the shift carries in from the next
-  byte falls outside the mask."""
-  mask = (1 << bits) - 1
-  if not ptx:
-    return [((raw >> bits * h) & mask).astype(jnp.int8)
-            for h in range(8 // bits)]
-  spread = mask * 0x01010101
-  tiles = []
-  for h in range(8 // bits):
-    asm = (f"and.b32 $0, $1, {spread};" if h == 0 else
-           f"{{ .reg .b32 t; shr.b32 t, $1, {bits * h}; "
-           f"and.b32 $0, t, {spread}; }}")
-    [tile] = plgpu.elementwise_inline_asm(
-        asm, args=[raw], constraints="=r,r", pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(raw.shape, jnp.int8)])
-    tiles.append(tile)
-  return tiles
-
-
-def _integer_qk(q, codes):
-  """[M, w] x [bs, w] int8 → [M, bs] int32 (exact)."""
-  return jax.lax.dot_general(q, codes, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.int32)
-
-
 def _shift(x, by: int):
   """x >> by, or x << -by."""
   return x >> by if by >= 0 else x << -by
@@ -335,11 +265,11 @@ def _lane_group(h: int, bits: int, head_dim: int, group_size: int,
   return _lane_channel(b, h, bits, head_dim, lane) // group_size
 
 
-def _visible_logits(logits, pos, q_pos):
-  """A block's logits, masked where a slot is empty or after the query, and
-  the [1, bs] mask."""
+def _visible_logits(dots, pos, q_pos, head_dim: int):
+  """Scaled logits of a block, masked where a slot is empty or after the
+  query, and the [1, bs] mask."""
   visible = ((pos >= 0) & (pos <= q_pos))[None, :]
-  return jnp.where(visible, logits, MASKED), visible
+  return jnp.where(visible, dots * (head_dim ** -0.5), MASKED), visible
 
 
 def _softmax_step(m, l, logits, visible):
@@ -406,32 +336,19 @@ def _spread_groups(x, groups: int):
       groups * x.shape[0], *x.shape[1:])
 
 
-def _lane_tiling(layout, head_dim: int, lane: int):
-  """(plane j, field h) of each lane tile of ``lane``-bit lanes, in column
-  order, and each plane's tile width."""
-  widths = [head_dim * bits // lane for bits, _, _ in layout]
-  tiles = [(j, h) for j, (bits, _, _) in enumerate(layout)
-           for h in range(lane // bits)]
-  return tiles, widths
-
-
-def _lanes_kernel(q_ref, qscale_ref, qpos_ref, pos_ref, kb_ref, ks_ref,
-                  kz_ref, vb_ref, vs_ref, vz_ref, acc_ref, m_ref, l_ref,
-                  *logits_refs, fmt: Format, group_size: int, block_s: int,
-                  real_heads: int, dtype, ptx: bool):
-  """q_ref [M, n·P·Hd]: M = groups·heads product rows; rows gi·heads ..
-  hold the query heads (repeated cyclically) restricted to channel group
-  gi, for each of the P planes in the keys' lane order times its
-  ``plane_weight``; float keys: n = 1 copy in ``dtype``; integer keys
-  (``integer_keys``): n int8 pieces (``query_pieces``). qscale_ref [M, 1]:
-  what turns a row's products into logits (the softmax scale, times the
-  pieces' step). k/v lanes [split, Hd·b/L]; k/v scale and zero
-  [split, Hd/g]; acc_ref [heads, P·Hd]: per plane, Σ p · field in the
-  values' lane order (the wrapper weights and sums the planes); m_ref,
-  l_ref [heads]; when the caller wants logits, logits_refs = (float16
-  offsets [Go, split], block maxima [Go, split / block_s]): see
-  ``_write_offsets``. ``ptx``: unpack with inline PTX (GPU) rather than
-  jnp (interpret mode).
+def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
+                  vs_ref, vz_ref, acc_ref, m_ref, l_ref, *logits_refs,
+                  fmt: Format, group_size: int, block_s: int,
+                  real_heads: int, ptx: bool):
+  """q_ref [M, P·Hd]: M = groups·n product rows; rows gi·n .. gi·n+n hold
+  the query heads (repeated cyclically) restricted to channel group gi, for
+  each of the P planes in that plane's lane order times its
+  ``plane_weight``. k/v lanes [split, Hd·b/L]; k/v scale and zero
+  [split, Hd/g]; acc_ref [n, P·Hd]: per plane, Σ p · field in lane order
+  (the wrapper weights and sums the planes); m_ref, l_ref [n]; when the
+  caller wants logits, logits_refs = (float16 offsets [Go, split], block
+  maxima [Go, split / block_s]): see ``_write_offsets``. ``ptx``: unpack
+  with inline PTX (GPU) rather than jnp (interpret mode).
 
   Each row's products see only its group's channels, so one product per
   lane tile serves every group: the rows are scaled by their group's scale,
@@ -439,72 +356,53 @@ def _lanes_kernel(q_ref, qscale_ref, qpos_ref, pos_ref, kb_ref, ks_ref,
   probabilities go back to every block, scaled by the block's value scale;
   at the end each output column is taken from its own group's block.
   """
-  num_rows = q_ref.shape[0]
+  num_rows, _ = q_ref.shape
   head_dim = acc_ref.shape[-1] // len(fmt.planes)
   groups = head_dim // group_size
   heads = num_rows // groups
+  dtype = q_ref.dtype
+  lane = kb_ref.dtype.itemsize * 8
   layout = planes(fmt, head_dim)
-  integer = q_ref.dtype == jnp.int8
-  key_tiles, key_widths = _lane_tiling(layout, head_dim,
-                                       kb_ref.dtype.itemsize * 8)
-  value_tiles, value_widths = _lane_tiling(layout, head_dim,
-                                           vb_ref.dtype.itemsize * 8)
+  widths = [head_dim * bits // lane for bits, _, _ in layout]
+  lanes = [(j, h) for j, (bits, _, _) in enumerate(layout)
+           for h in range(lane // bits)]
   row_group = jax.lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0) // heads
   q_pos = jnp.max(qpos_ref[...])
-  row_scale = qscale_ref[...]
-  width = len(layout) * head_dim
-  pieces = q_ref.shape[1] // width
-  q_tiles = [[q_ref[:, pl.ds(n * width + j * head_dim + h * key_widths[j],
-                             key_widths[j])] for j, h in key_tiles]
-             for n in range(pieces)]
-  # Plane j's tiles hold base + code_j / 2**p (or the code itself, base 0,
-  # for integer keys) and its query copy is times w_j = plane_weight, so a
-  # product carries base · Σ_j w_j · Σq on top of q·code; with the zero
-  # (scale · share · zero code, quant.schemes) each row's correction per
-  # slot is (share · zero code - base · Σ w) · Σq, taken from the row's
-  # plane-0 copy (every own channel once, times w_0). The same correction,
-  # weighted by the probabilities, completes p·v.
-  q_sum = 0.0
-  for n in range(pieces):
-    q_sum = q_sum * PIECE_BASE + jnp.sum(
-        q_ref[:, pl.ds(n * width, head_dim)].astype(jnp.float32), axis=1)
-  q_sum = q_sum[:, None]
+  q_lanes = [q_ref[:, pl.ds(j * head_dim + h * widths[j], widths[j])]
+             for j, h in lanes]
+  # Plane j's tiles hold base + code_j / 2**p and its query copy is times
+  # w_j = plane_weight, so a product carries base · Σ_j w_j · Σq on top of
+  # q·code; with the zero (scale · share · zero code, quant.schemes) each
+  # row's correction per slot is (share · zero code - base · Σ w) · Σq,
+  # taken from the row's plane-0 copy (every own channel once, times w_0).
+  # The same correction, weighted by the probabilities, completes p·v.
+  share = schemes.zero_share(fmt.bits)
+  surplus = tile_base(fmt.bits) * sum(
+      plane_weight(bits, low) for bits, _, low in layout)
+  w0 = plane_weight(layout[0][0], layout[0][2])
+  q_sum = jnp.sum(q_ref[:, pl.ds(0, head_dim)].astype(jnp.float32),
+                  axis=1)[:, None]
 
-  def tiles(ref, rows, tiling, widths, unpack):
-    lane = ref.dtype.itemsize * 8
-    per_plane = [unpack(ref[rows, pl.ds(first * 8 // lane, width)], bits,
-                        ptx)
+  def tiles(ref, rows):
+    per_plane = [_lane_tiles(ref[rows, pl.ds(first * 8 // lane, width)],
+                             bits, ptx)
                  for (bits, first, _), width in zip(layout, widths)]
-    return [per_plane[j][h] for j, h in tiling]
+    return [per_plane[j][h] for j, h in lanes]
 
-  def key_dots(rows):
-    if not integer:
-      codes = tiles(kb_ref, rows, key_tiles, key_widths, _lane_tiles)
-      return sum(_qk(q, c, dtype) for q, c in zip(q_tiles[0], codes))
-    codes = tiles(kb_ref, rows, key_tiles, key_widths, _integer_tiles)
-    weights = [int(plane_weight(*layout[j][::2], True)) for j, _ in key_tiles]
-    dots = 0.0
-    for piece in q_tiles:   # Horner over the pieces, in float32
-      exact = sum(_integer_qk(q, c) * w
-                  for q, c, w in zip(piece, codes, weights))
-      dots = dots * PIECE_BASE + exact.astype(jnp.float32)
-    return dots
-
-  def correction(zero_ref, rows, integer_tiles):
-    surplus = tile_base(fmt.bits, integer_tiles) * sum(
-        plane_weight(bits, low, integer_tiles) for bits, _, low in layout)
-    share = schemes.zero_share(fmt.bits)
+  def correction(zero_ref, rows):
     return (share * _per_row(zero_ref, rows, row_group, groups)
-            - surplus) / plane_weight(*layout[0][::2], integer_tiles)
+            - surplus) / w0
 
   def body(i, carry):
     m, l, fix, accs, maxima = carry
     rows = _block_rows(i, block_s)
     pos = pos_ref[rows]
+    dots = sum(_qk(q, codes, dtype)
+               for q, codes in zip(q_lanes, tiles(kb_ref, rows)))
     logits = _sum_groups(
-        row_scale * _per_row(ks_ref, rows, row_group, groups)
-        * (key_dots(rows) + q_sum * correction(kz_ref, rows, integer)), groups)
-    logits, visible = _visible_logits(logits, pos, q_pos)
+        _per_row(ks_ref, rows, row_group, groups)
+        * (dots + q_sum * correction(kz_ref, rows)), groups)
+    logits, visible = _visible_logits(logits, pos, q_pos, head_dim)
     m, l, alpha, p = _softmax_step(m, l, logits, visible)
     if logits_refs:
       _write_offsets(logits_refs[0], i, block_s, logits, m, real_heads)
@@ -515,12 +413,10 @@ def _lanes_kernel(q_ref, qscale_ref, qpos_ref, pos_ref, kb_ref, ks_ref,
     p_scaled = (_spread_groups(p, groups)
                 * _per_row(vs_ref, rows, row_group, groups)).astype(dtype)
     fix = fix * alpha + jnp.sum(
-        p_scaled.astype(jnp.float32) * correction(vz_ref, rows, False),
-        axis=1, keepdims=True)
+        p_scaled.astype(jnp.float32) * correction(vz_ref, rows), axis=1,
+        keepdims=True)
     accs = tuple(acc * alpha + _pv(p_scaled, codes, dtype)
-                 for acc, codes in zip(accs, tiles(vb_ref, rows, value_tiles,
-                                                   value_widths,
-                                                   _lane_tiles)))
+                 for acc, codes in zip(accs, tiles(vb_ref, rows)))
     return m, l, fix, accs, maxima
 
   blocks = pos_ref.shape[0] // block_s
@@ -528,8 +424,8 @@ def _lanes_kernel(q_ref, qscale_ref, qpos_ref, pos_ref, kb_ref, ks_ref,
   init = (jnp.full((heads,), MASKED, jnp.float32),
           jnp.zeros((heads,), jnp.float32),
           jnp.zeros((num_rows, 1), jnp.float32),
-          tuple(jnp.zeros((num_rows, value_widths[j]), jnp.float32)
-                for j, _ in value_tiles),
+          tuple(jnp.zeros((num_rows, widths[j]), jnp.float32)
+                for j, _ in lanes),
           jnp.full((heads, blocks), MASKED, jnp.float32))
   m, l, fix, accs, maxima = jax.lax.fori_loop(0, blocks, body, init)
   if logits_refs:
@@ -537,32 +433,27 @@ def _lanes_kernel(q_ref, qscale_ref, qpos_ref, pos_ref, kb_ref, ks_ref,
   m_ref[...] = m
   l_ref[...] = l
   start = 0
-  value_lane = vb_ref.dtype.itemsize * 8
-  for acc, (j, h) in zip(accs, value_tiles):
+  for acc, (j, h) in zip(accs, lanes):
     if j == 0:
       acc = acc + fix
     if groups > 1:   # each column from its own group's block
       own = row_group == _lane_group(h, layout[j][0], head_dim, group_size,
-                                     value_lane)
+                                     lane)
       acc = _sum_groups(jnp.where(own, acc, 0.0), groups)
-    acc_ref[:, pl.ds(start, value_widths[j])] = acc
-    start += value_widths[j]
+    acc_ref[:, pl.ds(start, widths[j])] = acc
+    start += widths[j]
 
 
 def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
-           rows_out: int, slots: int, head_dim: int, key_width: int,
-           value_width: int, pieces: int, fmt: Format, group_size: int,
-           block_s: int, split: int, dtype, num_warps: int, num_stages: int,
-           interpret: bool):
-  """The pallas_call: ``num_rows`` product rows (query copies, ``pieces``
-  of them per row for integer keys, else 1), ``heads`` rows of softmax
-  state; ``rows_out`` = 0 leaves out the logits output. ``key_width`` /
-  ``value_width``: lanes per slot of the packed keys / values."""
+           rows_out: int, slots: int, head_dim: int, data_width: int,
+           fmt: Format, group_size: int, block_s: int, split: int,
+           num_warps: int, num_stages: int, interpret: bool):
+  """The pallas_call: ``num_rows`` product rows (query copies), ``heads``
+  rows of softmax state; ``rows_out`` = 0 leaves out the logits output."""
   splits = slots // split
   width = head_dim * len(fmt.planes)   # the query and acc: one Hd per plane
   per_slot = lambda b, r, j: (b, r, j, 0)
   per_split = lambda b, r, j: (b, r, 0, j)
-  per_row = lambda b, r, j: (b, r, 0, 0)
   logits_spec = [pl.BlockSpec((None, None, rows_out, split), per_split),
                  pl.BlockSpec((None, None, rows_out, split // block_s),
                               per_split)][:2 * bool(rows_out)]
@@ -570,20 +461,21 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
       jax.ShapeDtypeStruct((batch, rows, rows_out, slots), jnp.float16),
       jax.ShapeDtypeStruct((batch, rows, rows_out, slots // block_s),
                            jnp.float32)][:2 * bool(rows_out)]
-  packed = lambda lanes: [
-      pl.BlockSpec((None, None, split, lanes), per_slot),
-      pl.BlockSpec((None, None, split, head_dim // group_size), per_slot),
-      pl.BlockSpec((None, None, split, head_dim // group_size), per_slot)]
+  packed = [pl.BlockSpec((None, None, split, data_width), per_slot),
+            pl.BlockSpec((None, None, split, head_dim // group_size),
+                         per_slot),
+            pl.BlockSpec((None, None, split, head_dim // group_size),
+                         per_slot)]
   return pl.pallas_call(
       functools.partial(_lanes_kernel, fmt=fmt, group_size=group_size,
-                        block_s=block_s, real_heads=real_heads, dtype=dtype,
+                        block_s=block_s, real_heads=real_heads,
                         ptx=not interpret),
       grid=(batch, rows, splits),
-      in_specs=[pl.BlockSpec((None, None, num_rows, pieces * width), per_row),
-                pl.BlockSpec((None, None, num_rows, 1), per_row),
+      in_specs=[pl.BlockSpec((None, None, num_rows, width),
+                             lambda b, r, j: (b, r, 0, 0)),
                 pl.BlockSpec((None, 1), lambda b, r, j: (b, 0)),
                 pl.BlockSpec((None, None, split), lambda b, r, j: (b, r, j)),
-                *packed(key_width), *packed(value_width)],
+                *packed, *packed],
       out_specs=[pl.BlockSpec((None, None, None, heads, width),
                               lambda b, r, j: (b, r, j, 0, 0)),
                  pl.BlockSpec((None, None, None, heads),
@@ -709,7 +601,6 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   """
   batch, rows, heads, head_dim = q.shape
   slots = slot_pos.shape[-1]
-  dtype = q.dtype
   fmt.check(head_dim, group_size)
   backend = choose("decode_attention", interpret, fmt)
   if backend == "reference":
@@ -735,24 +626,16 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   row_group = np.arange(num_rows) // n
   rows_out = n if with_logits else 0
   layout = planes(fmt, head_dim)
-  integer = integer_keys(fmt, head_dim)
-  key_lane, value_lane = key_lane_bits(fmt, head_dim), lane_bits(fmt, head_dim)
-  key_order = lane_order(fmt, head_dim, key_lane)
+  order = lane_order(fmt, head_dim)
   # each plane's copy carries the plane's weight (exact), so the
   # kernel sums plain products; each row sees only its group's channels
-  weight = np.repeat([plane_weight(bits, low, integer)
-                      for bits, _, low in layout], head_dim)
-  own = key_order[None, :] // group_size == row_group[:, None]
-  q = jnp.where(jnp.asarray(own), q[:, :, row_head][..., key_order] * weight,
-                0)
-  q_scale = jnp.full(q.shape[:-1], head_dim ** -0.5)
-  if integer:   # two pieces hold a 16-bit query to its rounding, three fp32
-    pieces, step = query_pieces(q, 2 if jnp.dtype(dtype).itemsize < 4 else 3)
-    q, q_scale = pieces.reshape(*q.shape[:-1], -1), q_scale * step
-  else:
-    q = q.astype(dtype)
-  k_words = _as_lanes(k_words, key_lane)
-  v_words = _as_lanes(v_words, value_lane)
+  weight = np.repeat([plane_weight(bits, low) for bits, _, low in layout],
+                     head_dim)
+  own = order[None, :] // group_size == row_group[:, None]
+  q = jnp.where(jnp.asarray(own), q[:, :, row_head][..., order] * weight,
+                0).astype(q.dtype)
+  lane = lane_bits(fmt, head_dim)
+  k_words, v_words = _as_lanes(k_words, lane), _as_lanes(v_words, lane)
   if padded != slots:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
@@ -761,15 +644,12 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                        constant_values=-1)
   acc, m, l, *logits = _build(
       batch, rows, num_rows, n, heads, rows_out, padded, head_dim,
-      k_words.shape[-1], v_words.shape[-1],
-      q.shape[-1] // (head_dim * len(layout)), fmt, group_size, block, split,
-      dtype, num_warps or default_warps, num_stages, backend == "interpret")(
-          q, q_scale[..., None], q_pos.astype(jnp.int32)[:, None],
-          slot_pos.astype(jnp.int32), k_words, k_scale, k_zero, v_words,
-          v_scale, v_zero)
+      k_words.shape[-1], fmt, group_size, block, split,
+      num_warps or default_warps, num_stages, backend == "interpret")(
+          q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
+          k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)
   # back to channel order, each plane times its weight
-  order = lane_order(fmt, head_dim, value_lane)
   out = sum(out[..., j * head_dim + np.argsort(order[j * head_dim:
                                                      (j + 1) * head_dim])]
             * plane_weight(bits, low)
