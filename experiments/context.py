@@ -9,7 +9,7 @@ import ml_collections
 
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 
 
 @dataclasses.dataclass

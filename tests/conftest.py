@@ -8,7 +8,7 @@ import pytest
 
 jax.config.update("jax_enable_x64", False)
 
-from lmcache_jax.models.config import ModelConfig  # noqa: E402
+from lmcache_jax.arch.config import ModelConfig  # noqa: E402
 from lmcache_jax.models.weights import expected_shapes  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
-from lmcache_jax.quant.formats import get_format
+from lmcache_jax.numerics.formats import get_format
 from lmcache_jax.quant.payload import Packed, QuantizedKV
 from lmcache_jax.store import KVStore, Layout
 from conftest import tiny_config

@@ -12,7 +12,7 @@ from conftest import tiny_config, tiny_weights
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.policy import KeepAll
 from lmcache_jax.engine import steps
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import pad_batch, prefill
 from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.models.llama import from_weights

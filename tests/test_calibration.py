@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_weights
-from lmcache_jax import quant
-from lmcache_jax.engine.loaded import LoadedModel
+from experiments import setup
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.models.llama import from_weights
-from lmcache_jax.quant import calibration
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.engine import calibration
+from lmcache_jax.numerics.formats import FORMATS
 from lmcache_jax.quant.plan import QuantPlan
 from policies.calibration.kvquant import channel_scales
 from policies.registry import CALIBRATION
@@ -84,7 +84,7 @@ def test_channel_scales_tie_rope_pairs():
 def test_from_config_calibrates_and_saves(lm, tmp_path, name, bits):
   tokens = np.random.default_rng(3).integers(0, 97, 48)
   path = tmp_path / "plan"
-  plan = quant.from_config({"kv_bits": bits, "calibration": name,
+  plan = setup.quant_plan({"kv_bits": bits, "calibration": name,
                             "group_size": 32, "residual": 4,
                             "save_plan": str(path)}, lm, tokens)
   plan.check(CFG)
@@ -97,7 +97,7 @@ def test_from_config_calibrates_and_saves(lm, tmp_path, name, bits):
   assert plan.rotate
   np.testing.assert_allclose(plan.key_shift, calibration.key_means(
       calibration.collect(lm, tokens)), rtol=1e-6)
-  loaded = quant.from_config({"plan": str(path)}, lm)
+  loaded = setup.quant_plan({"plan": str(path)}, lm)
   assert loaded.formats == plan.formats and loaded.rotate
   assert loaded.outliers == plan.outliers
   np.testing.assert_array_equal(loaded.key_scale, plan.key_scale)
@@ -113,16 +113,16 @@ def test_kvquant_outlier_count():
 
 
 def test_bad_calibration_input(lm):
-  assert quant.from_config({"kv_bits": 16}, lm) is None
+  assert setup.quant_plan({"kv_bits": 16}, lm) is None
   plain = {"center_keys": False, "group_size": 32}
   with pytest.raises(ValueError, match="whole bits"):
-    quant.from_config({"kv_bits": 2.5, "calibration": "uniform", **plain}, lm)
+    setup.quant_plan({"kv_bits": 2.5, "calibration": "uniform", **plain}, lm)
   with pytest.raises(ValueError, match="no tokenizer to read calibration"):
-    quant.from_config({"kv_bits": 4, "group_size": 32}, lm)  # centering reads text
+    setup.quant_plan({"kv_bits": 4, "group_size": 32}, lm)  # centering reads text
   with pytest.raises(ValueError, match="unknown calibration policy 'nope'"):
-    quant.from_config({"kv_bits": 4, "calibration": "nope"}, lm)
+    setup.quant_plan({"kv_bits": 4, "calibration": "nope"}, lm)
   with pytest.raises(ValueError, match="unsupported bit width 5"):
-    quant.from_config({"kv_bits": 5, **plain}, lm)
+    setup.quant_plan({"kv_bits": 5, **plain}, lm)
   with pytest.raises(ValueError, match="power-of-two head_dim, got 48"):
     QuantPlan.uniform(tiny_config(head_dim=48, hidden_size=96, num_heads=2,
                                   num_kv_heads=2), "int8", group_size=16,

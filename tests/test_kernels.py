@@ -13,8 +13,8 @@ from jax import export
 from lmcache_jax.kernels import backend
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
-from lmcache_jax.quant import formats, schemes
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.numerics import formats, schemes
+from lmcache_jax.numerics.formats import FORMATS
 
 INT_FORMATS = ["int2", "int3", "int4", "int8"]
 

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from lmcache_jax import fetch
 from lmcache_jax.models.assets import default_gguf_path
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.models.gguf_loader import load_gguf
 from lmcache_jax.models.presets import PRESETS, get_preset, random_weights
 from lmcache_jax.models.safetensors_loader import load_safetensors

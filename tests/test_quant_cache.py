@@ -13,7 +13,7 @@ from conftest import tiny_config, tiny_weights
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.policy import KeepAll
 from lmcache_jax.engine import steps
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.kernels import backend
@@ -22,8 +22,9 @@ from lmcache_jax.kernels.backend import interpret_mode
 from lmcache_jax.models import attention
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.quant import payload as qpayload
-from lmcache_jax.quant import schemes, slots, transform
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.numerics import schemes
+from lmcache_jax.quant import transform
+from lmcache_jax.numerics.formats import FORMATS
 from lmcache_jax.quant.plan import QuantPlan
 
 CFG = tiny_config(head_dim=32, num_heads=6, num_kv_heads=3, hidden_size=64)
@@ -237,27 +238,6 @@ def test_bytes_count_codes_scales_and_exact_copies():
   assert with_outliers.payload_nbytes == L * B * per_lb
   dense = init_cache(CFG, 2, 64, jnp.bfloat16)
   assert dense.payload_nbytes == 2 * L * B * K * S * Hd * 2
-
-
-def test_slot_helpers():
-  rng = np.random.default_rng(4)
-  cache = init_cache(CFG, 1, 16, jnp.float32, quant=plan(MIXED, residual=2))
-  layer = layer_of(cache, 0)
-  layer, _, _ = write(layer, rng, np.arange(8, dtype=np.int32)[None],
-                      np.arange(8)[None])
-  full = jax.tree.map(lambda a: a[None], layer.keys)          # L = 1
-  part = slots.slice_slots(full, 4, 8)
-  for leaf in jax.tree.leaves(part.parts):
-    assert leaf.shape[3] in (4, 1)
-  np.testing.assert_array_equal(
-      slots.dequantize_slots(full, 4, 8),
-      _dequantize(layer.keys, jnp.float32)[None, :, :, 4:8])
-  assert slots.payload_nbytes(part) < slots.payload_nbytes(full)
-  with pytest.raises(ValueError, match="outside the cache's 16 slots"):
-    slots.slice_slots(full, 10, 20)
-  dense = jnp.arange(2 * 1 * 3 * 16 * 2, dtype=jnp.float32).reshape(2, 1, 3, 16, 2)
-  np.testing.assert_array_equal(slots.dequantize_slots(dense, 3, 5),
-                                dense[:, :, :, 3:5])
 
 
 def test_decode_with_outliers_names_its_fallback(caplog):

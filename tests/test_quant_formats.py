@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 
 from conftest import tiny_config
-from lmcache_jax.quant import schemes, transform
-from lmcache_jax.quant.formats import FORMATS, format_for_bits, get_format, pack, unpack
+from lmcache_jax.numerics import schemes
+from lmcache_jax.quant import transform
+from lmcache_jax.numerics.formats import FORMATS, format_for_bits, get_format, pack, unpack
 from lmcache_jax.quant.plan import QuantPlan
 
 INT_FORMATS = ["int2", "int3", "int4", "int8"]

@@ -15,7 +15,8 @@ from experiments import run as run_module
 from experiments import setup
 from experiments.texts import load_eval_text
 from lmcache_jax import models
-from lmcache_jax.engine import LoadedModel, generate
+from lmcache_jax.engine import generate
+from lmcache_jax.models import LoadedModel
 from lmcache_jax.models.llama import from_weights
 from configs import default
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmcache_jax.engine.generate import generate
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.session import (from_generation, restore_session,
                                         resume, save_session)
 from lmcache_jax.models.llama import from_weights

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lmcache_jax.engine.generate import generate
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.store import disk as disk_module

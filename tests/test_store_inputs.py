@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from lmcache_jax.cache.kv_cache import init_cache
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.store import KVStore, Layout, from_config

@@ -15,7 +15,7 @@ from conftest import tiny_config, tiny_weights
 from configs import default
 from experiments import results, sweep
 from experiments import run as run_lib
-from lmcache_jax.engine import LoadedModel
+from lmcache_jax.models import LoadedModel
 from lmcache_jax.models.llama import from_weights
 
 _TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in "

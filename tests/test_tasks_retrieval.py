@@ -12,7 +12,7 @@ from experiments.context import RunContext
 from experiments.tasks.passkey import passkey as passkey_task
 from lmcache_jax.data import needle as needle_data
 from lmcache_jax.data import passkey as passkey_data
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.models.llama import from_weights
 from policies.registry import EVICTION
 

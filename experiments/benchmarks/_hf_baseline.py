@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 
 GIB = 2**30
 
@@ -61,7 +61,8 @@ def check_same_function(device: str) -> dict:
   """Logits and greedy tokens of both implementations on one small model."""
   import jax.numpy as jnp
 
-  from lmcache_jax.engine import LoadedModel, generate
+  from lmcache_jax.engine import generate
+  from lmcache_jax.models import LoadedModel
   from lmcache_jax.models import llama
   from lmcache_jax.models.weights import expected_shapes
 

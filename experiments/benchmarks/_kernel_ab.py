@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from experiments import benchmarks
 from lmcache_jax.kernels import decode_attention as this
-from lmcache_jax.quant import schemes
-from lmcache_jax.quant.formats import get_format
+from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics.formats import get_format
 
 BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
 if "--small" in sys.argv:   # seconds-long check of the script on any backend

@@ -31,7 +31,7 @@ from jax._src.pallas.triton import lowering
 
 from experiments import benchmarks
 from lmcache_jax.kernels import decode_attention as da
-from lmcache_jax.quant.formats import get_format
+from lmcache_jax.numerics.formats import get_format
 
 HEADS, HEAD_DIM, SPLIT = 4, 128, 512
 

@@ -38,8 +38,8 @@ from jaxlib.mlir.dialects import arith, llvm, memref, vector
 
 from experiments import benchmarks
 from lmcache_jax.kernels import decode_attention as triton_kernel
-from lmcache_jax.quant import schemes
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics.formats import FORMATS
 
 BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
 FMT = FORMATS["int4"]

@@ -43,8 +43,9 @@ from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
 from lmcache_jax.models import attention
 from lmcache_jax.quant import payload as qpayload
-from lmcache_jax.quant import schemes, transform
-from lmcache_jax.quant.formats import FORMATS
+from lmcache_jax.numerics import schemes
+from lmcache_jax.quant import transform
+from lmcache_jax.numerics.formats import FORMATS
 
 BATCH, KV_HEADS, GROUP, HEAD_DIM, CONTEXT = 16, 8, 4, 128, 32768
 FMT, GROUP_SIZE = FORMATS["int4"], 128

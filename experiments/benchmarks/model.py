@@ -38,7 +38,7 @@ from lmcache_jax import models
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.engine import Sampling, prefill
 from lmcache_jax.engine import steps
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.models.presets import get_preset
 from lmcache_jax.models.weights import expected_shapes
 from policies.registry import EVICTION, parse_spec

@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments import benchmarks
 from lmcache_jax.cache.kv_cache import init_cache
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights, random_weights

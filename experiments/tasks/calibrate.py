@@ -4,7 +4,7 @@
   python -m experiments.run --quant_plan=runs/plan-sensitivity-3bits-<time>
 
 The plan is saved with orbax-checkpoint under ``output_dir``; the run
-harness has already built it (``quant.from_config`` prints what it chose).
+harness has already built it (``experiments.setup.quant_plan`` prints what it chose).
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.tasks.perplexity import stream_nll
 from experiments.tasks.quant_table import kv_bytes
-from lmcache_jax import quant
+from experiments import setup
 from lmcache_jax.data import shakespeare
-from lmcache_jax.quant import calibration
+from lmcache_jax.engine import calibration
 from lmcache_jax.quant.plan import QuantPlan
 
 WINDOWS = ("hamlet@0", "hamlet@2048", "othello@0", "lear@0", "tempest@0",
@@ -88,7 +88,7 @@ def quant_spread(ctx: RunContext, windows=WINDOWS, settings=None) -> dict:
   chunk = int(config.quant.get("eval_chunk", 32))
   group = int(config.quant.get("group_size", 64))
   key_shift = calibration.key_means(calibration.collect(
-      lm, quant.calibration_tokens_for(config.quant, lm)))
+      lm, setup.calibration_text_tokens(config.quant, lm)))
   plans = {setting_label(r, bits): QuantPlan.uniform(
       lm.cfg, "int4", group_size=group, sinks=4, residual=r, rotate=True,
       key_shift=key_shift, copy_bits=bits) for r, bits in settings}

@@ -29,8 +29,8 @@ from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.tasks.perplexity import stream_nll
 from experiments.texts import load_eval_text
-from lmcache_jax import quant
-from lmcache_jax.quant import calibration
+from experiments import setup
+from lmcache_jax.engine import calibration
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.quant.plan import QuantPlan
 
@@ -65,7 +65,7 @@ def settings(qconf, lm, calibration_tokens):
   for name in ("variance", "sensitivity", "kvquant"):
     for bits in (2, 3, 4):
       start = time.perf_counter()
-      plan = quant.from_config({"kv_bits": bits, "calibration": name,
+      plan = setup.quant_plan({"kv_bits": bits, "calibration": name,
                                 "group_size": group}, lm, calibration_tokens)
       print(f"  calibrated {name} @ {bits} bits in "
             f"{time.perf_counter() - start:.0f}s")
@@ -80,7 +80,7 @@ def quant_table(ctx: RunContext) -> dict:
   text = load_eval_text(config.text, config.text_file)
   tokens = np.asarray(lm.tokenizer.encode(text), np.int32)[:config.context + 1]
   chunk = int(config.quant.get("eval_chunk", 32))
-  calibration_tokens = quant.calibration_tokens_for(config.quant, lm)
+  calibration_tokens = setup.calibration_text_tokens(config.quant, lm)
   rows, base = [], None
   for label, plan in settings(config.quant, lm, calibration_tokens):
     start = time.perf_counter()

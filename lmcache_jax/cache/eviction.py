@@ -39,8 +39,8 @@ import numpy as np
 from lmcache_jax.cache import positions as pos_lib
 from lmcache_jax.cache.kv_cache import EMPTY, KVCache, first_free_slots
 from lmcache_jax.cache.step import Step, token_positions
-from lmcache_jax.models.config import ModelConfig
-from lmcache_jax.models.rope import inverse_frequencies
+from lmcache_jax.arch.config import ModelConfig
+from lmcache_jax.arch.rope import inverse_frequencies
 
 OBSERVE = ("all", "window", "last")
 

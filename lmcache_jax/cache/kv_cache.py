@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
+from lmcache_jax.quant import payload
 
 EMPTY = -1
 
@@ -90,7 +91,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int,
   if quant is None:
     keys, values = jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)
   else:
-    from lmcache_jax.quant import payload
     keys = payload.empty(cfg, quant, batch_size, capacity, dtype, keys=True)
     values = payload.empty(cfg, quant, batch_size, capacity, dtype, keys=False)
   return KVCache(

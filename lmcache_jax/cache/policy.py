@@ -19,7 +19,7 @@ import jax
 
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.step import Step, append_step
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 
 
 class CachePolicy(Protocol):

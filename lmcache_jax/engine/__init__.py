@@ -1,8 +1,7 @@
 """Jitted prefill / decode steps, sampling and the generation loop."""
 
 from lmcache_jax.engine.generate import Generation, decode, generate
-from lmcache_jax.engine.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
 
-__all__ = ["Generation", "decode", "generate", "LoadedModel", "prefill", "Sampling"]
+__all__ = ["Generation", "decode", "generate", "prefill", "Sampling"]

@@ -12,7 +12,7 @@ import numpy as np
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
 from lmcache_jax.engine import steps
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling, sample
 

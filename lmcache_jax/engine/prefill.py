@@ -9,7 +9,7 @@ import numpy as np
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.engine import steps
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 
 
 def pad_batch(sequences: list[list[int]], width: int | None = None,

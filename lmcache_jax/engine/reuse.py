@@ -18,7 +18,7 @@ from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
 from lmcache_jax.engine.generate import (Generation, TokenCallback,
                                          check_prompts, decode)
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.store.store import KVStore

@@ -49,8 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
-from lmcache_jax.quant import schemes
-from lmcache_jax.quant.formats import Format
+from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics.formats import Format
 
 MASKED = -1e30
 # Relative precision of the logits' float16 offsets from their block's max.
@@ -129,7 +129,7 @@ def _lane_channel(b, h: int, bits: int, head_dim: int, lane: int):
   Lane ``b`` of a p-bit plane read in ``lane``-bit lanes is lane
   ``b % (32/lane)`` of word ``b // (32/lane)``; its field ``h`` is field
   ``k = (b % (32/lane)) * lane/p + h`` of the word, i.e. channel
-  ``k * W + b // (32/lane)`` (``quant.formats``: channel d sits in word
+  ``k * W + b // (32/lane)`` (``numerics.formats``: channel d sits in word
   d % W at bit p·(d // W)).
   """
   per_word = 32 // lane
@@ -372,7 +372,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
              for j, h in lanes]
   # Plane j's tiles hold base + code_j / 2**p and its query copy is times
   # w_j = plane_weight, so a product carries base · Σ_j w_j · Σq on top of
-  # q·code; with the zero (scale · share · zero code, quant.schemes) each
+  # q·code; with the zero (scale · share · zero code, numerics.schemes) each
   # row's correction per slot is (share · zero code - base · Σ w) · Σq,
   # taken from the row's plane-0 copy (every own channel once, times w_0).
   # The same correction, weighted by the probabilities, completes p·v.
@@ -579,7 +579,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     slot_pos: [B, R, S] int32 original position per slot (-1 = skip).
     k_words, v_words: [B, R, S, W] uint32 packed codes (``fmt``).
     k_scale, v_scale: [B, R, S, Hd/g] float16; k_zero, v_zero: the uint8
-      zero codes (``quant.schemes``).
+      zero codes (``numerics.schemes``).
     fmt, group_size: the int format and its group.
     block_s: slots per loop step of a program (a power of two); None =
       ``default_tiling``.

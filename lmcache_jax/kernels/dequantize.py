@@ -2,7 +2,7 @@
 
 ``ChunkReader`` is the unpacking step: it yields the codes of ``chunk``
 contiguous channels at a time with whole-word loads and one shift per plane
-(``quant.formats``' planar layout).
+(``numerics.formats``' planar layout).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
-from lmcache_jax.quant import schemes
-from lmcache_jax.quant.formats import Format
+from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics.formats import Format
 
 
 class ChunkReader:
@@ -102,7 +102,7 @@ def unpack_dequantize(payload, scale, zero, *, fmt: Format, group_size: int,
   Args:
     payload: uint32 words [..., Hd*bits/32] (int formats) or float8 [..., Hd].
     scale, zero: float16 scales and uint8 zero codes [..., Hd/g] (zero None
-      for fp8; ``quant.schemes``).
+      for fp8; ``numerics.schemes``).
     fmt, group_size, head_dim: as quantized.
     dtype: output dtype.
     block_rows: rows per program; interpret: Pallas interpret mode.

@@ -1,7 +1,7 @@
 """Quantize + pack: float rows [N, Hd] → uint32 codes, float16 scales, uint8 zero codes.
 
-The layout is ``quant.formats``' planar packing; the math is
-``quant.schemes.quantize`` (its reference here). One program handles
+The layout is ``numerics.formats``' planar packing; the math is
+``numerics.schemes.quantize`` (its reference here). One program handles
 ``block_rows`` rows; every group, chunk and plane is unrolled at trace time.
 """
 
@@ -15,8 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
-from lmcache_jax.quant import schemes
-from lmcache_jax.quant.formats import Format
+from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics.formats import Format
 
 
 def _kernel(x_ref, words_ref, scale_ref, zero_ref, *, fmt: Format,
@@ -82,7 +82,7 @@ def quantize_pack(x: jax.Array, *, fmt: Format, group_size: int,
 
   Args:
     x: float rows; leading axes are flattened.
-    fmt: an int format (``quant.formats``); fp8 needs no packing and runs
+    fmt: an int format (``numerics.formats``); fp8 needs no packing and runs
       ``schemes.quantize`` directly.
     group_size: channels per scale/zero; ``fmt.check`` validates it.
     block_rows: rows per program (rounded down to a power of two ≥ 1).
@@ -90,7 +90,7 @@ def quantize_pack(x: jax.Array, *, fmt: Format, group_size: int,
 
   Returns:
     words [..., Hd*bits/32] uint32, scale [..., Hd/g] float16 and zero
-    code [..., Hd/g] uint8 (``quant.schemes``).
+    code [..., Hd/g] uint8 (``numerics.schemes``).
   """
   head_dim = x.shape[-1]
   fmt.check(head_dim, group_size)

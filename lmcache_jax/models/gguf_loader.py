@@ -25,8 +25,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lmcache_jax.models import rope
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch import rope
+from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.models.weights import check_weights, gather_weights
 
 # Architecture -> whether its Q/K rows were permuted by the converter.

@@ -15,8 +15,8 @@ from flax import nnx
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.step import Step
 from lmcache_jax.models import attention
-from lmcache_jax.models.config import ModelConfig
-from lmcache_jax.models.rope import apply_rope, inverse_frequencies
+from lmcache_jax.arch.config import ModelConfig
+from lmcache_jax.arch.rope import apply_rope, inverse_frequencies
 from lmcache_jax.models.weights import check_weights, expected_shapes
 
 

@@ -9,8 +9,13 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from lmcache_jax.engine.loaded import LoadedModel
 from lmcache_jax.models import llama
+from lmcache_jax.models.assets import default_gguf_path
+from lmcache_jax.models.gguf_loader import load_gguf, open_gguf
+from lmcache_jax.models.loaded import LoadedModel
+from lmcache_jax.models.presets import PRESETS, get_preset
+from lmcache_jax.models.safetensors_loader import load_safetensors
+from lmcache_jax.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 _REAL = {DEFAULT_MODEL}
@@ -24,7 +29,6 @@ def default_dtype():
 
 
 def known_models() -> list[str]:
-  from lmcache_jax.models.presets import PRESETS
   return sorted(PRESETS)
 
 
@@ -46,9 +50,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *,
     return _load_file(path, dtype)
   name = name_or_path.removeprefix("random:")
   if name_or_path in _REAL:
-    from lmcache_jax.models.assets import default_gguf_path
     return _load_file(default_gguf_path(), dtype, name=name)
-  from lmcache_jax.models.presets import get_preset
   try:
     cfg = get_preset(name)
   except ValueError as e:
@@ -66,14 +68,10 @@ def _load_file(path: pathlib.Path, dtype, name: str | None = None) -> LoadedMode
     raise FileNotFoundError(f"model file or directory {str(path)!r} does not exist")
   tokenizer = None
   if path.is_dir():
-    from lmcache_jax.models.safetensors_loader import load_safetensors
     cfg, weights = load_safetensors(path)
     if (path / "tokenizer.json").exists():
-      from lmcache_jax.models.tokenizer import Tokenizer
       tokenizer = Tokenizer.from_hf_dir(path)
   else:
-    from lmcache_jax.models.gguf_loader import load_gguf, open_gguf
-    from lmcache_jax.models.tokenizer import Tokenizer
     reader = open_gguf(path)
     cfg, weights = load_gguf(path, reader=reader)
     tokenizer = Tokenizer.from_gguf(reader)

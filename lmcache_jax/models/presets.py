@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.models.weights import expected_shapes
 
 # Host memory above which random_weights refuses and points to the device path.

@@ -19,7 +19,7 @@ import ml_dtypes  # noqa: F401
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.models.weights import check_weights, gather_weights
 
 _log = logging.getLogger(__name__)

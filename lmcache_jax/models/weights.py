@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,7 @@ Layout (every leaf keeps the cache's slot axis at index 3):
   Packed (one per distinct format of the plan):
     data    [L, B, R, S, W]     uint32 packed codes (int) or float8 [.., Hd]
     scale   [L, B, R, S, Hd/g]  float16 per token and channel group
-    zero    [L, B, R, S, Hd/g]  uint8 zero codes (``quant.schemes``; None
+    zero    [L, B, R, S, Hd/g]  uint8 zero codes (``numerics.schemes``; None
                                 for fp8)
     heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
     outlier_index [L, B, R, S, n] uint8 channels kept exact (the plan's
@@ -47,12 +47,13 @@ from flax import struct
 
 from lmcache_jax.kernels.dequantize import unpack_dequantize
 from lmcache_jax.kernels.quantize import quantize_pack
-from lmcache_jax.quant import schemes, transform
-from lmcache_jax.quant.formats import Format, get_format
+from lmcache_jax.numerics import schemes
+from lmcache_jax.quant import transform
+from lmcache_jax.numerics.formats import Format, get_format
 from lmcache_jax.quant.plan import QuantPlan
 
 if TYPE_CHECKING:
-  from lmcache_jax.models.config import ModelConfig
+  from lmcache_jax.arch.config import ModelConfig
 
 
 @struct.dataclass

@@ -17,10 +17,10 @@ import pathlib
 import numpy as np
 
 from lmcache_jax.quant import transform
-from lmcache_jax.quant.formats import FORMATS, get_format
+from lmcache_jax.numerics.formats import FORMATS, get_format
 
 if TYPE_CHECKING:
-  from lmcache_jax.models.config import ModelConfig
+  from lmcache_jax.arch.config import ModelConfig
 
 _NAMES = tuple(FORMATS)  # stable ids for saving
 

@@ -14,7 +14,7 @@ Fields (defaults in ``configs/default.py``):
 from __future__ import annotations
 
 from lmcache_jax.cache.kv_cache import init_cache
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.store.crypto import load_cipher
 from lmcache_jax.store.keys import model_fingerprint
 from lmcache_jax.store.layout import Layout

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmcache_jax.quant import calibration
+from lmcache_jax.engine import calibration
 from lmcache_jax.quant.plan import QuantPlan
 from policies.calibration.sensitivity import head_errors
 from policies.registry import CALIBRATION

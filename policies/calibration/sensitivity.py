@@ -15,8 +15,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from lmcache_jax.quant import calibration
-from lmcache_jax.quant.formats import format_for_bits
+from lmcache_jax.engine import calibration
+from lmcache_jax.numerics.formats import format_for_bits
 from lmcache_jax.quant.plan import QuantPlan
 from policies.registry import CALIBRATION
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from lmcache_jax.quant import calibration
-from lmcache_jax.quant.formats import format_for_bits, get_format
+from lmcache_jax.engine import calibration
+from lmcache_jax.numerics.formats import format_for_bits, get_format
 from lmcache_jax.quant.plan import QuantPlan
 from policies.registry import CALIBRATION
 

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmcache_jax.quant import calibration, transform
+from lmcache_jax.engine import calibration
+from lmcache_jax.quant import transform
 from lmcache_jax.quant.plan import QuantPlan
 from policies.registry import CALIBRATION
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from flax import nnx
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.models.llama import Transformer
 
 

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lmcache_jax.models.config import ModelConfig
+from lmcache_jax.arch.config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:

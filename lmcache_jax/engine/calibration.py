@@ -23,12 +23,13 @@ from scipy.optimize import linear_sum_assignment
 
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.step import append_step
-from lmcache_jax.engine.loaded import LoadedModel
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.models import attention
 from lmcache_jax.models.llama import rms_norm
-from lmcache_jax.models.rope import apply_rope, inverse_frequencies
-from lmcache_jax.quant import schemes, transform
-from lmcache_jax.quant.formats import Format, format_for_bits
+from lmcache_jax.arch.rope import apply_rope, inverse_frequencies
+from lmcache_jax.numerics import schemes
+from lmcache_jax.quant import transform
+from lmcache_jax.numerics.formats import Format, format_for_bits
 
 BITS = (2, 3, 4, 8)
 

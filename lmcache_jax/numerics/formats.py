@@ -4,7 +4,7 @@ A format says how one head's vector of ``head_dim`` channels is stored:
 
 * ``int2``/``int3``/``int4``/``int8``: asymmetric uniform codes over groups
   of ``group_size`` channels (a float16 scale and a uint8 zero code per
-  group, ``quant.schemes``), packed densely into uint32 words: exactly
+  group, ``numerics.schemes``), packed densely into uint32 words: exactly
   ``head_dim * bits / 32`` words.
 * ``fp8``: float8 e4m3 values with a float16 scale per group (symmetric).
 

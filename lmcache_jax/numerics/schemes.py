@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmcache_jax.quant.formats import FP8_MAX, Format, pack, unpack
+from lmcache_jax.numerics.formats import FP8_MAX, Format, pack, unpack
 
 
 def _groups(x: jnp.ndarray, group_size: int) -> jnp.ndarray:
