@@ -7,6 +7,9 @@ A suite is a module ``experiments/benchmarks/<name>.py`` defining
 where ``config`` comes from ``configs/bench/<name>.py`` (``get_config(arg)``),
 or from ``--config``; it is None when the suite has no config file. Each row
 becomes a line of the printed Markdown table; the whole dict is saved as JSON.
+Modules whose name starts with ``_`` serve the suites and are not suites
+(``_hf_baseline``: the transformers baseline; ``_checks``: kernel results
+against their references).
 
 The helpers below are shared by the suites, so every number is taken the
 same way: device work is synchronized before a clock is read, the first runs
@@ -20,7 +23,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -42,14 +44,6 @@ def load_suite(name: str):
   if not callable(getattr(module, "run", None)):
     raise ValueError(f"benchmark suite {name!r} defines no run(config)")
   return module
-
-
-def flag(name: str, default: str) -> str:
-  """The last ``--name=value`` on the command line, or ``default``: the
-  options of the one-off scripts beside the suites (``_kernel_*.py``)."""
-  values = [a.split("=", 1)[1] for a in sys.argv
-            if a.startswith(f"--{name}=")]
-  return values[-1] if values else default
 
 
 def sync(tree: Any) -> Any:
