@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from experiments.benchmarks._checks import assert_matches_reference
 from lmcache_jax.kernels import backend
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
@@ -72,7 +73,7 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
   got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
                             group_size=group, block_s=block, split_s=split,
                             interpret=True)
-  da.assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
+  assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
   out, lse, none = da.decode_attention(
       q, q_pos, slot_pos, *kq, *vq, fmt=fmt, group_size=group, block_s=block,
       split_s=split, with_logits=False, interpret=True)
@@ -107,7 +108,7 @@ def test_decode_attention_bfloat16_queries(name, group):
   got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
                             group_size=group, block_s=16, split_s=32,
                             interpret=True)
-  da.assert_matches_reference(got, want, rtol=2e-2, atol=2e-2)
+  assert_matches_reference(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_decode_attention_blocks_without_visible_slots():
@@ -128,7 +129,7 @@ def test_decode_attention_blocks_without_visible_slots():
   got = da.decode_attention(q, q_pos, jnp.asarray(slot_pos), *kq, *vq,
                             fmt=fmt, group_size=64, block_s=16, split_s=64,
                             interpret=True)
-  da.assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
+  assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_attention_with_nothing_visible():

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarks
+from experiments.benchmarks._checks import assert_matches_reference
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
 from lmcache_jax.models import attention
@@ -148,8 +149,8 @@ def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
   fn = jax.jit(lambda *a: da.decode_attention(*a, fmt=FMT, group_size=group))
   want = jax.jit(lambda *a: da.decode_attention_reference(
       *a, fmt=FMT, group_size=group))(*args)
-  da.assert_matches_reference(fn(*args), want, rtol=2e-3, atol=2e-3,
-                              what=f"group {group}")
+  assert_matches_reference(fn(*args), want, rtol=2e-3, atol=2e-3,
+                           what=f"group {group}")
   t = time_call(lambda: fn(*args))
   return timed_row(f"int4 kernel, group {group} (2 groups per head), defaults",
                    t, kernel_bytes(kq, vq, slot_pos, DEFAULT_BLOCK), bandwidth)
@@ -182,8 +183,8 @@ def run(config=None) -> dict:
                  da.decode_attention(*a, fmt=FMT, group_size=GROUP_SIZE,
                                      block_s=b, split_s=s, num_warps=w,
                                      num_stages=st))
-    da.assert_matches_reference(fn(q, q_pos, slot_pos, *kq, *vq), want,
-                                rtol=2e-3, atol=2e-3, what=f"block {block}")
+    assert_matches_reference(fn(q, q_pos, slot_pos, *kq, *vq), want,
+                             rtol=2e-3, atol=2e-3, what=f"block {block}")
     t = time_call(lambda: fn(q, q_pos, slot_pos, *kq, *vq))
     rows.append(timed_row(f"int4 kernel block {block} split {split} warps "
                           f"{warps} stages {stages}", t,

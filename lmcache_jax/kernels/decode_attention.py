@@ -1,40 +1,30 @@
 """Fused decode attention over a packed cache (grouped-query, split-K).
 
-One query token per sequence. For each (sequence b, cache row r) the G query
-heads sharing that kv head attend over S slots. The grid splits S into
-``split_s`` slots per program (flash-decoding); a program loops over blocks of
-``block_s`` slots with an online softmax, unpacking keys and values straight
-from the packed words. Scales and zeros are folded out of the products
-(q·k = scale·(q·code + share·zero code·Σq), the zero as a share of the
-scale), so the inner products run on the codes, on tensor cores (tiles
-narrower than 16 columns, e.g. int3's 1-bit plane at small head dims,
-multiply and sum instead).
+``decode_attention`` takes one query per sequence, q [B, R, G, Hd] float32
+or bfloat16 (for each cache row R, a kv head, its G query heads), the query
+positions [B] int32 and, per slot, its position [B, R, S] int32 (-1 =
+empty) and its key and value as a format of ``numerics.formats`` stores
+them: words [B, R, S, W], scales and zero codes [B, R, S, Hd/group_size].
+A slot is visible when its position is in [0, q_pos]. It returns out [B, R, G, Hd] and lse [B, R, G] float32
+over the visible slots, and every slot's logit as ``BlockLogits``.
 
-The packed words are read as *lanes* of 16 bits (or bytes where 16-bit
-tiles would be too narrow): field h of every lane of a p-bit plane (bits
-p·h..p·h+p) forms a [block, Hd·p/L] bfloat16 tile with a shift and one
-AND/OR per pair of codes (``_lane_tiles``): the code goes into the top
-mantissa bits of bfloat16 1.0, so a tile holds 1 + code / 2**p, and the
-products' surplus (a row sum of the other operand) is subtracted once per
-row with the zero. No lane shuffles, no int→float conversion instructions.
-Each lane tile holds a fixed permutation of the channels; the query is
-permuted the same way before the kernel and the output permuted back after
-it (q·k and p·v do not depend on the channel order). A multi-plane format
-(int3 = a 2-bit and a 1-bit plane) is a sum of one-plane codes weighted by
-2**low: the query gets one copy per plane, in that plane's order and times
-its weight (``plane_weight``), and the kernel keeps one output accumulator
-per plane, which the wrapper weights and sums. Several scale groups per
-head use the product rows: each group has its own block of rows whose query
-sees only that group's channels, so one product per lane tile serves all
-groups (``_lanes_kernel``).
+Exactness against ``decode_attention_reference`` (dequantize, then the
+float32 attention of ``dense_decode_attention``): out and lse to float32
+rounding for float32 queries (bfloat16 queries also round the
+probabilities to bfloat16); each visible logit within
+``LOGIT_OFFSET_PRECISION`` of its distance below its block's max; masked
+logits exactly -1e30, and lse -1e30 where nothing is visible.
 
-Each program writes its softmax state (max m, sum l, unnormalised output acc)
-and its slots' logits; a small jnp epilogue merges the programs. The logits
-let the caller merge other sources (the exact residual window) and derive the
-per-slot attention mass eviction scorers need, without a second read of the
-cache. They leave the kernel as float16 offsets from each block's running
-max plus that max (``BlockLogits``: half the bytes of float32 logits, which
-were a tenth of the kernel's traffic).
+Backend (``backend.choose``): the Triton lowering on GPU, interpret mode
+when asked (the CPU tests), otherwise the reference, named once in the log
+(also for formats without a kernel, such as fp8).
+
+Method: a program per (sequence, row, ``split_s`` slots) loops over blocks
+of ``block_s`` slots with an online softmax; the packed words are read as
+16- or 8-bit lanes whose fields go into the mantissa of bfloat16 1.0
+(``_lane_tiles``), scales and zeros are folded out of the products, the
+query is permuted into the lanes' channel order (``lane_order``) and the
+output back; a jnp epilogue merges the programs.
 """
 
 from __future__ import annotations
@@ -61,8 +51,8 @@ def lane_bits(fmt: Format, head_dim: int) -> int:
   """Width of the lanes the packed words are read in: 16 bits (a pair of
   codes per register, straight into a bfloat16 pair) where every plane's
   lane tiles stay at least 32 columns wide, else bytes (16-column tiles
-  double the products per block and ran slower: int2 at Hd 128 on an H200,
-  docs/benchmarks.md). 8-bit codes are read as bytes, each byte a code."""
+  would double the products per block). 8-bit codes are read as bytes,
+  each byte a code."""
   if fmt.bits == 8 or any(head_dim * bits // 16 < 32 for bits in fmt.planes):
     return 8
   return 16
@@ -89,38 +79,6 @@ class BlockLogits:
               + jnp.repeat(self.block_max, block, axis=-1))
     # a masked slot's offset from a real max is -inf in float16
     return jnp.maximum(logits, MASKED)[..., :self.slots]
-
-
-def logit_rounding(logits) -> np.ndarray:
-  """How far each exact logit of ``logits`` [..., S] (-1e30 where masked)
-  may come back from ``BlockLogits.dense``: its float16 offset's rounding,
-  ``LOGIT_OFFSET_PRECISION`` of its distance below its block's max, which
-  is at most its distance below the row's max; 0 where masked (exact)."""
-  logits = np.asarray(logits)
-  visible = logits > MASKED / 2
-  top = np.max(np.where(visible, logits, -np.inf), -1, keepdims=True)
-  return np.where(visible, LOGIT_OFFSET_PRECISION * (top - logits), 0.0)
-
-
-def assert_matches_reference(got, want, *, rtol: float, atol: float,
-                             what: str = "") -> None:
-  """Raises AssertionError unless the kernel's (out, lse, BlockLogits)
-  ``got`` matches the reference's (out, lse, logits) ``want``: out and lse
-  within ``rtol``/``atol``; each visible logit within that plus its float16
-  offset's rounding (``logit_rounding``); masked logits exactly -1e30.
-  Shared by the tests (interpret mode) and the kernel suite (on the card)."""
-  for name, g, w in zip(("out", "lse"), got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
-                               atol=atol, err_msg=f"{name} {what}")
-  got_logits, want_logits = np.asarray(got[2].dense()), np.asarray(want[2])
-  visible = want_logits > MASKED / 2
-  np.testing.assert_array_equal(got_logits[~visible], want_logits[~visible],
-                                err_msg=f"masked logits {what}")
-  bound = logit_rounding(want_logits) + atol + rtol * np.abs(want_logits)
-  excess = (np.abs(got_logits - want_logits) - bound)[visible]
-  if excess.size and excess.max() > 0:
-    raise AssertionError(
-        f"logits off by {excess.max():.3g} beyond their bound {what}")
 
 
 def _lane_channel(b, h: int, bits: int, head_dim: int, lane: int):
