@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.store.host_mib = 4096
   config.store.disk_mib = 16384
   config.store.dir = "runs/kv_store" # disk tier directory
-  config.store.policy = "lru"        # tier policy: lru, lfu, fifo
+  config.store.replacement = "lru"   # each tier's replacement rule: lru, lfu, fifo
   config.store.key_file = ""         # AES-256 key file: encrypts host + disk
   config.store.key_env = ""          # or the variable holding the key
 

@@ -6,11 +6,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from lmcache_jax import models
+from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.data import shakespeare
 from lmcache_jax.engine import calibration
 from lmcache_jax.quant import QuantPlan
-from policies.registry import CALIBRATION, EVICTION, parse_spec
+from lmcache_jax.store import (DeviceTier, DiskTier, HostTier, KVStore, Layout,
+                               load_cipher, model_fingerprint)
+from policies.registry import CALIBRATION, EVICTION, REPLACEMENT, parse_spec
 
 
 def resolve_budget(budget: float, context: int) -> int:
@@ -57,13 +60,49 @@ def make_quant(config: ml_collections.ConfigDict, lm: models.LoadedModel):
   return quant_plan(config.quant, lm)
 
 
-def make_store(config: ml_collections.ConfigDict, lm: models.LoadedModel):
-  """The prefix store the config asks for, or None."""
+def make_store(config: ml_collections.ConfigDict, lm: models.LoadedModel,
+               cache: KVCache | None = None) -> KVStore | None:
+  """The prefix store ``config.store`` asks for, for ``lm``'s caches (or ones
+  shaped like ``cache``); None if it is not enabled.
+
+  Fields of ``config.store`` (defaults in ``configs/default.py``):
+  ``tiers`` (a comma list of device, host, disk; used fastest first),
+  ``chunk_size`` (tokens), ``device_mib`` / ``host_mib`` / ``disk_mib``
+  (capacities), ``dir`` (the disk tier's directory), ``replacement`` (a rule
+  of ``policies/replacement``: lru, lfu, fifo; each tier gets its own), and
+  ``key_file`` or ``key_env`` (an AES-256 key: seals host and disk chunks).
+  """
   store_config = config.get("store")
   if store_config is None or not store_config.get("enabled", False):
     return None
-  from lmcache_jax import store
-  return store.from_config(store_config, lm)
+  valid = ("device", "host", "disk")  # fastest first
+  names = [t.strip() for t in str(store_config.tiers).split(",") if t.strip()]
+  if not names or set(names) - set(valid):
+    raise ValueError(f"config.store.tiers={store_config.tiers!r}: give a comma "
+                     f"list of {', '.join(valid)}")
+  rule = store_config.get("replacement", "lru")
+  tiers = []
+  for name in (n for n in valid if n in names):
+    mib = store_config[f"{name}_mib"]
+    if not isinstance(mib, int) or mib <= 0:
+      raise ValueError(f"config.store.{name}_mib={mib!r}: give the {name} "
+                       f"tier's capacity as a positive whole number of MiB")
+    capacity, replacement = mib * 2**20, REPLACEMENT.make(rule)
+    if name != "disk":
+      memory_tier = DeviceTier if name == "device" else HostTier
+      tiers.append(memory_tier(capacity, replacement))
+    elif not store_config.dir:
+      raise ValueError("config.store.dir is empty: the disk tier needs a "
+                       "directory (or leave disk out of config.store.tiers)")
+    else:
+      tiers.append(DiskTier(store_config.dir, capacity, replacement))
+  chunk_size = int(store_config.chunk_size)
+  if cache is None:
+    cache = init_cache(lm.cfg, 1, max(chunk_size, 1), lm.dtype)
+  return KVStore(Layout.of(cache), tiers,
+                 model_fingerprint=model_fingerprint(lm), chunk_size=chunk_size,
+                 cipher=load_cipher(store_config.get("key_file", ""),
+                                    store_config.get("key_env", "")))
 
 
 def calibration_text_tokens(quant_config, lm):

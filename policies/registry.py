@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 
 class Registry:
-  """Factories of one kind of policy (eviction, calibration, tier) or task."""
+  """Factories of one kind: eviction or calibration policies, replacement
+  rules, or tasks."""
 
   def __init__(self, kind: str, package: str, noun: str = "policy"):
     self.kind = kind
@@ -115,4 +116,4 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 EVICTION = Registry("eviction", "policies.eviction")
 CALIBRATION = Registry("calibration", "policies.calibration")
-TIER = Registry("tier", "policies.tier")
+REPLACEMENT = Registry("replacement", "policies.replacement", noun="rule")

@@ -8,7 +8,8 @@ import numpy as np
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.numerics.formats import get_format
 from lmcache_jax.quant.payload import Packed, QuantizedKV
-from lmcache_jax.store import KVStore, Layout
+from lmcache_jax.store import DeviceTier, DiskTier, HostTier, KVStore, Layout
+from policies.registry import REPLACEMENT
 from conftest import tiny_config
 
 CHUNK = 8
@@ -31,11 +32,28 @@ def filled_cache(seed: int, batch: int = 1, capacity: int = 64,
       lengths=jnp.full((batch,), length, jnp.int32))
 
 
+def make_tiers(device_bytes=None, host_bytes=None, disk_dir=None,
+               disk_bytes=None, replacement: str = "lru") -> list:
+  """The tiers given a capacity (the disk tier also by a directory), fastest
+  first, each with its own ``replacement`` rule."""
+  tiers = []
+  if device_bytes is not None:
+    tiers.append(DeviceTier(device_bytes, REPLACEMENT.make(replacement)))
+  if host_bytes is not None:
+    tiers.append(HostTier(host_bytes, REPLACEMENT.make(replacement)))
+  if disk_dir is not None or disk_bytes is not None:
+    tiers.append(DiskTier(disk_dir, disk_bytes, REPLACEMENT.make(replacement)))
+  return tiers
+
+
 def make_store(fingerprint: bytes = b"test-model", chunk_size: int = CHUNK,
-               **tiers) -> KVStore:
+               tiers=None, cipher=None, **capacities) -> KVStore:
+  """A store of the tiny model's float32 caches over ``tiers``, or over the
+  tiers ``make_tiers(**capacities)`` builds."""
   layout = Layout.of(init_cache(tiny_config(), 1, 16, jnp.float32))
-  return KVStore(layout, model_fingerprint=fingerprint, chunk_size=chunk_size,
-                 **tiers)
+  tiers = make_tiers(**capacities) if tiers is None else tiers
+  return KVStore(layout, tiers, model_fingerprint=fingerprint,
+                 chunk_size=chunk_size, cipher=cipher)
 
 
 def tokens_for(seed: int, n: int) -> list[int]:

@@ -14,6 +14,7 @@ from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.store.crypto import load_cipher
 from lmcache_jax.store.keys import model_fingerprint
+from policies.replacement.lru import LRU
 from conftest import tiny_config, tiny_weights
 from store_helpers import make_store, tokens_for
 
@@ -87,8 +88,8 @@ def test_other_weights_never_hit(lm):
   other = LoadedModel.from_module(
       from_weights(cfg, tiny_weights(cfg, seed=5), jnp.float32))
   assert store.lookup(prompt) == 32
-  other_store = make_store(model_fingerprint(other), host_bytes=1 << 20)
-  other_store.tiers = store.tiers  # the same chunks, keyed for the other model
+  # the same chunks, keyed for the other model
+  other_store = make_store(model_fingerprint(other), tiers=store.tiers)
   assert other_store.lookup(prompt) == 0
 
 
@@ -110,7 +111,7 @@ def test_encrypted_store_writes_no_plaintext(lm, tmp_path):
     data = path.read_bytes()
     for start in range(0, len(plain) - 32, 256):
       assert plain[start:start + 32] not in data
-  for blob in store.tiers["host"]._values.values():
+  for blob in store.tier("host")._values.values():
     assert isinstance(blob, bytes) and plain[:32] not in blob
   reopened = make_store(model_fingerprint(lm), disk_dir=str(directory),
                         disk_bytes=1 << 20,
@@ -127,7 +128,7 @@ def test_quantized_cache_stores_its_packed_form(tmp_path, outliers):
   from lmcache_jax.engine.generate import decode
   from lmcache_jax.engine.prefill import prefill
   from lmcache_jax.quant.plan import QuantPlan
-  from lmcache_jax.store import KVStore, Layout
+  from lmcache_jax.store import DiskTier, HostTier, KVStore, Layout
   cfg = tiny_config(head_dim=32)
   lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
   plan = QuantPlan.uniform(cfg, "int4", group_size=32, outliers=outliers)
@@ -136,11 +137,11 @@ def test_quantized_cache_stores_its_packed_form(tmp_path, outliers):
   logits, cache = prefill(lm, new_cache(1, 96), [prompt], lm_policy(), 8)
   cold = decode(lm, cache, logits, max_new_tokens=4)
   layout = Layout.of(new_cache(1, 16))
-  store = KVStore(layout, model_fingerprint=model_fingerprint(lm), chunk_size=8,
-                  disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  store = KVStore(layout, [DiskTier(str(tmp_path), 1 << 20, LRU())],
+                  model_fingerprint=model_fingerprint(lm), chunk_size=8)
   dense = KVStore(Layout.of(init_cache(cfg, 1, 16, jnp.float32)),
-                  model_fingerprint=model_fingerprint(lm), chunk_size=8,
-                  host_bytes=1 << 20)
+                  [HostTier(1 << 20, LRU())],
+                  model_fingerprint=model_fingerprint(lm), chunk_size=8)
   assert store.chunk_nbytes < dense.chunk_nbytes / 4
   assert store.root != dense.root
   generate_with_store(lm, [prompt], store, max_new_tokens=1, new_cache=new_cache,

@@ -19,7 +19,9 @@ from lmcache_jax.cache.policy import KeepAll
 from lmcache_jax.data import shakespeare
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.reuse import generate_with_store
-from lmcache_jax.store import KVStore, Layout, model_fingerprint
+from lmcache_jax.store import (DiskTier, HostTier, KVStore, Layout,
+                               model_fingerprint)
+from policies.replacement.lru import LRU
 
 PREFIX, QUESTION, CHUNK = 2048, 24, 512
 
@@ -38,8 +40,9 @@ def test_real_model_2k_prefix_reuse(tmp_path):
   prompt = tokens[:PREFIX + QUESTION]
   capacity = len(prompt) + 8
   store = KVStore(Layout.of(init_cache(lm.cfg, 1, 256, lm.dtype)),
-                  model_fingerprint=model_fingerprint(lm), chunk_size=256,
-                  host_bytes=1 << 30, disk_dir=str(tmp_path), disk_bytes=1 << 30)
+                  [HostTier(1 << 30, LRU()),
+                   DiskTier(str(tmp_path), 1 << 30, LRU())],
+                  model_fingerprint=model_fingerprint(lm), chunk_size=256)
   recompute(lm, prompt[:CHUNK], capacity)  # compiles the chunk's shapes
   cold_logits, cache, cold_s = recompute(lm, prompt, capacity)
   store.store(prompt, cache, wait=True)

@@ -1,4 +1,4 @@
-"""The store's parts: keys, tier policies, tiers, chunk codec, layouts, round trips."""
+"""The store's parts: keys, replacement rules, tiers, chunk codec, layouts, round trips."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from lmcache_jax.store.keys import chunk_keys, namespace
 from lmcache_jax.store.layout import (Layout, insert_prefix, slice_chunk,
                                       slot_arrays, with_slot_arrays)
 from lmcache_jax.store.tier import MemoryTier
-from policies.registry import TIER
+from lmcache_jax.store.tiers import DiskTier, HostTier
+from policies.registry import REPLACEMENT
 from conftest import tiny_config
 from store_helpers import (CHUNK, assert_prefix_is, filled_cache, make_store,
                            quantized_like_cache, tokens_for)
@@ -33,8 +34,8 @@ def test_key_chain_depends_on_the_whole_prefix():
   assert chunk_keys(a[:17], CHUNK, root) == ka[:2]
 
 
-# (policy, operations, expected victim); "i k" inserts, "t k" touches.
-POLICY_CASES = [
+# (rule, operations, expected victim); "i k" inserts, "t k" touches.
+RULE_CASES = [
     ("lru", "i a, i b, i c, t a", "b"),
     ("fifo", "i a, i b, i c, t a", "a"),
     ("lfu", "i a, i b, i c, t a, t c, t c, t b", "a"),
@@ -42,23 +43,23 @@ POLICY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, ops, victim", POLICY_CASES)
-def test_tier_policy_victims(name, ops, victim):
-  policy = TIER.make(name)
+@pytest.mark.parametrize("name, ops, victim", RULE_CASES)
+def test_replacement_rule_victims(name, ops, victim):
+  rule = REPLACEMENT.make(name)
   for op in ops.split(", "):
     verb, key = op.split()
-    (policy.insert if verb == "i" else policy.touch)(key)
-  assert policy.victim() == victim
-  policy.remove(victim)
-  assert policy.victim() != victim
+    (rule.insert if verb == "i" else rule.touch)(key)
+  assert rule.victim() == victim
+  rule.remove(victim)
+  assert rule.victim() != victim
 
 
-def test_tier_policies_are_registered():
-  assert {"lru", "lfu", "fifo"} <= set(TIER.names())
+def test_replacement_rules_are_registered():
+  assert {"lru", "lfu", "fifo"} <= set(REPLACEMENT.names())
 
 
 def test_memory_tier_evicts_within_capacity():
-  tier = MemoryTier("host", 30, "lru")
+  tier = HostTier(30, REPLACEMENT.make("lru"))
   for key in "abc":
     assert tier.put(key, key.upper(), 10)
   tier.get("a")
@@ -152,9 +153,40 @@ def test_disk_hit_is_promoted_to_faster_tiers(tmp_path):
   assert store.load(tokens).sources == ["disk"] * 8
   store.flush()
   assert store.load(tokens).sources == ["device"] * 8
-  store.tiers["device"].drop(store.keys(tokens)[0])
+  store.tier("device").drop(store.keys(tokens)[0])
   assert store.load(tokens).sources == ["host"] + ["device"] * 7
   assert_prefix_is(store.load(tokens), cache)
+
+
+class Remote(MemoryTier):
+  """A storage tier in one class: a dict standing for a remote service."""
+  name = "remote"
+
+
+def test_a_new_storage_tier_is_checked_and_backs_up_the_others(tmp_path):
+  cache = filled_cache(4)
+  tokens = tokens_for(4, 64)
+  remote = Remote(1 << 20, REPLACEMENT.make("lru"))
+  store = make_store(tiers=[DiskTier(str(tmp_path), 1 << 20,
+                                     REPLACEMENT.make("lru")), remote])
+  store.store(tokens, cache, wait=True)
+  keys = store.keys(tokens)
+  assert len(remote) == 8 and all(isinstance(remote._values[k], bytes)
+                                  for k in keys)
+  disk_file = tmp_path / (keys[0].hex() + ".kv")
+  disk_file.write_bytes(disk_file.read_bytes()[:-1])
+  prefix = store.load(tokens)  # the damaged disk copy is dropped
+  assert prefix.sources == ["remote"] + ["disk"] * 7
+  assert_prefix_is(prefix, cache)
+  store.flush()
+  assert keys[0] in store.tier("disk")  # promoted from the remote tier
+  blob = bytearray(remote._values[keys[1]])
+  blob[-1] ^= 1
+  remote._values[keys[1]] = bytes(blob)
+  store.tier("disk").drop(keys[1])
+  prefix = store.load(tokens)  # no intact copy of chunk 1 is left
+  assert prefix.sources == ["disk"] and keys[1] not in remote
+  assert_prefix_is(prefix, cache)
 
 
 def test_prefetch_warms_the_host_tier(tmp_path):

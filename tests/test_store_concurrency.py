@@ -77,11 +77,11 @@ def test_threads_store_and_load_overlapping_prefixes(tmp_path):
   store.flush()
   for seed in seeds:
     tokens = sequence(seed)
-    stored = any(store.keys(tokens)[-1] in tier for tier in store.tiers.values())
+    stored = any(store.keys(tokens)[-1] in tier for tier in store.tiers)
     if stored:
       assert store.lookup(tokens) == 64, f"sequence {seed} lost a chunk"
-  for name, tier in store.tiers.items():
-    assert tier.used <= tier.capacity, name
+  for tier in store.tiers:
+    assert tier.used <= tier.capacity, tier.name
     assert tier.used == sum(tier._sizes.values())
 
 
@@ -92,21 +92,21 @@ def test_queued_disk_writes_are_neither_written_nor_counted_twice(tmp_path):
   tokens = tokens_for(7, 32)
   cache = keyed_cache(store, tokens)
   gate, calls = threading.Event(), []
-  write = store._write_disk
+  write = store._write_storage
 
   def held_back(keys, copies):
     calls.append(len(keys))
     gate.wait(timeout=60)
     write(keys, copies)
 
-  store._write_disk = held_back
+  store._write_storage = held_back
   assert store.store(tokens, cache) == 4
   assert store.store(tokens, cache) == 0          # queued, not yet on disk
   gate.set()
   store.flush()
   assert calls == [4] and store.lookup(tokens) == 32
 
-  disk = store.tiers["disk"]
+  disk = store.tier("disk")
   put = disk.put
 
   def failing_put(key, value, nbytes):

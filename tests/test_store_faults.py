@@ -18,7 +18,7 @@ from lmcache_jax.engine.generate import generate
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
-from lmcache_jax.store import disk as disk_module
+from lmcache_jax.store.tiers import disk as disk_module
 from lmcache_jax.store.keys import model_fingerprint
 from conftest import tiny_config, tiny_weights
 from store_helpers import assert_prefix_is, filled_cache, make_store, tokens_for
@@ -166,7 +166,7 @@ def test_full_disk_degrades_to_memory_tiers(tmp_path, monkeypatch, caplog):
   assert "No space left on device" in caplog.text
   assert caplog.text.count("cannot write a chunk") == 1  # said once
   assert not list(tmp_path.glob("*.kv")) and not list(tmp_path.glob("*.tmp"))
-  assert len(store.tiers["disk"]) == 0
+  assert len(store.tier("disk")) == 0
   prefix = store.load(TOKENS)
   assert prefix.sources == ["host"] * 8
   assert_prefix_is(prefix, cache)
@@ -181,13 +181,13 @@ def test_disk_capacity_evicts_and_stays_within_bounds(tmp_path):
   for seed in range(3):
     store.store(tokens_for(seed, 64), filled_cache(seed), wait=True)
     assert len(chunk_files(directory)) <= 5
-    assert store.tiers["disk"].used <= 5 * nbytes
+    assert store.tier("disk").used <= 5 * nbytes
   # The newest sequence's first chunks survive under lru.
   prefix = store.load(tokens_for(2, 64))
   assert prefix.num_tokens > 0
   assert_prefix_is(prefix, filled_cache(2))
   reopened = make_store(disk_dir=str(directory), disk_bytes=2 * nbytes)
-  assert len(chunk_files(directory)) == 2 and len(reopened.tiers["disk"]) == 2
+  assert len(chunk_files(directory)) == 2 and len(reopened.tier("disk")) == 2
 
 
 def test_generation_completes_exactly_over_damaged_files(tmp_path):

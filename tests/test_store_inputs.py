@@ -12,8 +12,10 @@ from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
-from lmcache_jax.store import KVStore, Layout, from_config
+from experiments.setup import make_store as store_from_config
+from lmcache_jax.store import DiskTier, HostTier, KVStore, Layout
 from lmcache_jax.store.crypto import load_cipher
+from policies.replacement.lru import LRU
 from conftest import tiny_config, tiny_weights
 from store_helpers import filled_cache, make_store, quantized_like_cache
 
@@ -35,8 +37,27 @@ def test_zero_capacity(tmp_path, tier):
 def test_no_tier_and_half_a_disk_tier(tmp_path):
   with pytest.raises(ValueError, match="at least one tier"):
     make_store()
-  with pytest.raises(ValueError, match="both disk_dir and disk_bytes"):
+  with pytest.raises(ValueError, match="capacity must be a positive.*None"):
     make_store(disk_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="disk tier needs a directory.*None"):
+    make_store(disk_bytes=1 << 20)
+
+
+def test_tiers_must_be_tiers_with_own_names_and_rules(tmp_path):
+  with pytest.raises(ValueError, match="must be Tier objects.*got 'host'"):
+    make_store(tiers=["host"])
+  with pytest.raises(ValueError, match="name 'host' twice"):
+    make_store(tiers=[HostTier(1 << 20, LRU()), HostTier(1 << 20, LRU())])
+  shared = LRU()
+  with pytest.raises(ValueError, match="host and disk tiers share one "
+                                       "replacement rule"):
+    make_store(tiers=[HostTier(1 << 20, shared),
+                      DiskTier(str(tmp_path), 1 << 20, shared)])
+  with pytest.raises(ValueError, match="host tier's replacement must be a "
+                                       "rule object.*got 'lfu'"):
+    HostTier(1 << 20, "lfu")
+  with pytest.raises(ValueError, match="no tier 'disk'; its tiers: host"):
+    make_store(host_bytes=1 << 20).tier("disk")
 
 
 def test_chunk_size_must_divide_layout():
@@ -44,7 +65,8 @@ def test_chunk_size_must_divide_layout():
     make_store(chunk_size=0, host_bytes=1 << 20)
   layout = Layout.of(quantized_like_cache(group=4))
   with pytest.raises(ValueError, match="chunk_size 6 does not divide.*multiple of 4"):
-    KVStore(layout, model_fingerprint=b"m", chunk_size=6, host_bytes=1 << 20)
+    KVStore(layout, [HostTier(1 << 20, LRU())], model_fingerprint=b"m",
+            chunk_size=6)
 
 
 def test_cache_of_another_layout_is_refused():
@@ -100,19 +122,30 @@ def test_evicting_policy_is_refused():
                         max_new_tokens=1, policy=Window())
 
 
-def test_config_tiers():
+def store_config(**fields):
+  store = dict(enabled=True, tiers="host", chunk_size=8, device_mib=1,
+               host_mib=1, disk_mib=1, dir="", replacement="lru", key_file="",
+               key_env="")
+  store.update(fields)
+  return ml_collections.ConfigDict(dict(store=store))
+
+
+def test_config_tiers(tmp_path):
   cfg = tiny_config()
   lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
-  config = ml_collections.ConfigDict(dict(
-      enabled=True, tiers="host,tape", chunk_size=8, device_mib=1, host_mib=1,
-      disk_mib=1, dir="", policy="lru", key_file="", key_env=""))
-  with pytest.raises(ValueError, match="'host,tape'"):
-    from_config(config, lm)
-  config.tiers = "host"
-  config.policy = "mru"
-  with pytest.raises(ValueError, match="unknown tier policy 'mru'"):
-    from_config(config, lm)
-  config.policy = "lfu"
-  assert from_config(config, lm).tiers["host"].policy_name == "lfu"
-  config.enabled = False
-  assert from_config(config, lm) is None
+  with pytest.raises(ValueError, match="'host,tape'.*device, host, disk"):
+    store_from_config(store_config(tiers="host,tape"), lm)
+  with pytest.raises(ValueError, match="unknown replacement rule 'mru'; "
+                                       "valid: fifo, lfu, lru"):
+    store_from_config(store_config(replacement="mru"), lm)
+  with pytest.raises(ValueError, match="config.store.host_mib=0: .*positive"):
+    store_from_config(store_config(host_mib=0), lm)
+  with pytest.raises(ValueError, match="config.store.dir is empty"):
+    store_from_config(store_config(tiers="disk"), lm)
+  store = store_from_config(store_config(
+      tiers="disk, device", replacement="lfu", dir=str(tmp_path)), lm)
+  assert [t.name for t in store.tiers] == ["device", "disk"]
+  assert [t.replacement.name for t in store.tiers] == ["lfu", "lfu"]
+  assert store.tiers[0].replacement is not store.tiers[1].replacement
+  assert store_from_config(store_config(enabled=False), lm) is None
+

@@ -37,8 +37,10 @@ from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights, random_weights
 from lmcache_jax.models.presets import get_preset
-from lmcache_jax.store import KVStore, Layout, model_fingerprint
+from lmcache_jax.store import (DeviceTier, DiskTier, HostTier, KVStore, Layout,
+                               model_fingerprint)
 from lmcache_jax.store.memory import device_sharding, host_sharding
+from policies.replacement.lru import LRU
 
 GB = 1e9
 DEFAULTS = dict(preset="llama2-13b", contexts=(4096, 32768),
@@ -206,9 +208,10 @@ def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes):
   layout = Layout.of(new_cache(1, chunk))
   chunk_bytes = layout.chunk_nbytes(chunk)
   prefix_bytes = usable // chunk * chunk_bytes
-  store = KVStore(layout, model_fingerprint=fingerprint, chunk_size=chunk,
-                  host_bytes=prefix_bytes + 4 * chunk_bytes,
-                  disk_dir=disk_dir, disk_bytes=prefix_bytes + 4 * chunk_bytes)
+  room = prefix_bytes + 4 * chunk_bytes
+  store = KVStore(layout,
+                  [HostTier(room, LRU()), DiskTier(disk_dir, room, LRU())],
+                  model_fingerprint=fingerprint, chunk_size=chunk)
   start = time.perf_counter()
   store.store(prompt[:usable], cold_cache, wait=True)
   store_s = time.perf_counter() - start
@@ -240,10 +243,15 @@ def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes):
   gbps = load_throughput(store, new_cache, prompt, capacity, usable)
   add("host", store, dict(load_gbps=gbps, link_fraction=gbps / link["h2d_gbps"],
                           store_host_and_disk_s=store_s))
-  del store.tiers["host"]  # the same files, read from disk
-  add("disk", store, dict(load_gbps=load_throughput(
-      store, new_cache, prompt, capacity, usable, runs=1)))
+  disk = store.tier("disk")
   store.close()
+  del store  # frees the host tier's copies
+  # the same files, read from disk
+  disk_store = KVStore(layout, [disk], model_fingerprint=fingerprint,
+                       chunk_size=chunk)
+  add("disk", disk_store, dict(load_gbps=load_throughput(
+      disk_store, new_cache, prompt, capacity, usable, runs=1)))
+  disk_store.close()
   free = free_device_bytes()
   cache_bytes = new_cache(1, capacity)
   needed = prefix_bytes + 2 * sum(x.nbytes for x in jax.tree.leaves(cache_bytes))
@@ -253,8 +261,8 @@ def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes):
                  f" GB of HBM for the device tier and two caches, "
                  f"{free / GB:.1f} GB free")
     return rows
-  device_store = KVStore(layout, model_fingerprint=fingerprint, chunk_size=chunk,
-                         device_bytes=prefix_bytes + 4 * chunk_bytes)
+  device_store = KVStore(layout, [DeviceTier(room, LRU())],
+                         model_fingerprint=fingerprint, chunk_size=chunk)
   logits, cache = recompute(lm, new_cache, prompt, capacity, pchunk)()
   device_store.store(prompt[:usable], cache)
   del cache, logits

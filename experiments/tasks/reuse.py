@@ -13,13 +13,14 @@ import time
 import jax
 import numpy as np
 
+from experiments import setup
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
 from lmcache_jax.engine.generate import generate
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.reuse import check_reusable, generate_with_store
-from lmcache_jax.store import Layout, from_config
+from lmcache_jax.store import Layout
 
 
 
@@ -32,7 +33,7 @@ def task_store(ctx: RunContext):
   template = ctx.new_cache(1, ctx.config.store.chunk_size)
   store = ctx.store
   if store is None or store.layout != Layout.of(template):
-    store = from_config(ctx.config.store, ctx.lm, template)
+    store = setup.make_store(ctx.config, ctx.lm, template)
   return store
 
 
@@ -126,4 +127,5 @@ def summarize(rows: list[dict], store, **extra) -> dict:
   return dict(extra, ttft_cold_s=cold, ttft_warm_s=warm,
               speedup=cold / warm,
               answers_equal=all(r["answers_equal"] for r in rows),
-              tiers=sorted(store.tiers), store=store.describe(), turns=rows)
+              tiers=sorted(tier.name for tier in store.tiers),
+              store=store.describe(), turns=rows)

@@ -1,4 +1,4 @@
-"""Where the device and host tiers put arrays: HBM, and pinned host memory.
+"""Where the memory tiers put arrays: HBM, and pinned host memory.
 
 ``pinned_host`` memory is page-locked, so the device copies it by DMA at the
 link's full rate. A backend without that memory kind gets the nearest it has

@@ -1,10 +1,20 @@
-"""The prefix store: chunked KV in device, host and disk tiers, reused across requests.
+"""The prefix store: chunked KV in an ordered list of tiers, reused across requests.
 
-``store`` writes a sequence's new whole chunks through to every tier (device
-and host at once, disk in the background); ``lookup`` finds the longest
-prefix of stored chunks; ``load`` brings it onto the device, each chunk from
-the fastest tier that holds it, in batched transfers, and promotes what came
-from slower tiers; ``prefetch`` warms the host tier from disk ahead of time.
+``store`` writes a sequence's new whole chunks through to every tier;
+``lookup`` finds the longest prefix of stored chunks; ``load`` brings it onto
+the device, each chunk from the fastest tier holding an intact copy, in
+batched transfers, and promotes it into the faster tiers; ``prefetch`` warms
+the memory tiers from the storage tiers ahead of time.
+
+How the store treats a tier follows from its ``sharding(device)``:
+  memory tier (a sharding)   written during ``store``; holds the chunk's
+                             arrays there, or sealed bytes when the store has
+                             a cipher and the sharding is not the device's own
+                             memory
+  storage tier (None)        holds encoded chunks (checksummed, or sealed),
+                             written by a background pool
+Every chunk held as bytes is checked (key, length, checksum or tag, layout)
+when read; a damaged copy is dropped and the next tier is tried.
 
 Only caches where slot == position (no eviction, the ``full`` policy) can be
 stored or loaded: a chunk is the slot range of its tokens.
@@ -25,12 +35,11 @@ import numpy as np
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.store import codec
 from lmcache_jax.store.crypto import Cipher
-from lmcache_jax.store.disk import DiskTier
 from lmcache_jax.store.keys import chunk_keys, namespace
 from lmcache_jax.store.layout import (Chunk, Layout, check_fits, insert_prefix,
                                       mark_prefix, slice_chunk, write_chunks)
-from lmcache_jax.store.memory import device_sharding, host_sharding
-from lmcache_jax.store.tier import MemoryTier, Tier, log
+from lmcache_jax.store.memory import device_sharding
+from lmcache_jax.store.tier import Tier, log
 
 
 @dataclasses.dataclass
@@ -49,32 +58,29 @@ class KVStore:
 
   Args:
     layout: the payload layout of the caches it serves (``Layout.of(cache)``).
+    tiers: the tiers, fastest first (e.g. ``DeviceTier``, ``HostTier``,
+      ``DiskTier``), each with its own name and replacement rule.
     model_fingerprint: ``keys.model_fingerprint(lm)``; chunks of another
       model or dtype never match.
     chunk_size: tokens per chunk; must be a multiple of every leaf's group.
-    device_bytes, host_bytes, disk_bytes: tier capacities; None leaves a
-      tier out (disk also needs ``disk_dir``).
-    policy: tier policy name from ``policies.tier`` (lru, lfu, fifo).
-    cipher: encrypts the host and disk tiers (see ``crypto.load_cipher``).
-    read_threads: threads reading and verifying disk chunks during a load
+    cipher: seals every chunk that leaves the device (see
+      ``crypto.load_cipher``).
+    device: where loaded chunks go (default the first device).
+    read_threads: threads reading and verifying stored bytes during a load
       (checksums run at about 0.5 GB/s a thread; default one per core).
-    write_threads: background threads (disk writes, promotions, prefetch);
-      default half the cores.
+    write_threads: background threads (storage writes, promotions,
+      prefetch); default half the cores.
     group_bytes: chunks per batched transfer, in bytes.
   """
 
-  def __init__(self, layout: Layout, *, model_fingerprint: bytes,
-               chunk_size: int = 256, device_bytes: int | None = None,
-               host_bytes: int | None = None, disk_dir: str | None = None,
-               disk_bytes: int | None = None, policy: str = "lru",
+  def __init__(self, layout: Layout, tiers: Sequence[Tier], *,
+               model_fingerprint: bytes, chunk_size: int = 256,
                cipher: Cipher | None = None, device: jax.Device | None = None,
                read_threads: int | None = None,
                write_threads: int | None = None,
                group_bytes: int = 1 << 30):
     layout.check_chunk_size(chunk_size)
-    if (disk_dir is None) != (disk_bytes is None):
-      raise ValueError("the disk tier needs both disk_dir and disk_bytes; "
-                       f"got disk_dir={disk_dir!r}, disk_bytes={disk_bytes!r}")
+    self.tiers = _check_tiers(tiers)
     self.layout = layout
     self.chunk_size = chunk_size
     self.cipher = cipher
@@ -84,16 +90,17 @@ class KVStore:
     self.expected = layout.chunk_shapes(chunk_size)
     self.chunk_nbytes = layout.chunk_nbytes(chunk_size)
     self.group_bytes = group_bytes
-    self.tiers: dict[str, Tier] = {}
-    if device_bytes is not None:
-      self.tiers["device"] = MemoryTier("device", device_bytes, policy)
-    if host_bytes is not None:
-      self.tiers["host"] = MemoryTier("host", host_bytes, policy)
-    if disk_dir is not None:
-      self.tiers["disk"] = DiskTier(disk_dir, disk_bytes, policy, cipher)
-    if not self.tiers:
-      raise ValueError("a store needs at least one tier: give device_bytes, "
-                       "host_bytes or disk_dir with disk_bytes")
+    self._on_device = device_sharding(self.device)
+    # per tier name: where its arrays go, or None: it holds encoded bytes
+    self._target: dict[str, jax.sharding.Sharding | None] = {}
+    self._rank = {tier.name: i for i, tier in enumerate(self.tiers)}
+    self._memory, self._storage = [], []
+    for tier in self.tiers:
+      tier.check_key(cipher.key_check if cipher else None)
+      sharding = tier.sharding(self.device)
+      (self._storage if sharding is None else self._memory).append(tier)
+      sealed = cipher is not None and sharding != self._on_device
+      self._target[tier.name] = None if sealed else sharding
     self.stats: collections.Counter = collections.Counter()
     self._stats_lock = threading.Lock()
     cores = os.cpu_count() or 4
@@ -103,10 +110,18 @@ class KVStore:
         read_threads or cores, thread_name_prefix="kvstore-read")
     self._pending: set[concurrent.futures.Future] = set()
     self._pending_lock = threading.Lock()
-    # keys whose disk write is queued but not done: held as far as store()
-    # is concerned, so a second store() before the worker runs neither
-    # writes nor counts them again
-    self._disk_queued: set[bytes] = set()
+    # keys whose storage writes are queued but not done: held as far as
+    # store() is concerned, so a second store() before the worker runs
+    # neither writes nor counts them again
+    self._queued: set[bytes] = set()
+
+  def tier(self, name: str) -> Tier:
+    """The tier called ``name``."""
+    for tier in self.tiers:
+      if tier.name == name:
+        return tier
+    raise ValueError(f"the store has no tier {name!r}; its tiers: "
+                     f"{', '.join(t.name for t in self.tiers)}")
 
   # -- keys ------------------------------------------------------------------
 
@@ -118,7 +133,7 @@ class KVStore:
     """Tokens of the longest prefix of ``tokens`` whose chunks are all stored."""
     hits = 0
     for key in self.keys(tokens):
-      if not any(key in tier for tier in self.tiers.values()):
+      if not any(key in tier for tier in self.tiers):
         break
       hits += 1
     return hits * self.chunk_size
@@ -129,8 +144,8 @@ class KVStore:
             wait: bool = False) -> int:
     """Writes the whole chunks of ``tokens`` held by sequence ``row`` of ``cache``.
 
-    Chunks already in every tier are skipped. Device and host copies are
-    made now; disk files are written by the background worker (``wait``
+    Chunks already in every tier are skipped. Memory tiers get their copies
+    now; storage tiers are written by the background worker (``wait``
     blocks until they are). Returns the number of chunks copied.
     """
     if Layout.of(cache) != self.layout:
@@ -154,11 +169,11 @@ class KVStore:
     return len(todo)
 
   def _held_everywhere(self, key: bytes) -> bool:
-    """Whether every tier holds ``key`` (a queued disk write counts)."""
+    """Whether every tier holds ``key`` (a queued storage write counts)."""
     with self._pending_lock:
-      queued = key in self._disk_queued
-    return all(key in tier or (name == "disk" and queued)
-               for name, tier in self.tiers.items())
+      queued = key in self._queued
+    return all(key in tier for tier in self._memory) and (
+        queued or all(key in tier for tier in self._storage))
 
   def _groups(self, items: list) -> list[list]:
     """``items`` cut into runs of about ``group_bytes`` of chunks, which
@@ -170,60 +185,65 @@ class KVStore:
     chunks = [slice_chunk(cache, self.layout, row, i * self.chunk_size,
                           self.chunk_size) for i, _ in todo]
     keys = [key for _, key in todo]
-    if "device" in self.tiers:
-      for key, chunk in zip(keys, chunks):
-        self.tiers["device"].put(key, chunk, self.chunk_nbytes)
-    host_copies = None
-    if "host" in self.tiers:
-      host_copies = self._put_host(keys, chunks)
-    if "disk" in self.tiers:
-      # The worker gets host copies, never device ones, so HBM is freed now.
-      copies = host_copies or [
-          tuple(np.asarray(a) for a in chunk) for chunk in chunks]
+    copies = None  # copies off the device, for the storage tiers
+    for tier in self._memory:
+      made = self._put(tier, keys, chunks)
+      if self._target[tier.name] != self._on_device:
+        copies = made
+    if self._storage:
+      # The worker gets copies off the device, never device ones, so HBM is
+      # freed now.
+      copies = copies or [tuple(np.asarray(a) for a in chunk)
+                          for chunk in chunks]
       with self._pending_lock:
-        self._disk_queued.update(keys)
-      self._submit(self._write_disk, keys, copies)
+        self._queued.update(keys)
+      self._submit(self._write_storage, keys, copies)
 
-  def _put_host(self, keys: list[bytes], chunks: list[Chunk]) -> list:
-    """Copies chunks to the host tier in one batched transfer; returns the
-    host copies (arrays, or sealed bytes when encrypted)."""
-    host = self.tiers["host"]
-    if self.cipher is not None:
-      blobs = [codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
-               for key, chunk in zip(keys, chunks)]
-      for key, blob in zip(keys, blobs):
-        host.put(key, blob, len(blob))
-      return blobs
-    flat = [a for chunk in chunks for a in chunk]
-    moved = jax.device_put(flat, host_sharding(self.device))
-    width = len(self.layout.leaves)
-    copies = [tuple(moved[i * width:(i + 1) * width]) for i in range(len(keys))]
-    for key, copy in zip(keys, copies):
-      host.put(key, copy, self.chunk_nbytes)
+  def _put(self, tier: Tier, keys: list[bytes], chunks: list) -> list:
+    """Puts chunks (arrays anywhere) into ``tier`` in its form: arrays moved
+    in one batched transfer, or encoded bytes. Returns what it put."""
+    target = self._target[tier.name]
+    if target is None:
+      copies = [self._encode(key, chunk) for key, chunk in zip(keys, chunks)]
+      sizes = [len(blob) for blob in copies]
+    else:
+      width = len(self.layout.leaves)
+      moved = jax.device_put([a for chunk in chunks for a in chunk], target)
+      copies = [tuple(moved[i * width:(i + 1) * width])
+                for i in range(len(keys))]
+      sizes = [self.chunk_nbytes] * len(keys)
+    for key, copy, size in zip(keys, copies, sizes):
+      tier.put(key, copy, size)
     return copies
 
-  def _write_disk(self, keys: list[bytes], copies: list) -> None:
-    disk = self.tiers["disk"]
+  def _encode(self, key: bytes, chunk) -> bytes:
+    if isinstance(chunk, bytes):  # already encoded (a sealed memory copy)
+      return chunk
+    return codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
+
+  def _write_storage(self, keys: list[bytes], copies: list) -> None:
     try:
-      for key, copy in zip(keys, copies):
-        if key in disk:
-          continue
-        blob = copy if isinstance(copy, bytes) else codec.encode(
-            key, [np.asarray(a) for a in copy], self.cipher)
-        disk.put(key, blob, len(blob))
+      blobs: dict[bytes, bytes] = {}
+      for tier in self._storage:
+        for key, copy in zip(keys, copies):
+          if key in tier:
+            continue
+          if key not in blobs:
+            blobs[key] = self._encode(key, copy)
+          tier.put(key, blobs[key], len(blobs[key]))
     finally:   # written, refused or failed: a later store() decides again
       with self._pending_lock:
-        self._disk_queued.difference_update(keys)
+        self._queued.difference_update(keys)
 
   # -- load ------------------------------------------------------------------
 
   def load(self, tokens: Sequence[int], n: int | None = None) -> Prefix:
     """The stored KV of up to the first ``n`` tokens, on the device.
 
-    Stops at the first chunk that is missing or fails its checks (a damaged
-    chunk is dropped), so the prefix may be shorter than ``lookup`` said;
-    the caller recomputes the rest. ``load_into`` streams into a cache
-    instead, holding less device memory.
+    Stops at the first chunk that is missing or whose every copy fails its
+    checks (a damaged copy is dropped), so the prefix may be shorter than
+    ``lookup`` said; the caller recomputes the rest. ``load_into`` streams
+    into a cache instead, holding less device memory.
     """
     keys, found, sources = self._gather(tokens, n)
     chunks = []
@@ -244,16 +264,15 @@ class KVStore:
     check_fits(cache, self.layout, len(found) * self.chunk_size)
     # Committed to the device whatever the hit, so the jitted steps that
     # follow see one kind of input and compile once.
-    cache = jax.device_put(cache, device_sharding(self.device))
+    cache = jax.device_put(cache, self._on_device)
     first = 0
     for group in self._groups(list(range(len(found)))):
       chunks = self._to_device([found[i] for i in group],
                                [sources[i] for i in group])
       cache = write_chunks(cache, self.layout, row, first, chunks,
                            self.chunk_size)
-      if "device" in self.tiers:
-        self._promote_device(keys[first:first + len(group)], chunks,
-                             sources[first:first + len(group)])
+      self._promote_on_device(keys[first:first + len(group)], chunks,
+                              sources[first:first + len(group)])
       first += len(group)
     cache = mark_prefix(cache, row, len(found) * self.chunk_size)
     self._after_load(keys, None, found, sources)
@@ -261,88 +280,96 @@ class KVStore:
 
   def _gather(self, tokens, n):
     """Keys, and per chunk of the longest intact stored prefix its value in
-    the fastest tier holding it (device chunk, host copy, or verified leaves
-    read from disk in parallel), and that tier's name."""
+    the fastest tier holding it (arrays, or verified leaves read from bytes
+    in parallel), and that tier's name."""
     keys = self.keys(tokens, n)
     found: list = []
-    sources: list[str] = []
     for key in keys:
-      source, value = self._fast_get(key)
-      if value is None:
-        if "disk" not in self.tiers or key not in self.tiers["disk"]:
+      for i, tier in enumerate(self.tiers):
+        if key not in tier:
+          continue
+        if self._target[tier.name] is None:
+          found.append(self._readers.submit(self._read_intact, key,
+                                            self.tiers[i:]))
           break
-        source = "disk"
-        value = self._readers.submit(self.tiers["disk"].read_chunk, key,
-                                     self.expected)
-      found.append(value)
-      sources.append(source)
-    for i, value in enumerate(found):
-      if isinstance(value, concurrent.futures.Future):
-        found[i] = value.result()
+        value = tier.get(key)
+        if value is not None:
+          found.append((tier.name, value))
+          break
+      else:
+        break
+    for i, item in enumerate(found):
+      if isinstance(item, concurrent.futures.Future):
+        found[i] = item.result()
       if found[i] is None:
         for later in found[i + 1:]:
           if isinstance(later, concurrent.futures.Future):
             later.cancel()
-        found, sources = found[:i], sources[:i]
+        found = found[:i]
         self._count(dropped=1)
         break
-    return keys[:len(found)], found, sources
+    return (keys[:len(found)], [value for _, value in found],
+            [name for name, _ in found])
+
+  def _read_intact(self, key: bytes, tiers) -> tuple[str, object] | None:
+    """(tier name, value) of the first of ``tiers`` holding an intact copy
+    of ``key``; bytes are decoded to leaves, and a damaged copy is dropped."""
+    for tier in tiers:
+      value = tier.get(key)
+      if value is None:
+        continue
+      if self._target[tier.name] is not None:
+        return tier.name, value
+      try:
+        return tier.name, codec.decode(value, key, self.expected, self.cipher)
+      except codec.CorruptChunk as e:
+        log.warning("%s tier: dropped damaged chunk %s: %s", tier.name,
+                    key.hex()[:16], e)
+        tier.drop(key)
+    return None
 
   def _after_load(self, keys, chunks, found, sources) -> None:
-    """Refreshes the hits (head of the prefix most recent) and promotes."""
-    for tier in self.tiers.values():
+    """Refreshes the hits (head of the prefix most recent) and promotes each
+    chunk into the tiers faster than its source: those on the device now,
+    the others in the background."""
+    for tier in self.tiers:
       tier.touch(keys[::-1])
-    if chunks is not None and "device" in self.tiers:
-      self._promote_device(keys, chunks, sources)
-    from_disk = [(key, leaves) for key, leaves, source
-                 in reversed(list(zip(keys, found, sources))) if source == "disk"]
-    if from_disk and "host" in self.tiers:
-      self._submit(self._promote_host, from_disk)
+    if chunks is not None:
+      self._promote_on_device(keys, chunks, sources)
+    items = list(zip(keys, found, sources))[::-1]
+    for tier in self.tiers:
+      if self._target[tier.name] == self._on_device:
+        continue
+      rank = self._rank[tier.name]
+      todo = [(key, value) for key, value, source in items
+              if self._rank[source] > rank]
+      if todo:
+        self._submit(self._put, tier, [key for key, _ in todo],
+                     [value for _, value in todo])
     for source in sources:
       self._count(**{f"hit_{source}": 1})
 
-  def _promote_device(self, keys, chunks, sources) -> None:
-    for key, chunk, source in reversed(list(zip(keys, chunks, sources))):
-      if source != "device":
-        self.tiers["device"].put(key, chunk, self.chunk_nbytes)
-
-  def _fast_get(self, key: bytes):
-    for name in ("device", "host"):
-      tier = self.tiers.get(name)
-      value = None if tier is None else tier.get(key)
-      if value is None:
+  def _promote_on_device(self, keys, chunks, sources) -> None:
+    """Puts loaded device chunks into the faster tiers on the device."""
+    for tier in self.tiers:
+      if self._target[tier.name] != self._on_device:
         continue
-      if name == "host" and self.cipher is not None:
-        try:
-          value = codec.decode(value, key, self.expected, self.cipher)
-        except codec.CorruptChunk as e:
-          log.warning("host tier: dropped damaged chunk %s: %s",
-                      key.hex()[:16], e)
-          tier.drop(key)
-          continue
-      return name, value
-    return None, None
+      rank = self._rank[tier.name]
+      for key, chunk, source in reversed(list(zip(keys, chunks, sources))):
+        if self._rank[source] > rank:
+          tier.put(key, chunk, self.chunk_nbytes)
 
   def _to_device(self, found: list, sources: list[str]) -> list[Chunk]:
-    """Moves every non-device chunk in one batched ``device_put``."""
+    """Moves every chunk not already on the device in one ``device_put``."""
     width = len(self.layout.leaves)
-    moving = [i for i, s in enumerate(sources) if s != "device"]
+    moving = [i for i, s in enumerate(sources)
+              if self._target[s] != self._on_device]
     flat = [a for i in moving for a in found[i]]
-    moved = jax.device_put(flat, device_sharding(self.device)) if flat else []
+    moved = jax.device_put(flat, self._on_device) if flat else []
     chunks = list(found)
     for j, i in enumerate(moving):
       chunks[i] = tuple(moved[j * width:(j + 1) * width])
     return chunks
-
-  def _promote_host(self, items) -> None:
-    host = self.tiers["host"]
-    if self.cipher is not None:
-      for key, leaves in items:
-        blob = codec.encode(key, leaves, self.cipher)
-        host.put(key, blob, len(blob))
-      return
-    keys = [key for key, _ in items]
-    self._put_host(keys, [tuple(leaves) for _, leaves in items])
 
   def insert(self, cache: KVCache, row: int, prefix: Prefix) -> KVCache:
     """``cache`` with a loaded ``prefix`` as the first tokens of empty sequence ``row``."""
@@ -351,33 +378,29 @@ class KVStore:
   # -- background work ---------------------------------------------------------
 
   def prefetch(self, tokens: Sequence[int]) -> concurrent.futures.Future:
-    """Brings the stored prefix of ``tokens`` from disk into the host tier.
+    """Brings the stored prefix of ``tokens`` from the storage tiers into the
+    slowest memory tier (host memory, which has the most room).
 
-    Returns a future of the number of prefix chunks then in memory tiers.
+    Returns a future of the number of leading chunks found intact (then in
+    a memory tier, where the store has one).
     """
     return self._submit(self._prefetch, list(tokens))
 
   def _prefetch(self, tokens: list[int]) -> int:
-    fast = [self.tiers[n] for n in ("device", "host") if n in self.tiers]
-    disk = self.tiers.get("disk")
     items, ready = [], 0
     for key in self.keys(tokens):
-      if any(key in tier for tier in fast):
+      if any(key in tier for tier in self._memory):
         ready += 1
         continue
-      leaves = disk.read_chunk(key, self.expected) if disk else None
-      if leaves is None:
+      got = self._read_intact(key, self._storage)
+      if got is None:
         break
-      items.append((key, leaves))
+      items.append((key, got[1]))
       ready += 1
     items.reverse()
-    if items and "host" in self.tiers:
-      self._promote_host(items)
-    elif items and "device" in self.tiers:
-      moved = self._to_device([leaves for _, leaves in items],
-                              ["disk"] * len(items))
-      for (key, _), chunk in zip(items, moved):
-        self.tiers["device"].put(key, chunk, self.chunk_nbytes)
+    if items and self._memory:
+      self._put(self._memory[-1], [key for key, _ in items],
+                [leaves for _, leaves in items])
     return ready
 
   def _submit(self, fn, *args) -> concurrent.futures.Future:
@@ -417,9 +440,32 @@ class KVStore:
       self.stats.update(counts)
 
   def describe(self) -> str:
-    parts = [f"{name}: {len(t)} chunks, {t.used / 2**20:.1f}/"
-             f"{t.capacity / 2**20:.1f} MiB ({t.policy_name})"
-             for name, t in self.tiers.items()]
+    parts = [f"{t.name}: {len(t)} chunks, {t.used / 2**20:.1f}/"
+             f"{t.capacity / 2**20:.1f} MiB ({t.replacement.name})"
+             for t in self.tiers]
     return (f"KVStore(chunk={self.chunk_size} tokens, "
             f"{self.chunk_nbytes / 2**20:.2f} MiB/chunk; " + "; ".join(parts)
             + (", encrypted" if self.cipher else "") + ")")
+
+
+def _check_tiers(tiers: Sequence[Tier]) -> tuple[Tier, ...]:
+  tiers = tuple(tiers)
+  if not tiers:
+    raise ValueError("a store needs at least one tier, e.g. "
+                     "[HostTier(capacity, replacement)]; got none")
+  for tier in tiers:
+    if not isinstance(tier, Tier):
+      raise ValueError(f"a store's tiers must be Tier objects (DeviceTier, "
+                       f"HostTier, DiskTier, ...), got {tier!r}")
+  names = [tier.name for tier in tiers]
+  for name in names:
+    if names.count(name) > 1:
+      raise ValueError(f"the store's tiers {names} name {name!r} twice; each "
+                       f"tier needs a name of its own")
+  rules = {}
+  for tier in tiers:
+    other = rules.setdefault(id(tier.replacement), tier.name)
+    if other != tier.name:
+      raise ValueError(f"the {other} and {tier.name} tiers share one "
+                       f"replacement rule object; give each tier its own")
+  return tiers

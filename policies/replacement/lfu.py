@@ -9,11 +9,12 @@ import heapq
 import itertools
 from typing import Hashable
 
-from policies.registry import TIER
+from lmcache_jax.store.tier import Replacement
+from policies.registry import REPLACEMENT
 
 
-@TIER.register("lfu")
-class LFU:
+@REPLACEMENT.register("lfu")
+class LFU(Replacement):
   """Least frequently used, with lazy deletion from a min-heap of (hits, arrival)."""
   name = "lfu"
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 from typing import Hashable
 
-from policies.registry import TIER
+from lmcache_jax.store.tier import Replacement
+from policies.registry import REPLACEMENT
 
 
-@TIER.register("fifo")
-class FIFO:
+@REPLACEMENT.register("fifo")
+class FIFO(Replacement):
   """First in, first out: hits do not change the order."""
   name = "fifo"
 

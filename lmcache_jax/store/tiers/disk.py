@@ -1,11 +1,12 @@
-"""The disk tier: one file per chunk, written atomically, verified on every read.
+"""The disk tier: one file per chunk, written atomically.
 
-A file is written under a temporary name and renamed into place, so a reader
-sees a whole file or none; a write killed midway leaves only a temporary
-file, removed at the next start. ``store.json`` records whether the
-directory is encrypted and a check value of the key, so a store reopened
-with another key (or none) fails with a clear error instead of dropping
-every chunk.
+A storage tier: it holds encoded chunks, which the store verifies on every
+read. A file is written under a temporary name and renamed into place, so a
+reader sees a whole file or none; a write killed midway leaves only a
+temporary file, removed at the next start. Chunk files left by earlier runs
+are indexed at start. ``store.json`` records whether the directory is
+encrypted and a check value of the key, so a store reopened with another key
+(or none) fails with a clear error instead of dropping every chunk.
 """
 
 from __future__ import annotations
@@ -14,27 +15,25 @@ import json
 import os
 import uuid
 
-from lmcache_jax.store.codec import CorruptChunk, decode
-from lmcache_jax.store.crypto import Cipher
-from lmcache_jax.store.tier import Tier, log
+from lmcache_jax.store.tier import Replacement, Tier, log
 
 SUFFIX = ".kv"
 META = "store.json"
 
 
 class DiskTier(Tier):
-  """Chunk files under ``directory``; values are encoded chunk bytes."""
+  """Chunk files under ``directory``, up to ``capacity`` bytes of them."""
   name = "disk"
 
-  def __init__(self, directory: str, capacity: int, policy: str = "lru",
-               cipher: Cipher | None = None):
-    super().__init__(capacity, policy)
+  def __init__(self, directory: str, capacity: int, replacement: Replacement):
+    super().__init__(capacity, replacement)
+    if not isinstance(directory, str) or not directory:
+      raise ValueError(f"the disk tier needs a directory (a path), got "
+                       f"{directory!r}")
     self.directory = os.path.abspath(os.path.expanduser(directory))
-    self.cipher = cipher
     self.failures = 0
     self._reported: set[int | None] = set()
     self._check_directory()
-    self._check_meta()
     self._scan()
 
   def _check_directory(self) -> None:
@@ -49,10 +48,10 @@ class DiskTier(Tier):
                        f"writable ({e.strerror}); give a directory this "
                        f"process can create files in") from None
 
-  def _check_meta(self) -> None:
+  def check_key(self, key_check: str | None) -> None:
     path = os.path.join(self.directory, META)
-    mine = {"format": 1, "encrypted": self.cipher is not None,
-            "key_check": self.cipher.key_check if self.cipher else None}
+    mine = {"format": 1, "encrypted": key_check is not None,
+            "key_check": key_check}
     if os.path.exists(path):
       try:
         with open(path) as f:
@@ -92,7 +91,7 @@ class DiskTier(Tier):
         _remove(self._path(key))
         continue
       while self.used + size > self.capacity:
-        victim = self._policy.victim()
+        victim = self.replacement.victim()
         self._forget(victim)
         _remove(self._path(victim))
       self._index(key, size)
@@ -137,18 +136,6 @@ class DiskTier(Tier):
       if key in self._sizes:
         return
     _remove(self._path(key))
-
-  def read_chunk(self, key: bytes, expected) -> list | None:
-    """The verified leaves of a chunk, or None; a damaged file is deleted."""
-    blob = self.get(key)
-    if blob is None:
-      return None
-    try:
-      return decode(blob, key, expected, self.cipher)
-    except CorruptChunk as e:
-      log.warning("disk tier: dropped damaged chunk %s: %s", key.hex()[:16], e)
-      self.drop(key)
-      return None
 
 
 def _remove(path: str) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 from typing import Hashable
 
-from policies.registry import TIER
+from lmcache_jax.store.tier import Replacement
+from policies.registry import REPLACEMENT
 
 
-@TIER.register("lru")
-class LRU:
+@REPLACEMENT.register("lru")
+class LRU(Replacement):
   """Least recently used: a hit moves the chunk to the back of the queue."""
   name = "lru"
 

@@ -1,1 +1,0 @@
-"""Tier policies, one per file; each registers itself on import."""
