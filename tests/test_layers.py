@@ -26,7 +26,7 @@ def layers() -> tuple[dict[str, int], dict[str, str]]:
   from the first numbered block of docs/architecture.md."""
   lines = DOC.read_text().splitlines()
   first = next((i for i, line in enumerate(lines) if ITEM.match(line)), None)
-  assert first is not None, f"{DOC}: no list of layers (`1. \\`name\\` — ...`)"
+  assert first is not None, f"{DOC}: no numbered list of layers"
   rank, modules = {}, {}
   for line in lines[first:]:
     match = ITEM.match(line)

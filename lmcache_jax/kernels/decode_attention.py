@@ -5,8 +5,9 @@ or bfloat16 (for each cache row R, a kv head, its G query heads), the query
 positions [B] int32 and, per slot, its position [B, R, S] int32 (-1 =
 empty) and its key and value as a format of ``numerics.formats`` stores
 them: words [B, R, S, W], scales and zero codes [B, R, S, Hd/group_size].
-A slot is visible when its position is in [0, q_pos]. It returns out [B, R, G, Hd] and lse [B, R, G] float32
-over the visible slots, and every slot's logit as ``BlockLogits``.
+A slot is visible when its position is in [0, q_pos]. It returns out
+[B, R, G, Hd] and lse [B, R, G] float32 over the visible slots, and every
+slot's logit as ``BlockLogits``.
 
 Exactness against ``decode_attention_reference`` (dequantize, then the
 float32 attention of ``dense_decode_attention``): out and lse to float32
@@ -455,7 +456,7 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
 def default_tiling(fmt: Format) -> tuple[int, int]:
   """(slots per loop block, Triton warps) for a format: 128-slot blocks on
   two warps for codes of at most 4 bits, 64-slot blocks on four warps for
-  int8's wider tiles. Measured on an H200 (docs/benchmarks.md)."""
+  int8's wider tiles (the kernel suite's int4 tilings: docs/benchmarks.md)."""
   return (128, 2) if fmt.bits <= 4 else (64, 4)
 
 
