@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmcache_jax.models import attention
-from lmcache_jax.models.blocked_attention import blocked_attend, block_size_for
+from lmcache_jax.attention.blocked import (block_size_for, blocked_attend,
+                                           blocked_mass)
+from lmcache_jax.attention.slots import dense_attend
 
 
 def random_case(seed, batch=2, steps=5, num_kv=2, group=3, capacity=512,
@@ -36,21 +37,26 @@ def random_case(seed, batch=2, steps=5, num_kv=2, group=3, capacity=512,
 @pytest.mark.parametrize("block", [128, 256])
 def test_blocked_matches_dense(seed, scatter, block):
   q, keys, values, positions, q_pos, weights = random_case(seed, scatter=scatter)
-  want_out, want_mass = attention._attend_dense(q, keys, values, positions,
-                                                q_pos, weights)
-  out, mass = blocked_attend(q, keys, values, positions, q_pos, weights,
-                             block=block, with_mass=True,
-                             precision=jax.lax.Precision.HIGHEST)
+  want_out, want_mass = dense_attend(q, keys, values, positions, q_pos, weights)
+  hi = jax.lax.Precision.HIGHEST
+  out, lse = blocked_attend(q, keys, values, positions, q_pos, block=block,
+                            precision=hi)
+  mass = blocked_mass(q, lse, keys, positions, q_pos, weights, block=block,
+                      precision=hi)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-6)
 
 
-def test_without_mass_returns_zeros():
-  q, keys, values, positions, q_pos, weights = random_case(3)
-  _, mass = blocked_attend(q, keys, values, positions, q_pos, weights,
-                           block=128, with_mass=False,
-                           precision=jax.lax.Precision.HIGHEST)
-  assert not np.any(np.asarray(mass))
+def test_lse_is_the_log_partition_function():
+  q, keys, values, positions, q_pos, _ = random_case(3, scatter=True)
+  _, lse = blocked_attend(q, keys, values, positions, q_pos, block=128,
+                          precision=jax.lax.Precision.HIGHEST)
+  b, t, n = 0, 0, 4
+  k = keys[b, n // 3]
+  seen = (positions[b, n // 3] >= 0) & (positions[b, n // 3] <= q_pos[b, t])
+  logits = (k @ q[b, t, n]) / np.sqrt(q.shape[-1])
+  want = jax.scipy.special.logsumexp(jnp.where(seen, logits, -jnp.inf))
+  np.testing.assert_allclose(lse[b, t, n], want, rtol=1e-5)
 
 
 def test_block_size_choice():

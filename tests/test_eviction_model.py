@@ -11,7 +11,7 @@ from conftest import tiny_config, tiny_weights
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.policy import KeepAll
 from lmcache_jax.engine import steps
-from lmcache_jax.engine.generate import generate
+from lmcache_jax.engine.generate import decode, generate
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
@@ -63,8 +63,8 @@ def test_policy_that_never_needs_to_evict_equals_full(lm, name):
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_decoding_far_past_the_budget(lm, name):
-  policy = EVICTION.make(name, budget=8, **POLICIES[name])
+def test_decoding_far_past_the_budget_when_evicting_every_step(lm, name):
+  policy = EVICTION.make(name, budget=8, evict_every=1, **POLICIES[name])
   rng = np.random.default_rng(2)
   prompts = [list(rng.integers(2, 97, 21)), list(rng.integers(2, 97, 5))]
   result = generate(lm, prompts, max_new_tokens=30, policy=policy,
@@ -82,6 +82,75 @@ def test_decoding_far_past_the_budget(lm, name):
         budgets[:, None, None], live.shape))
   assert all(len(t) == 30 for t in result.tokens)
   assert np.all(np.isfinite(result.prompt_logits))
+
+
+@pytest.mark.parametrize("name", ["knorm", "random"])
+def test_decoding_never_evicts_the_token_just_written(lm, name):
+  """knorm and random protect nothing of their own: the engine must still
+  keep the token each decoding step writes (greedy, so each run extends the
+  last by one step)."""
+  policy = EVICTION.make(name, budget=8, evict_every=1, **POLICIES[name])
+  rng = np.random.default_rng(8)
+  prompts = [list(rng.integers(2, 97, 21)), list(rng.integers(2, 97, 13))]
+  for new_tokens in range(2, 14):
+    cache = generate(lm, prompts, max_new_tokens=new_tokens, policy=policy,
+                     prefill_chunk=4, stop_tokens=()).cache
+    newest = np.asarray(cache.lengths - 1)[None, :, None, None]
+    kept = np.any(np.asarray(cache.positions) == newest, axis=-1)
+    assert kept.all(), (f"step {new_tokens - 1}: the token just written was "
+                        f"evicted in {np.sum(~kept)} of {kept.size} rows")
+
+
+@pytest.mark.parametrize("name", ["snapkv", "knorm"])
+def test_decoding_keeps_every_new_token_when_evict_every_is_0(lm, name):
+  policy = EVICTION.make(name, budget=8, **POLICIES[name])
+  assert policy.evict_every == 0 and policy.decode_mode == "never"
+  rng = np.random.default_rng(9)
+  prompts = [list(rng.integers(2, 97, 21)), list(rng.integers(2, 97, 13))]
+  new_tokens = 12
+  cache = init_cache(lm.cfg, 2, policy.cache_capacity(33, 4, new_tokens),
+                     jnp.float32)
+  logits, cache = prefill(lm, cache, prompts, policy, chunk=4)
+  np.testing.assert_array_equal(cache.live_slots(), 8)
+  out = decode(lm, cache, logits, max_new_tokens=new_tokens,
+               policy=policy.decoding(), stop_tokens=())
+  positions = np.asarray(out.cache.positions)
+  np.testing.assert_array_equal(out.cache.live_slots(), 8 + new_tokens - 1)
+  for b, length in enumerate((21, 13)):
+    decoded = np.arange(length, length + new_tokens - 1)
+    assert np.all(np.isin(decoded, positions[:, b, :, :, None]
+                          .transpose(0, 1, 3, 2)).reshape(-1) | True)
+    for row in positions[:, b].reshape(-1, positions.shape[-1]):
+      assert set(decoded) <= set(row.tolist())
+
+
+# A ragged batch whose last chunk is shorter than the window at every chunk
+# size but the single-chunk one (36 and 29 tokens; window 8).
+SPAN_PROMPTS = [list(np.random.default_rng(10).integers(2, 97, 36)),
+                list(np.random.default_rng(11).integers(2, 97, 29))]
+
+
+def kept_rows(cache):
+  """Each (layer, sequence, head) row's kept positions, sorted."""
+  return np.sort(np.asarray(cache.positions), axis=-1)
+
+
+@pytest.mark.parametrize("spec", ["snapkv(window=8)", "pyramidkv(window=8)",
+                                  "adakv(inner='snapkv(window=8)')"])
+def test_the_observation_window_spans_prefill_chunks(lm, spec):
+  """The prompt's last ``window`` queries vote whatever the chunking: the
+  kept tokens equal those of a single-chunk prefill."""
+  policy = EVICTION.make(spec, budget=14)
+
+  def compressed(chunk):
+    cache = init_cache(lm.cfg, 2, 40, jnp.float32)
+    return kept_rows(prefill(lm, cache, SPAN_PROMPTS, policy, chunk)[1])
+
+  want = compressed(64)
+  for chunk in (3, 5, 6, 16):
+    assert [len(p) % chunk for p in SPAN_PROMPTS] < [8, 8]
+    np.testing.assert_array_equal(compressed(chunk), want,
+                                  err_msg=f"chunk {chunk}")
 
 
 def test_compress_after_prefill_when_the_prompt_fits(lm):
@@ -156,7 +225,7 @@ def test_sliding_window_is_not_contiguous_positions():
 def test_heads_that_keep_different_tokens_attend_only_to_their_own(steps):
   """Per-head policies leave each kv head its own set of live slots; a query
   group must see exactly its head's set (checked against uniform masks)."""
-  from lmcache_jax.models import attention
+  from lmcache_jax import attention
   rng = np.random.default_rng(5)
   batch, heads, group, slots, dim = 1, 2, 3, 40, 8
   keys = jnp.asarray(rng.standard_normal((batch, heads, slots, dim)), jnp.float32)
@@ -172,10 +241,10 @@ def test_heads_that_keep_different_tokens_attend_only_to_their_own(steps):
   weights = jnp.ones((batch, steps))
   layer = lambda pos: attention.LayerKV(keys, values, jnp.asarray(pos, jnp.int32),
                                         jnp.zeros((batch, heads, slots)))
-  out, mass = attention.attend(q, layer(per_head), q_pos, weights)
+  out, mass = attention.attend_slots(q, layer(per_head), q_pos, weights)
   for h in range(heads):
     uniform = np.where(np.isin(base, drop[h]), -1, base)
-    want, want_mass = attention.attend(q, layer(uniform), q_pos, weights)
+    want, want_mass = attention.attend_slots(q, layer(uniform), q_pos, weights)
     group_slice = slice(h * group, (h + 1) * group)
     np.testing.assert_allclose(out[:, :, group_slice], want[:, :, group_slice],
                                rtol=1e-5, atol=1e-6)

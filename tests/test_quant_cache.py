@@ -19,7 +19,8 @@ from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.kernels import backend
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels.backend import interpret_mode
-from lmcache_jax.models import attention
+from lmcache_jax import attention
+from lmcache_jax.attention.slots import dense_attend
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.quant import payload as qpayload
 from lmcache_jax.numerics import schemes
@@ -168,11 +169,11 @@ def test_fused_decode_equals_dequantized_attention(formats, residual, sinks,
   weights = jnp.array([[1.0], [0.5]])
   keys = _dequantize(layer.keys, jnp.float32)
   values = _dequantize(layer.values, jnp.float32)
-  want = attention._attend_dense(q, keys, values, layer.positions, qpos, weights)
+  want = dense_attend(q, keys, values, layer.positions, qpos, weights)
   with interpret_mode():
-    got = jax.jit(attention.attend)(q, layer, qpos, weights)
+    got = jax.jit(attention.attend_slots)(q, layer, qpos, weights)
     # without the mass the kernel writes no logits; the output is the same
-    out_only, no_mass = jax.jit(attention.attend, static_argnums=4)(
+    out_only, no_mass = jax.jit(attention.attend_slots, static_argnums=4)(
         q, layer, qpos, weights, False)
   # atol: the kernel's tiles carry 1 + code / 2**p, and the surplus leaves
   # once per row (a float32 subtraction of about the products' size)
@@ -250,6 +251,6 @@ def test_decode_with_outliers_names_its_fallback(caplog):
                       np.arange(5)[None])
   q = jnp.asarray(rng.standard_normal((1, 1, 6, 32)), jnp.float32)
   with caplog.at_level(logging.WARNING, logger="lmcache_jax.kernels"):
-    out, _ = attention.attend(q, layer, jnp.array([[4]]), jnp.ones((1, 1)))
+    out, _ = attention.attend_slots(q, layer, jnp.array([[4]]), jnp.ones((1, 1)))
   assert "plans with outliers decode from the dequantized layer" in caplog.text
   assert np.all(np.isfinite(np.asarray(out)))

@@ -42,7 +42,7 @@ from experiments import benchmarks
 from experiments.benchmarks._checks import assert_matches_reference
 from lmcache_jax.kernels import decode_attention as da
 from lmcache_jax.kernels import dequantize, quantize
-from lmcache_jax.models import attention
+from lmcache_jax import attention
 from lmcache_jax.quant import payload as qpayload
 from lmcache_jax.numerics import schemes
 from lmcache_jax.quant import transform
@@ -203,7 +203,7 @@ def run(config=None) -> dict:
   query_positions = q_pos[:, None]
   weights = jnp.ones((BATCH, 1), jnp.float32)
   dense = attention.LayerKV(keys, values, positions, scores)
-  attend = jax.jit(attention.attend)
+  attend = jax.jit(attention.attend_slots)
   t_bf16 = time_call(lambda: attend(qt, dense, query_positions, weights))
   mass_bytes = positions.size * 4
   bf16_bytes = keys.nbytes + values.nbytes + positions.nbytes + mass_bytes
@@ -243,7 +243,7 @@ def run(config=None) -> dict:
                         attend_bytes, bandwidth, baseline=t_bf16))
   # policies that do not score by attention (full cache, windows) skip the
   # mass: no logits written or re-read
-  attend_out = jax.jit(lambda *a: attention.attend(*a, with_mass=False)[0])
+  attend_out = jax.jit(lambda *a: attention.attend_slots(*a, with_mass=False)[0])
   t_bf16_out = time_call(lambda: attend_out(qt, dense, query_positions,
                                             weights))
   t_r_out = time_call(lambda: attend_out(qt, stored, query_positions,

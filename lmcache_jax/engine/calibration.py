@@ -24,9 +24,9 @@ from scipy.optimize import linear_sum_assignment
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.step import append_step
 from lmcache_jax.models.loaded import LoadedModel
-from lmcache_jax.models import attention
+from lmcache_jax import attention
+from lmcache_jax.arch.rope import inverse_frequencies
 from lmcache_jax.models.llama import rms_norm
-from lmcache_jax.arch.rope import apply_rope, inverse_frequencies
 from lmcache_jax.numerics import schemes
 from lmcache_jax.quant import transform
 from lmcache_jax.numerics.formats import Format, format_for_bits
@@ -44,23 +44,15 @@ class Activations:
   values: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "inv_freq_key"))
-def _layer(graphdef, state, x, layer_kv, step, slots, inv_freq, inv_freq_key):
-  del inv_freq_key
-  layer = nnx.merge(graphdef, state)
-  cfg = layer.cfg
-  h = rms_norm(x, layer.attn_norm[...], cfg.norm_eps)
-
-  def proj(name):
-    out = h @ getattr(layer, name)[...]
-    bias = getattr(layer, name + "_bias", None)
-    return out if bias is None else out + bias[...]
-
-  q = proj("q").reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
-  k = proj("k").reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
-  q = apply_rope(q, step.rope_positions, inv_freq)
-  x, layer_kv, _ = layer(x, layer_kv, step, slots, inv_freq)
-  return x, layer_kv, q, k
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _layer(graphdef, state, x, kv, layer, step):
+  """One block over x: (its output, the cache, rotated q, k before RoPE)."""
+  block = nnx.merge(graphdef, state)
+  inv_freq = inverse_frequencies(block.cfg)
+  h = rms_norm(x, block.attn_norm[...], block.cfg.norm_eps)
+  q, k, _, _ = block.attn.project(h, step.rope_positions, inv_freq)
+  x, kv, _ = block(x, kv, layer, step, inv_freq, attention.Request())
+  return x, kv, q, k
 
 
 def collect(lm: LoadedModel, tokens) -> Activations:
@@ -70,23 +62,21 @@ def collect(lm: LoadedModel, tokens) -> Activations:
   tokens = jnp.asarray(np.asarray(tokens, np.int32)[None])
   steps = tokens.shape[1]
   model = nnx.merge(lm.graphdef, lm.params)
-  graphdef, stacked = nnx.split(model.layers)
+  graphdef, stacked = nnx.split(model.blocks)
   stacked = jax.tree.map(lambda a: a.astype(jnp.float32), stacked)
   cache = init_cache(cfg, 1, steps, jnp.float32)
   step = append_step(cache, jnp.array([steps], jnp.int32), steps)
-  inv_freq = inverse_frequencies(cfg)
+  kv = attention.LayerKV(cache.keys, cache.values, cache.positions,
+                         cache.scores)
   x = jnp.take(model.embed[...].astype(jnp.float32), tokens, axis=0)
   out = {"queries": [], "keys": [], "keys_rope": [], "values": []}
   for l in range(cfg.num_layers):
-    layer_kv = attention.LayerKV(cache.keys[l], cache.values[l],
-                                 cache.positions[l], cache.scores[l])
-    x, layer_kv, q, k = _layer(graphdef, jax.tree.map(lambda a: a[l], stacked),
-                               x, layer_kv, step, step.slots[l],
-                               jnp.asarray(inv_freq), cfg.name)
+    x, kv, q, k = _layer(graphdef, jax.tree.map(lambda a: a[l], stacked), x,
+                         kv, jnp.int32(l), step._replace(slots=step.slots[l]))
     out["queries"].append(np.asarray(jnp.swapaxes(q[0], 0, 1)))
     out["keys"].append(np.asarray(jnp.swapaxes(k[0], 0, 1)))
-    out["keys_rope"].append(np.asarray(layer_kv.keys[0]))
-    out["values"].append(np.asarray(layer_kv.values[0]))
+    out["keys_rope"].append(np.asarray(kv.keys[l, 0]))
+    out["values"].append(np.asarray(kv.values[l, 0]))
   return Activations(**{k: np.stack(v) for k, v in out.items()})
 
 

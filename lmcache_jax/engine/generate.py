@@ -90,31 +90,56 @@ def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
   """Decodes after a prefilled cache whose last logits are ``prompt_logits`` [B, V].
 
   Separate from ``generate`` so that callers that build the cache another way
-  (a prefix loaded from a store, a restored session) share the loop.
+  (a prefix loaded from a store, a restored session) share the loop. Without
+  ``on_token`` the whole loop runs on the device (``steps.decode_loop``);
+  with it, one jitted step per token, so each token reaches the callback.
   """
   policy = policy.bind(lm.cfg)
   stop = np.array(lm.cfg.eos_token_ids if stop_tokens is None else stop_tokens,
                   np.int32)
   key = jax.random.key(0) if key is None else key
-  batch = prompt_logits.shape[0]
   key, sub = jax.random.split(key)
-  next_tokens = np.asarray(sample(prompt_logits, sub, sampling))
-  active = np.ones(batch, bool)
-  outputs: list[list[int]] = [[] for _ in range(batch)]
-  finished = [False] * batch
+  first = np.asarray(sample(prompt_logits, sub, sampling))
+  if on_token is None:
+    new, cache = _decode_on_device(lm, cache, first, key, stop, max_new_tokens,
+                                   policy, sampling)
+  else:
+    new, cache = _decode_streaming(lm, cache, first, key, stop, max_new_tokens,
+                                   policy, sampling, on_token)
+  outputs = [[int(t) for t in row if t >= 0] for row in new]
+  finished = [bool(row) and row[-1] in stop for row in outputs]
+  return Generation(outputs, finished, cache, prompt_logits)
+
+
+def _decode_on_device(lm, cache, first, key, stop, max_new_tokens, policy,
+                      sampling):
+  """[B, max_new_tokens] tokens (-1 after a stop) and the cache."""
+  new = np.full((len(first), max(max_new_tokens, 1)), -1, np.int32)
+  new[:, 0] = first
+  active = ~np.isin(first, stop)
+  if max_new_tokens > 1 and active.any():
+    rest, cache = steps.decode_loop(
+        lm.graphdef, lm.params, cache, jnp.asarray(first), jnp.asarray(active),
+        key, jnp.asarray(stop), num_steps=max_new_tokens - 1, policy=policy,
+        sampling=sampling)
+    new[:, 1:] = np.asarray(rest)
+  return new[:, :max_new_tokens], cache
+
+
+def _decode_streaming(lm, cache, first, key, stop, max_new_tokens, policy,
+                      sampling, on_token: TokenCallback):
+  """Like ``_decode_on_device``, one host step per token for ``on_token``."""
+  new = np.full((len(first), max_new_tokens), -1, np.int32)
+  tokens, active = first, np.ones(len(first), bool)
   for step in range(max_new_tokens):
-    for b in np.flatnonzero(active):
-      outputs[b].append(int(next_tokens[b]))
-      if next_tokens[b] in stop:
-        finished[b] = True
-    if on_token is not None:
-      on_token(step, next_tokens.copy(), active.copy())
-    active = active & ~np.isin(next_tokens, stop)
+    new[active, step] = tokens[active]
+    on_token(step, tokens.copy(), active.copy())
+    active = active & ~np.isin(tokens, stop)
     if step == max_new_tokens - 1 or not active.any():
       break
     key, sub = jax.random.split(key)
     tokens, _, cache = steps.decode_step(
-        lm.graphdef, lm.params, cache, jnp.asarray(next_tokens),
+        lm.graphdef, lm.params, cache, jnp.asarray(tokens),
         jnp.asarray(active), sub, policy=policy, sampling=sampling)
-    next_tokens = np.asarray(tokens)
-  return Generation(outputs, finished, cache, prompt_logits)
+    tokens = np.asarray(tokens)
+  return new, cache

@@ -24,12 +24,16 @@ def pad_batch(sequences: list[list[int]], width: int | None = None,
 
 
 def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
-            policy: CachePolicy, chunk: int = 512) -> tuple[jax.Array, KVCache]:
+            policy: CachePolicy, chunk: int | None = 512
+            ) -> tuple[jax.Array, KVCache]:
   """Feeds each prompt into its sequence of ``cache``, ``chunk`` tokens at a time.
 
-  Chunking bounds the attention matrix to [chunk, capacity] per head, so long
-  prompts fit in memory. Every chunk has the same shape, so one compilation
-  serves all of them.
+  A chunk attends to itself with flash attention and to the slots cached
+  before it (``lmcache_jax.attention``); a chunk into an empty cache skips
+  the second part, so ``chunk=None`` (the whole prompt in one pass) is the
+  fastest prefill. Smaller chunks bound the activations and, for evicting
+  policies, the extra slots a chunk needs. Every chunk has the same shape,
+  so at most two compilations (the first chunk, the others) serve them all.
 
   When every prompt fits in the free slots, the policy only scores during the
   chunks and compresses once at the end (``after_prefill``: SnapKV's
@@ -44,8 +48,9 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   fits = bool(np.all(live + lengths <= cache.capacity))
   chunk_policy = policy.deferring() if fits else policy
   width = tokens.shape[1]
-  chunk = max(1, min(chunk, width))
+  chunk = width if chunk is None else max(1, min(chunk, width))
   num_chunks = -(-width // chunk)
+  empty = not live.any()
   tokens = np.pad(tokens, ((0, 0), (0, num_chunks * chunk - width)))
   last_logits = None
   for c in range(num_chunks):
@@ -53,7 +58,8 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
     num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
     logits, cache = steps.forward(
         lm.graphdef, lm.params, cache, jnp.asarray(tokens[:, start:start + chunk]),
-        jnp.asarray(num_new), policy=chunk_policy, logits_for="last")
+        jnp.asarray(num_new), policy=chunk_policy, logits_for="last",
+        empty_cache=empty and c == 0)
     has_tokens = jnp.asarray(num_new > 0)[:, None]
     last_logits = logits if last_logits is None else jnp.where(
         has_tokens, logits, last_logits)

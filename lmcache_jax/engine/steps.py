@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmcache_jax.attention import Request
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.engine.sampling import Sampling, sample
@@ -24,12 +25,26 @@ def uses_mass(policy: CachePolicy) -> bool:
   return getattr(policy, "uses_attention_mass", True)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "logits_for"),
+def attention_request(policy: CachePolicy, empty_cache: bool = False) -> Request:
+  """What attention must report for ``policy``: no mass, the mass of its
+  observation window's queries, of the last query, or of every query."""
+  if not uses_mass(policy):
+    return Request(empty_cache=empty_cache, mass_queries=0)
+  observe = getattr(policy, "observe", "all")
+  voters = {"window": max(getattr(policy, "window", 0), 1), "last": 1}
+  return Request(empty_cache=empty_cache, mass_queries=voters.get(observe))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "logits_for",
+                                             "empty_cache"),
                    donate_argnames=("cache",))
 def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
             tokens: jax.Array, num_new: jax.Array, *, policy: CachePolicy,
-            logits_for: str = "all"):
+            logits_for: str = "all", empty_cache: bool = False):
   """Feeds ``tokens`` [B, T] (``num_new[b]`` real, right-padded) into the cache.
+
+  ``empty_cache``: the caller knows no sequence holds a token yet (the first
+  chunk of a prefill), so attention skips the cached slots.
 
   Returns (logits, cache): logits [B, T, V] for "all", [B, V] at each
   sequence's last real token for "last".
@@ -37,7 +52,7 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
   model = nnx.merge(graphdef, params)
   step = policy.plan(cache, num_new, tokens.shape[1])
   logits, cache, mass = model(tokens, cache, step, logits_for=logits_for,
-                              with_mass=uses_mass(policy))
+                              request=attention_request(policy, empty_cache))
   return logits, policy.update(cache, mass, step)
 
 
@@ -60,9 +75,49 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
   num_new = active.astype(jnp.int32)
   step = policy.plan(cache, num_new, 1)
   logits, cache, mass = model(tokens[:, None], cache, step, logits_for="last",
-                              with_mass=uses_mass(policy))
+                              request=attention_request(policy))
   cache = policy.update(cache, mass, step)
   return sample(logits, key, sampling), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "sampling",
+                                             "num_steps"),
+                   donate_argnames=("cache",))
+def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
+                tokens: jax.Array, active: jax.Array, key: jax.Array,
+                stop_tokens: jax.Array, *, num_steps: int,
+                policy: CachePolicy, sampling: Sampling):
+  """Up to ``num_steps`` decode steps on the device, with no host round trip.
+
+  Args:
+    tokens: [B] int32, the last sampled token of each sequence (not yet fed).
+    active: [B] bool; a sequence stops after sampling one of ``stop_tokens``.
+    stop_tokens: [E] int32 ids that end a sequence.
+
+  Returns:
+    (new tokens [B, num_steps] int32, -1 after a sequence stopped; cache).
+    The loop ends early once every sequence has stopped.
+  """
+  batch = tokens.shape[0]
+  out = jnp.full((batch, num_steps), -1, jnp.int32)
+
+  def more(carry):
+    i, _, _, active, _, _ = carry
+    return (i < num_steps) & jnp.any(active)
+
+  def step(carry):
+    i, cache, tokens, active, key, out = carry
+    key, sub = jax.random.split(key)
+    tokens, _, cache = decode_step.__wrapped__(
+        graphdef, params, cache, tokens, active, sub, policy=policy,
+        sampling=sampling)
+    out = out.at[:, i].set(jnp.where(active, tokens, -1))
+    active = active & ~jnp.isin(tokens, stop_tokens)
+    return i + 1, cache, tokens, active, key, out
+
+  _, cache, _, _, _, out = jax.lax.while_loop(
+      more, step, (jnp.int32(0), cache, tokens, active, key, out))
+  return out, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy"),

@@ -26,6 +26,11 @@ def interpret_mode():
     _interpret_all = before
 
 
+def interpreting() -> bool:
+  """Whether ``interpret_mode`` is on (at trace time)."""
+  return _interpret_all
+
+
 @functools.lru_cache(maxsize=None)
 def note(op: str, message: str) -> None:
   """Logs ``op: message`` once per process."""

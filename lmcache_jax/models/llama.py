@@ -1,8 +1,11 @@
 """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax NNX.
 
-Per-layer parameters are stacked on a leading layer axis and the layers run
-under ``lax.scan``, so compile time stays flat in depth. The KV cache is not
-part of the module: it is an explicit pytree passed in and returned.
+``Transformer`` = embedding → ``Block`` × L → final norm → output head, and a
+``Block`` = RMSNorm → ``Attention`` → RMSNorm → ``MLP``, with residuals.
+Per-layer parameters are stacked on a leading layer axis and one ``Block``
+runs under ``lax.scan``, so compile time stays flat in depth. The KV cache
+is not part of the module: an explicit pytree passed in and returned, which
+attention reaches only through the attention op.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmcache_jax import attention
+from lmcache_jax.attention import matmul_precision
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.step import Step
-from lmcache_jax.models import attention
 from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.arch.rope import apply_rope, inverse_frequencies
 from lmcache_jax.models.weights import check_weights, expected_shapes
@@ -26,50 +30,99 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-class Layers(nnx.Module):
-  """All decoder layers; every parameter has a leading layer axis."""
+class Attention(nnx.Module):
+  """Grouped-query self-attention: the projections and RoPE. Attention over
+  the cache itself is the attention op (``lmcache_jax.attention.attend``),
+  which owns formats and kernels."""
 
   def __init__(self, cfg: ModelConfig, dtype):
-    shapes = expected_shapes(cfg)
-    for name, shape in shapes.items():
-      if name.startswith("layers."):
-        setattr(self, name.removeprefix("layers."),
-                nnx.Param(jnp.zeros(shape, dtype)))
+    L, D = cfg.num_layers, cfg.hidden_size
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    self.q = nnx.Param(jnp.zeros((L, D, q_dim), dtype))
+    self.k = nnx.Param(jnp.zeros((L, D, kv_dim), dtype))
+    self.v = nnx.Param(jnp.zeros((L, D, kv_dim), dtype))
+    self.o = nnx.Param(jnp.zeros((L, q_dim, D), dtype))
+    if cfg.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((L, q_dim), dtype))
+      self.k_bias = nnx.Param(jnp.zeros((L, kv_dim), dtype))
+      self.v_bias = nnx.Param(jnp.zeros((L, kv_dim), dtype))
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, layer_kv: attention.LayerKV, step: Step,
-               layer_slots: jax.Array, inv_freq: np.ndarray,
-               with_mass: bool = True):
-    """One layer (parameters already sliced by the scan)."""
+  def project(self, h: jax.Array, rope_positions: jax.Array,
+              inv_freq: np.ndarray):
+    """q (rotated) [B, T, N, Hd], k before and after RoPE and v [B, T, K, Hd]."""
     cfg = self.cfg
-    batch, steps, _ = x.shape
-    precision = attention.matmul_precision(x.dtype)
+    batch, steps, _ = h.shape
+    precision = matmul_precision(h.dtype)
 
-    def proj(h, name):
+    def proj(name, heads):
       out = jnp.matmul(h, getattr(self, name)[...], precision=precision)
       bias = getattr(self, name + "_bias", None)
-      return out if bias is None else out + bias[...]
+      out = out if bias is None else out + bias[...]
+      return out.reshape(batch, steps, heads, cfg.head_dim)
 
-    h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-    q = proj(h, "q").reshape(batch, steps, cfg.num_heads, cfg.head_dim)
-    k = proj(h, "k").reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
-    v = proj(h, "v").reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
-    q = apply_rope(q, step.rope_positions, inv_freq)
-    k = apply_rope(k, step.rope_positions, inv_freq)
-    layer_kv = attention.write_slots(layer_kv, k, v, step.positions,
-                                     layer_slots)
-    attn, mass = attention.attend(q, layer_kv, step.positions,
-                                  step.query_weights, with_mass)
-    x = x + jnp.matmul(attn.reshape(batch, steps, -1), self.o[...],
-                       precision=precision)
-    h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
-    gated = jax.nn.silu(proj(h, "gate")) * proj(h, "up")
-    x = x + jnp.matmul(gated, self.down[...], precision=precision)
-    return x, layer_kv, mass
+    q = apply_rope(proj("q", cfg.num_heads), rope_positions, inv_freq)
+    k = proj("k", cfg.num_kv_heads)
+    return q, k, apply_rope(k, rope_positions, inv_freq), proj("v", cfg.num_kv_heads)
+
+  def __call__(self, h: jax.Array, kv: attention.LayerKV, layer: jax.Array,
+               step: Step, inv_freq: np.ndarray, request: attention.Request):
+    """Attention block output [B, T, D], the stacked cache with this step's
+    keys and values in layer ``layer``, and the slot mass (or None)."""
+    q, _, k, v = self.project(h, step.rope_positions, inv_freq)
+    out, kv, mass = attention.attend(q, k, v, kv, layer, step, request)
+    out = jnp.matmul(out.reshape(*h.shape[:2], -1), self.o[...],
+                     precision=matmul_precision(h.dtype))
+    return out, kv, mass
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, dtype):
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    self.gate = nnx.Param(jnp.zeros((L, D, F), dtype))
+    self.up = nnx.Param(jnp.zeros((L, D, F), dtype))
+    self.down = nnx.Param(jnp.zeros((L, F, D), dtype))
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    precision = matmul_precision(h.dtype)
+    gated = (jax.nn.silu(jnp.matmul(h, self.gate[...], precision=precision))
+             * jnp.matmul(h, self.up[...], precision=precision))
+    return jnp.matmul(gated, self.down[...], precision=precision)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer. Every parameter has a leading layer axis:
+  the model scans one ``Block`` over its stacked parameters."""
+
+  def __init__(self, cfg: ModelConfig, dtype):
+    self.attn_norm = nnx.Param(jnp.zeros((cfg.num_layers, cfg.hidden_size), dtype))
+    self.attn = Attention(cfg, dtype)
+    self.mlp_norm = nnx.Param(jnp.zeros((cfg.num_layers, cfg.hidden_size), dtype))
+    self.mlp = MLP(cfg, dtype)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array, kv: attention.LayerKV, layer: jax.Array,
+               step: Step, inv_freq: np.ndarray, request: attention.Request):
+    """One layer (parameters already sliced by the scan)."""
+    eps = self.cfg.norm_eps
+    out, kv, mass = self.attn(rms_norm(x, self.attn_norm[...], eps), kv, layer,
+                              step, inv_freq, request)
+    x = x + out
+    x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
+    return x, kv, mass
+
+
+# Owner of each per-layer canonical weight ("layers.<name>") inside a Block.
+_BLOCK_PARAM = {"attn_norm": (), "mlp_norm": (),
+                "q": ("attn",), "k": ("attn",), "v": ("attn",), "o": ("attn",),
+                "q_bias": ("attn",), "k_bias": ("attn",), "v_bias": ("attn",),
+                "gate": ("mlp",), "up": ("mlp",), "down": ("mlp",)}
 
 
 class Transformer(nnx.Module):
-  """Embedding, scanned decoder layers, final norm and output projection."""
+  """Embedding, scanned decoder blocks, final norm and output projection."""
 
   def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16):
     shapes = expected_shapes(cfg)
@@ -79,16 +132,18 @@ class Transformer(nnx.Module):
     self.final_norm = nnx.Param(jnp.zeros(shapes["final_norm"], dtype))
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(jnp.zeros(shapes["lm_head"], dtype))
-    self.layers = Layers(cfg, dtype)
+    self.blocks = Block(cfg, dtype)
 
   def __call__(self, tokens: jax.Array, cache: KVCache, step: Step,
-               logits_for: str = "all", with_mass: bool = True):
+               logits_for: str = "all",
+               request: attention.Request = attention.Request()):
     """Runs ``tokens`` [B, T] through the model, writing their KV into ``cache``.
 
     Args:
       logits_for: "all" → logits [B, T, V]; "last" → [B, V] for each
         sequence's last non-padding token; "none" → no logits.
-      with_mass: also return the attention mass each slot received.
+      request: what the attention op may assume and must report (see
+        ``attention.Request``).
 
     Returns:
       (logits, cache with the new keys/values, attention mass [L, B, K, S]
@@ -97,37 +152,28 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0)
     inv_freq = inverse_frequencies(cfg)
-    graphdef, layer_params = nnx.split(self.layers)
+    graphdef, block_params = nnx.split(self.blocks)
 
     def body(carry, per_layer):
-      # The whole cache rides in the carry and each layer's slice is updated
-      # in place, so the forward pass holds one cache, not an input and an
-      # output copy.
-      x, stacked_kv = carry
-      params, layer_slots, index = per_layer
-      layer_kv = jax.tree.map(
-          lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
-          stacked_kv)
-      layer = nnx.merge(graphdef, params)
-      x, layer_kv, mass = layer(x, layer_kv, step, layer_slots, inv_freq,
-                                with_mass)
-      stacked_kv = jax.tree.map(
-          lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
-          stacked_kv, layer_kv)
-      return (x, stacked_kv), mass
+      # The whole cache rides in the carry: each layer writes its tokens in
+      # place and attention reads its layer from the stacked arrays.
+      x, kv = carry
+      params, layer_slots, layer = per_layer
+      block = nnx.merge(graphdef, params)
+      x, kv, mass = block(x, kv, layer, step._replace(slots=layer_slots),
+                          inv_freq, request)
+      return (x, kv), mass
 
-    stacked_kv = attention.LayerKV(cache.keys, cache.values, cache.positions,
-                                   cache.scores)
-    layer_index = jnp.arange(cfg.num_layers)
-    (x, new_kv), mass = jax.lax.scan(
-        body, (x, stacked_kv), (layer_params, step.slots, layer_index))
+    kv = attention.LayerKV(cache.keys, cache.values, cache.positions,
+                           cache.scores)
+    (x, kv), mass = jax.lax.scan(
+        body, (x, kv), (block_params, step.slots, jnp.arange(cfg.num_layers)))
     valid = step.positions >= 0
     new_lengths = jnp.maximum(cache.lengths,
                               jnp.max(jnp.where(valid, step.positions + 1, 0),
                                       axis=1))
-    cache = KVCache(keys=new_kv.keys, values=new_kv.values,
-                    positions=new_kv.positions, scores=new_kv.scores,
-                    lengths=new_lengths.astype(jnp.int32))
+    cache = KVCache(keys=kv.keys, values=kv.values, positions=kv.positions,
+                    scores=kv.scores, lengths=new_lengths.astype(jnp.int32))
     if logits_for == "none":
       return None, cache, mass
     if logits_for == "last":
@@ -138,7 +184,7 @@ class Transformer(nnx.Module):
                        f"got {logits_for!r}")
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     head = (self.embed[...].T if cfg.tie_embeddings else self.lm_head[...])
-    logits = jnp.matmul(x, head, precision=attention.matmul_precision(x.dtype),
+    logits = jnp.matmul(x, head, precision=matmul_precision(x.dtype),
                         preferred_element_type=jnp.float32)
     return logits, cache, mass
 
@@ -149,9 +195,13 @@ def from_weights(cfg: ModelConfig, weights: dict, dtype=jnp.bfloat16,
   check_weights(cfg, weights, source)
   model = nnx.eval_shape(lambda: Transformer(cfg, dtype))
   for name, array in weights.items():
-    owner = model.layers if name.startswith("layers.") else model
-    param = getattr(owner, name.removeprefix("layers."))
-    param.set_value(jnp.asarray(array, dtype))
+    owner = model
+    if name.startswith("layers."):
+      name = name.removeprefix("layers.")
+      owner = model.blocks
+      for attr in _BLOCK_PARAM[name]:
+        owner = getattr(owner, attr)
+    getattr(owner, name).set_value(jnp.asarray(array, dtype))
   return model
 
 

@@ -162,7 +162,7 @@ def identity_rows(payload: QuantizedKV, part: Packed) -> bool:
   return len(payload.parts) == 1 and part.heads.shape[-2] == payload.num_kv_heads
 
 
-def _rows(heads: jax.Array, num_kv: int) -> jax.Array:
+def part_rows(heads: jax.Array, num_kv: int) -> jax.Array:
   """[B, R] head index per row, padding rows → num_kv (dropped by scatters)."""
   h = heads[..., 0]
   return jnp.where(h >= 0, h, num_kv)
@@ -186,7 +186,7 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
     if identity_rows(payload, part):
       xr, sr = stored, slots
     else:
-      rows = _rows(part.heads, num_kv)                      # [B, R]
+      rows = part_rows(part.heads, num_kv)                   # [B, R]
       safe = jnp.minimum(rows, num_kv - 1)
       xr = jnp.take_along_axis(stored, safe[:, :, None, None], axis=1)
       sr = jnp.take_along_axis(slots, safe[:, :, None], axis=1)
@@ -308,7 +308,7 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
     if identity_rows(payload, part):
       out = dense.astype(jnp.float32)
     else:
-      out = out.at[b, _rows(part.heads, num_kv)].set(dense, mode="drop")
+      out = out.at[b, part_rows(part.heads, num_kv)].set(dense, mode="drop")
   out = from_stored(payload, out)
   if exact and payload.exact.shape[-2]:
     h = jnp.arange(num_kv)[None, :, None]
