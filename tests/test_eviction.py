@@ -91,13 +91,15 @@ def check_invariants(policy, before, step, written, after, num_new):
   if policy.name != "adakv":
     want = np.minimum(written_counts, row_budgets(policy, layers)[:, None, None])
     np.testing.assert_array_equal(counts, want)
-  # Positions: unique, in range; protected tokens all still live.
+  # Positions: unique, in range; protected tokens (the newest always among
+  # them) all still live.
   for l, b, h in np.ndindex(layers, batch, heads):
     kept = pos[l, b, h][live[l, b, h]]
     assert len(np.unique(kept)) == len(kept)
     assert np.all(kept < lengths[b])
     protected = set(range(min(policy.sinks, lengths[b])))
-    protected |= set(range(max(lengths[b] - policy.window, 0), lengths[b]))
+    recent = max(policy.window, 1)
+    protected |= set(range(max(lengths[b] - recent, 0), lengths[b]))
     assert protected <= set(kept.tolist()), (protected, kept)
   # Sequences that took no token are untouched.
   for b in np.flatnonzero(np.asarray(num_new) == 0):
@@ -184,7 +186,70 @@ def test_reposition_needs_the_models_rope():
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_capacity_is_budget_plus_chunk(name):
+def test_capacity_is_budget_plus_a_chunk_or_the_tokens_between_evictions(name):
   policy = make(name, 7)
   assert policy.cache_capacity(10_000, 16) == policy.max_row_slots + 16
   assert policy.cache_capacity(12, 16) == 12
+  keep_all = EVICTION.make(name, budget=7, evict_every=0, **POLICIES[name])
+  assert keep_all.cache_capacity(10_000, 16, 100) == policy.max_row_slots + 100
+  assert keep_all.cache_capacity(10_000, 16, 5) == policy.max_row_slots + 16
+  every = EVICTION.make(name, budget=7, evict_every=40, **POLICIES[name])
+  assert every.cache_capacity(10_000, 16, 100) == policy.max_row_slots + 40
+  hold = EVICTION.make(name, budget=7, evict_every=1, **POLICIES[name])
+  assert hold.cache_capacity(10_000, 16, 100) == policy.max_row_slots + 16
+
+
+def decode_live_counts(policy, prompt, steps, capacity):
+  """Live slots per step [steps, L, B, K] when one token at a time follows a
+  ``prompt``-token deferred prefill, under ``policy.decoding()``."""
+  cache = init_cache(CFG, BATCH, capacity, jnp.float32)
+  rng = np.random.default_rng(0)
+
+  def feed(cache, policy, n):
+    keys = rng.standard_normal(cache.keys.shape[:3] + (n, CFG.head_dim))
+    return simulated_step(cache, jnp.full(BATCH, n, jnp.int32),
+                          jnp.asarray(keys, jnp.float32),
+                          jnp.asarray(rng.random(cache.scores.shape),
+                                      jnp.float32),
+                          policy=policy, num_tokens=n)[2]
+
+  cache = policy.after_prefill(feed(cache, policy.deferring(), prompt))
+  decoding = policy.decoding()
+  counts = []
+  for _ in range(steps):
+    cache = feed(cache, decoding, 1)
+    newest = np.asarray(cache.positions) == np.asarray(cache.lengths - 1)[
+        None, :, None, None]
+    assert np.all(newest.any(-1)), "the token just written was evicted"
+    counts.append(np.asarray(cache.live_slots()))
+  return np.stack(counts)
+
+
+@pytest.mark.parametrize("name", ["knorm", "random", "snapkv", "tova"])
+def test_decode_eviction_modes(name):
+  """0: nothing evicted until a row is full, then back to the budget;
+  1: the budget after every step; N: back to the budget every N steps."""
+  budget, prompt, steps = 7, 12, 14
+  mode = lambda every: EVICTION.make(name, budget=budget, evict_every=every,
+                                     **POLICIES[name]).bind(CFG)
+  capacity, live, want = budget + 10, budget, []
+  for _ in range(steps):
+    live = budget if live + 1 == capacity else live + 1
+    want.append(live)
+  never = decode_live_counts(mode(0), prompt, steps, capacity)
+  np.testing.assert_array_equal(never, np.broadcast_to(
+      np.asarray(want)[:, None, None, None], never.shape))
+  every = decode_live_counts(mode(1), prompt, steps, capacity=prompt + 1)
+  assert np.all(every == budget)
+  five = decode_live_counts(mode(5), prompt, steps, capacity=prompt + 5)
+  want = budget + (np.arange(steps) + 1) % 5
+  np.testing.assert_array_equal(five, np.broadcast_to(
+      want[:, None, None, None], five.shape))
+
+
+def test_a_decoding_policy_never_defers():
+  policy = make("snapkv", 4).decoding()
+  assert policy.deferring() is policy
+  cache = init_cache(CFG, BATCH, 8, jnp.float32)
+  assert policy.after_prefill(cache) is cache
+  assert policy.decoding() == policy

@@ -109,12 +109,27 @@ def test_passkey_task_runs_under_an_evicting_policy(mode):
   ctx = RunContext(config=retrieval_config(mode), lm=lm, policy=policy)
   results = passkey_task(ctx)
   assert results["trials"] == 2 and 0.0 <= results["accuracy"] <= 1.0
-  assert results["live_slots_max"] <= 48
+  # snapkv keeps every token after the compression: the cue and the answer.
+  assert results["decode_eviction"] == "never"
+  cue = len(passkey_data.CUE)
+  assert results["live_slots_max"] == 48 + cue + 3 - 1
   if mode == "stream":
     assert results["cache_capacity"] == 48 + 64
   else:
     assert results["cache_capacity"] >= 300 + 3
   again = passkey_task(ctx)
+  assert again["decode_eviction"] == "never"
   assert [s["output"] for s in again["samples"]] == [
       s["output"] for s in results["samples"]]
   assert np.isclose(again["accuracy"], results["accuracy"])
+
+
+def test_passkey_task_states_a_budget_holding_decode_mode():
+  cfg = tiny_config(vocab_size=len(CharTokenizer.vocab) + 2)
+  lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg),
+                                            jnp.float32), tokenizer=TOK)
+  policy = EVICTION.make("h2o", budget=48).bind(cfg)
+  ctx = RunContext(config=retrieval_config("prefill"), lm=lm, policy=policy)
+  results = passkey_task(ctx)
+  assert results["decode_eviction"] == "every step"
+  assert results["live_slots_max"] == 48

@@ -1,12 +1,14 @@
 """Shared by the retrieval tasks: answer a batch of prompts through the cache.
 
 Two modes. ``prefill`` (the papers' setting): the cache is large enough for the
-prompt, so the policy sees the whole prompt, compresses it once to its budget
-after prefill (SnapKV-style) and keeps to the budget while the answer is
-decoded. ``stream``: the cache has budget + chunk slots and the prompt streams
-through it, evicting after every chunk (StreamingLLM-style). Either way the
-answer cue is fed after the compression and every answer token is predicted
-from the compressed cache.
+prompt, so the policy sees the whole prompt and compresses it once to its
+budget after prefill (SnapKV-style). ``stream``: the prompt streams through a
+cache of budget + chunk slots, evicting after every chunk (StreamingLLM-style).
+Either way the answer cue is fed after the compression, as the first tokens of
+the answer: it and the decoded tokens are handled by the policy's decode-time
+eviction (``decode_mode``: never, every step, every N steps), which the
+results state as ``decode_eviction``. Every answer token is predicted from the
+compressed cache.
 """
 
 from __future__ import annotations
@@ -32,15 +34,17 @@ def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   lm = ctx.lm
   total = max(s.num_tokens for s in samples) + max_new_tokens
-  capacity = ctx.capacity_for(total, chunk)
+  answer_tokens = max(len(s.cue) for s in samples) + max_new_tokens
+  capacity = ctx.policy.cache_capacity(total, chunk, answer_tokens)
   if mode == "prefill":
     capacity = max(capacity, total)
   cache = ctx.new_cache(len(samples), capacity)
   _, cache = prefill(lm, cache, [s.prompt for s in samples], ctx.policy, chunk)
-  logits, cache = prefill(lm, cache, [s.cue for s in samples], ctx.policy,
+  answering = ctx.policy.decoding()
+  logits, cache = prefill(lm, cache, [s.cue for s in samples], answering,
                           chunk)
   out = decode(lm, cache, logits, max_new_tokens=max_new_tokens,
-               policy=ctx.policy, stop_tokens=())
+               policy=answering, stop_tokens=())
   texts = [lm.tokenizer.decode(t, skip_special=True) for t in out.tokens]
   return texts, out.cache
 
@@ -78,6 +82,7 @@ def evaluate(ctx: RunContext, make_sample, conf) -> dict:
       "accuracy": float(correct.mean()),
       "trials": len(records),
       "mode": conf.mode,
+      "decode_eviction": ctx.policy.decode_mode,
       "kv_bytes": cache.payload_nbytes,
       "cache_capacity": cache.capacity,
       "live_slots_max": int(np.asarray(cache.live_slots()).max()),

@@ -5,20 +5,35 @@ score state from the cache and this step's attention mass); the base does the
 rest inside ``jit`` with fixed shapes:
 
 * ``plan`` puts new tokens into free slots and says which queries vote
-  (``observe``: all real queries, the last ``window`` of the step, or the last).
+  (``observe``: all real queries, the last ``window``, or the last one).
 * ``update`` refreshes the score state of the sequences that took tokens, then
   keeps, per (layer, sequence, kv head), the ``budget`` live slots of highest
-  priority — protected slots (the first ``sinks`` positions and the ``window``
-  most recent) first, then by score, ties to the newer token — and frees the
-  rest (position -1), so the next tokens reuse them.
-* Capacity is the largest per-row budget plus one chunk: room for the tokens
-  of the next forward pass before they are scored.
+  priority — protected slots (the first ``sinks`` positions, the ``window``
+  most recent, and the newest token, which no forward pass evicts) first,
+  then by score, ties to the newer token — and frees the rest (position -1),
+  so the next tokens reuse them.
 
-Two moments (see ``engine.prefill``): a prompt that fits in the cache is
-prefilled without evicting (``deferring``) and compressed once at the end
-(``after_prefill``) — SnapKV's "compress after prefill", where the prompt's
-last queries vote over all of it; a longer stream evicts after every forward
-pass (StreamingLLM), and decoding always does.
+Three moments (see ``engine.prefill`` and ``engine.decode``):
+
+* A prompt that fits in the cache is prefilled without evicting
+  (``deferring``) and compressed once at the end (``after_prefill``) —
+  SnapKV's "compress after prefill". The queries that vote are those of the
+  prompt (``Span``), not of one chunk: an observation window of the prompt's
+  last ``window`` queries accumulates its votes across chunks, whatever the
+  chunking, and is scored once, at the end.
+* A longer prompt streams: it evicts to the budget after every forward pass
+  (StreamingLLM), and each pass's own queries vote.
+* Decoding, and any token fed after the compression, runs under
+  ``decoding()``, whose eviction is the policy's ``evict_every``: 0 = never
+  (compress once, keep every new token: kvpress's default), 1 = every step
+  (hold the budget), N = when N tokens beyond the budget have accumulated,
+  i.e. every N steps (kvpress's DecodingPress). Whatever the mode, a row
+  with no free slot for another step evicts to its budget rather than drop
+  a token.
+
+Capacity is the largest per-row budget plus room for one forward pass or the
+tokens decoded between two evictions, whichever is larger
+(``cache_capacity``).
 
 Per-layer budgets come from ``layer_budgets`` (PyramidKV); selection across a
 layer's heads from ``keep`` (AdaKV). With ``reposition`` the kept keys are
@@ -38,7 +53,7 @@ import numpy as np
 
 from lmcache_jax.cache import positions as pos_lib
 from lmcache_jax.cache.kv_cache import EMPTY, KVCache, first_free_slots
-from lmcache_jax.cache.step import Step, token_positions
+from lmcache_jax.cache.step import Span, Step, token_positions
 from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.arch.rope import inverse_frequencies
 
@@ -50,8 +65,9 @@ class EvictionPolicy:
   """Keeps at most ``budget`` tokens per (layer, sequence, kv head).
 
   Subclasses set ``name``, ``observe`` and ``score``; those that protect
-  tokens or re-assign positions declare ``sinks``, ``window`` or
-  ``reposition`` as fields (parameters), which shadow the defaults below.
+  tokens, re-assign positions or evict while decoding declare ``sinks``,
+  ``window``, ``reposition`` or ``evict_every`` as fields (parameters), which
+  shadow the defaults below.
   """
   name: ClassVar[str] = ""
   # Plain class attributes, not fields: a subclass that declares one as a
@@ -60,43 +76,56 @@ class EvictionPolicy:
   uses_attention_mass = True   # False: attention skips computing ``mass``
   sinks = 0
   window = 0
+  evict_every = 0              # while decoding: 0 never, 1 every step, N
   reposition = False
   only_sinks_move = False      # True: eviction never shifts a non-sink key
 
   budget: int
-  # Set by ``bind`` / ``deferring``, not by users (not parameters).
+  # Set by ``bind`` / ``deferring`` / ``decoding`` / ``after_prefill``, not by
+  # users (not parameters).
   _inv_freq: tuple[float, ...] = dataclasses.field(default=(), init=False,
                                                    repr=False)
   _defer: bool = dataclasses.field(default=False, init=False, repr=False)
+  _decoding: bool = dataclasses.field(default=False, init=False, repr=False)
+  _keep_newest: bool = dataclasses.field(default=True, init=False, repr=False)
 
   def __post_init__(self):
-    for field in ("budget", "sinks", "window"):
+    for field in ("budget", "sinks", "window", "evict_every"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{self.name}: {field} must be a whole number of "
-                         f"tokens, got {value!r}")
+        raise ValueError(f"{self.name}: {field} must be a whole number"
+                         f"{'' if field == 'evict_every' else ' of tokens'}, "
+                         f"got {value!r}")
     if self.budget <= 0:
       raise ValueError(f"{self.name}: budget must be a positive number of "
                        f"tokens, got {self.budget}")
     if self.sinks < 0 or self.window < 0:
       raise ValueError(f"{self.name}: sinks and window must be >= 0, got "
                        f"sinks={self.sinks}, window={self.window}")
-    if self.sinks + self.window > self.min_budget:
+    if self.evict_every < 0:
+      raise ValueError(f"{self.name}: evict_every must be 0 (never evict "
+                       f"while decoding), 1 (every step) or N > 1 (every N "
+                       f"steps), got {self.evict_every}")
+    if self.sinks + max(self.window, 1) > self.min_budget:
       raise ValueError(
-          f"{self.name}: sinks ({self.sinks}) + window ({self.window}) exceed "
-          f"the budget ({self.min_budget} tokens in the smallest row); protect "
-          f"fewer tokens or raise the budget")
+          f"{self.name}: sinks ({self.sinks}) + window ({self.window}), with "
+          f"at least the newest token, exceed the budget ({self.min_budget} "
+          f"tokens in the smallest row); protect fewer tokens or raise the "
+          f"budget")
     if self.observe not in OBSERVE:
       raise ValueError(f"{self.name}: observe must be one of {OBSERVE}")
 
   # ----- what subclasses override -------------------------------------------
 
-  def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
+  def score(self, cache: KVCache, mass: jax.Array,
+            step: Step | None) -> jax.Array:
     """New score state [L, B, K, S] (higher = keep) after a forward pass.
 
     ``cache`` holds this step's keys (their slots' old score reset to 0);
     ``mass`` [L, B, K, S] is the attention each slot received from the
     queries ``observe`` selects (None if ``uses_attention_mass`` is False).
+    A policy observing a ``window`` is also scored once after a deferred
+    prefill, with ``mass`` the votes of the prompt's window, ``step`` None.
     """
     raise NotImplementedError(f"{type(self).__name__} must define score()")
 
@@ -123,9 +152,11 @@ class EvictionPolicy:
   # ----- the mechanism --------------------------------------------------------
 
   def protected(self, cache: KVCache) -> jax.Array:
-    """[L, B, K, S] bool: sink tokens and the recent window, never evicted."""
+    """[L, B, K, S] bool: sink tokens, the recent window and (after a forward
+    pass, not in ``after_prefill``'s compression) the newest token."""
     pos = cache.positions
-    recent = pos >= (cache.lengths - self.window)[None, :, None, None]
+    window = max(self.window, int(self._keep_newest))
+    recent = pos >= (cache.lengths - window)[None, :, None, None]
     return (pos >= 0) & ((pos < self.sinks) | recent)
 
   def priority(self, cache: KVCache) -> jax.Array:
@@ -133,39 +164,96 @@ class EvictionPolicy:
     prio = jnp.where(self.protected(cache), jnp.inf, cache.scores)
     return jnp.where(cache.positions >= 0, prio, -jnp.inf)
 
-  def cache_capacity(self, context: int, chunk: int) -> int:
+  @property
+  def decode_mode(self) -> str:
+    """How this policy evicts while decoding, in words (stated in results)."""
+    if self.evict_every == 0:
+      return "never"
+    if self.evict_every == 1:
+      return "every step"
+    return f"every {self.evict_every} steps"
+
+  def cache_capacity(self, context: int, chunk: int,
+                     new_tokens: int = 0) -> int:
+    """The largest row budget plus room for one forward pass of ``chunk``
+    tokens or for the tokens decoded between two evictions (``new_tokens``
+    when ``evict_every`` is 0, else ``evict_every``), capped at ``context``."""
     if self.budget > context:
       raise ValueError(f"{self.name}: budget {self.budget} is larger than the "
                        f"context ({context} tokens); use at most {context}, or "
                        f"the full policy")
     if chunk <= 0:
       raise ValueError(f"chunk must be positive, got {chunk}")
-    return min(context, self.max_row_slots + chunk)
+    if new_tokens < 0:
+      raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+    between = new_tokens if self.evict_every == 0 else self.evict_every
+    return min(context, self.max_row_slots + max(chunk, between))
 
-  def plan(self, cache: KVCache, num_new: jax.Array, num_tokens: int) -> Step:
+  def plan(self, cache: KVCache, num_new: jax.Array, num_tokens: int,
+           prompt: Span | None = None) -> Step:
+    """Slots for the new tokens, and the queries that vote: those of the
+    prompt being deferred (``prompt``), else of this step alone."""
     positions = token_positions(cache, num_new, num_tokens)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
-    real = positions >= 0
+    spans_steps = prompt is not None and self._defer
+    if not spans_steps:
+      prompt = Span(cache.lengths, cache.lengths + num_new)
     if self.observe == "window":
-      weights = real & (t >= num_new[:, None] - self.window)
+      first = jnp.maximum(prompt.start, prompt.end - self.window)
     elif self.observe == "last":
-      weights = real & (t == num_new[:, None] - 1)
+      first = prompt.end - 1
     else:
-      weights = real
+      first = prompt.start
+    weights = (positions >= 0) & (positions >= first[:, None])
+    carry = None
+    if spans_steps and self.observe == "window":
+      carry = positions[:, 0] > first   # earlier steps held voters
     return Step(positions=positions,
                 rope_positions=jnp.maximum(positions, 0),
                 slots=first_free_slots(cache, num_new, num_tokens),
-                query_weights=weights.astype(jnp.float32))
+                query_weights=weights.astype(jnp.float32),
+                carry_votes=carry)
 
   def update(self, cache: KVCache, mass: jax.Array, step: Step) -> KVCache:
     active = jnp.any(step.positions >= 0, axis=1)[None, :, None, None]
+    if self._defer and self.observe == "window":
+      # The window's raw votes, summed over the prompt's chunks; scored once
+      # by ``after_prefill``.
+      if step.carry_votes is not None:
+        carried = step.carry_votes[None, :, None, None]
+        mass = mass + jnp.where(carried, cache.scores, 0.0)
+      scores = jnp.where(active, mass, cache.scores)
+      return cache.replace(scores=scores.astype(jnp.float32))
     scores = jnp.where(active, self.score(cache, mass, step), cache.scores)
     cache = cache.replace(scores=scores.astype(jnp.float32))
-    return cache if self._defer else self.evict(cache)
+    if self._defer:
+      return cache
+    return self.evict(cache, self._due(cache) if self._decoding else None)
 
-  def evict(self, cache: KVCache) -> KVCache:
-    """Frees every live slot that ``keep`` rejects (re-rotating if asked)."""
+  def _due(self, cache: KVCache) -> jax.Array | None:
+    """[B] bool: the sequences that evict after a decoding step (None: all).
+
+    ``evict_every`` N > 1 counts the tokens held beyond the budget (in the
+    layer holding most): a compression brings a sequence back to its budget,
+    so that count reaches N every N steps. A sequence with a row left without
+    a free slot evicts whatever the mode, rather than drop the next token.
+    """
+    if self.evict_every == 1:
+      return None
+    live = cache.positions >= 0
+    due = jnp.any(jnp.all(live, axis=-1), axis=(0, 2))
+    if self.evict_every > 1:
+      heads = cache.num_kv_heads
+      budgets = jnp.asarray(self.layer_budgets(cache.num_layers)) * heads
+      beyond = jnp.sum(live, axis=(2, 3)) - budgets[:, None]
+      due = due | (jnp.max(beyond, axis=0) >= heads * self.evict_every)
+    return due
+
+  def evict(self, cache: KVCache, due: jax.Array | None = None) -> KVCache:
+    """Frees every live slot that ``keep`` rejects in the sequences ``due``
+    [B] (all when None), re-rotating kept keys if asked."""
     evicted = (cache.positions >= 0) & ~self.keep(cache)
+    if due is not None:
+      evicted = evicted & due[None, :, None, None]
     keys = cache.keys
     if self.reposition:
       if not self._inv_freq:
@@ -209,12 +297,21 @@ class EvictionPolicy:
     return self._with(_inv_freq=tuple(float(f) for f in inverse_frequencies(cfg)))
 
   def deferring(self) -> EvictionPolicy:
-    """This policy scoring without evicting, for a prompt that fits the cache."""
-    return self._with(_defer=True)
+    """This policy scoring without evicting, for a prompt that fits the cache
+    (a decoding policy never defers: tokens fed under it are decode tokens)."""
+    return self if self._decoding else self._with(_defer=True)
+
+  def decoding(self) -> EvictionPolicy:
+    """This policy for decoding: it evicts as ``evict_every`` says."""
+    return self._with(_decoding=True, _defer=False)
 
   def after_prefill(self, cache: KVCache) -> KVCache:
-    """Compresses a deferred prefill down to the budget."""
-    return _evict_jit(cache, policy=self._with(_defer=False))
+    """Compresses a deferred prefill down to the budget, protecting what the
+    policy declares (sinks, window) as kvpress does; a no-op when decoding."""
+    if self._decoding:
+      return cache
+    return _compress_jit(cache, policy=self._with(_defer=False,
+                                                  _keep_newest=False))
 
   def _with(self, **fields) -> EvictionPolicy:
     new = copy.copy(self)
@@ -225,7 +322,10 @@ class EvictionPolicy:
 
 @functools.partial(jax.jit, static_argnames=("policy",),
                    donate_argnames=("cache",))
-def _evict_jit(cache: KVCache, *, policy: EvictionPolicy) -> KVCache:
+def _compress_jit(cache: KVCache, *, policy: EvictionPolicy) -> KVCache:
+  if policy.observe == "window":   # the score state holds the window's votes
+    scores = policy.score(cache, cache.scores, None)
+    cache = cache.replace(scores=scores.astype(jnp.float32))
   return policy.evict(cache)
 
 

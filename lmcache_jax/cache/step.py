@@ -19,11 +19,29 @@ class Step(NamedTuple):
   slots:          [L, B, K, T] cache slot each token's key/value goes to;
                   the capacity (out of range) for padding.
   query_weights:  [B, T] weight of each query in the returned attention mass.
+  carry_votes:    [B] bool, True where the step's votes add to those that
+                  earlier steps of the same prompt cast (an observation
+                  window spanning prefill chunks); None: every step's votes
+                  stand alone. Only the policy reads it.
   """
   positions: jax.Array
   rope_positions: jax.Array
   slots: jax.Array
   query_weights: jax.Array
+  carry_votes: jax.Array | None = None
+
+
+class Span(NamedTuple):
+  """The positions [start, end) of the prompt that a prefill feeds, [B] each."""
+  start: jax.Array
+  end: jax.Array
+
+
+def prompt_span(cache: KVCache, lengths: jax.Array) -> Span:
+  """The span of prompts of ``lengths`` [B] about to be fed into ``cache``
+  (new arrays, so the steps that follow may donate the cache)."""
+  start = jnp.array(cache.lengths, copy=True)
+  return Span(start=start, end=start + jnp.asarray(lengths, jnp.int32))
 
 
 def token_positions(cache: KVCache, num_new: jax.Array,

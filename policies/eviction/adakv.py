@@ -8,7 +8,8 @@ keeps at least ``alpha * budget`` (the paper's safeguard, 0.2), plus its
 protected tokens. The inner scorer (``snapkv`` by default, as in the paper) is
 any registered score policy, given as a name or call string. A dense cache
 needs a ceiling per head: at most ``head_cap * budget`` (default 2), which sets
-the slots allocated.
+the slots allocated. Decode-time eviction (``evict_every``) is the inner
+scorer's unless given.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class AdaKV(EvictionPolicy):
   inner: str = "snapkv"
   alpha: float = 0.2
   head_cap: float = 2.0
+  evict_every: int | None = None   # None: the inner scorer's
   _scorer: EvictionPolicy = dataclasses.field(default=None, init=False,
                                               repr=False, compare=False)
 
@@ -51,6 +53,8 @@ class AdaKV(EvictionPolicy):
     for attr in ("observe", "uses_attention_mass", "sinks", "window",
                  "reposition"):
       object.__setattr__(self, attr, getattr(scorer, attr))
+    if self.evict_every is None:
+      object.__setattr__(self, "evict_every", scorer.evict_every)
     super().__post_init__()
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"{self.name}: alpha must be in [0, 1], got {self.alpha!r}")

@@ -6,6 +6,7 @@ re-assigned inside the cache (the model sees the kept tokens as contiguous),
 which keeps perplexity flat far past the pretraining length. Here kept keys are
 re-rotated (see ``lmcache_jax.cache.positions``), so the policy needs the
 model's RoPE: ``bind(cfg)``, done by the engine and ``experiments.run``.
+A streaming method, it holds the budget while decoding (``evict_every=1``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class AttentionSink(EvictionPolicy):
   only_sinks_move = True   # the oldest non-sink goes first: nothing older moves
   sinks: int = 4
   reposition: bool = True
+  evict_every: int = 1
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step

@@ -4,7 +4,8 @@ Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative
 Inference of Large Language Models": each token's score is the attention it has
 received from every query so far (summed); the cache keeps the heavy hitters
 and the most recent tokens, half of the budget each (the paper's scripts use
-10% + 10% of the sequence), chosen per head.
+10% + 10% of the sequence), chosen per head. H2O is a generation-time method:
+it holds the budget at every decoding step (``evict_every=1``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class H2O(EvictionPolicy):
   """Heavy hitters by accumulated attention + a recent window (default budget/2)."""
   name = "h2o"
   window: int | None = None   # None: half the budget
+  evict_every: int = 1
 
   def __post_init__(self):
     if self.window is None and isinstance(self.budget, int):

@@ -4,6 +4,8 @@ Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV
 Cache Compression": a low key norm correlates with high attention, so the
 tokens with the largest key norms are evicted, per head, with no attention
 statistics at all. RoPE preserves norms, so post-RoPE keys give the same score.
+As kvpress's KnormPress, it compresses the prompt once and decoding keeps
+every new token (``evict_every=0``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class KNorm(EvictionPolicy):
   """Keeps the keys with the lowest L2 norm (no attention needed)."""
   name = "knorm"
   uses_attention_mass = False
+  evict_every: int = 0
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step

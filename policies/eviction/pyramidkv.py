@@ -7,6 +7,8 @@ shared observation window, layer 0 keeps ``2 b - b / beta`` tokens and the last
 layer ``b / beta`` (b = budget - window, beta = 20 as in the paper), averaging
 the uniform budget. A dense cache is sized for the largest layer, so its
 slots (memory) are those of about twice the budget; the live tokens average it.
+Observation window and decode-time eviction are SnapKV's (``evict_every=0``:
+decoding keeps every new token, as in the paper).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 kvpress's ``RandomPress`` plays the same role. A slot's score is a hash of
 (seed, layer, head, token position), so runs are reproducible, heads choose
-independently, and a token keeps one score for its whole life.
+independently, and a token keeps one score for its whole life. As kvpress's
+presses, it compresses the prompt once and decoding keeps every new token
+(``evict_every=0``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Random(EvictionPolicy):
   name = "random"
   uses_attention_mass = False
   seed: int = 0
+  evict_every: int = 0
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step

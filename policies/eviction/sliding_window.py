@@ -3,6 +3,7 @@
 The baseline StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language
 Models with Attention Sinks") shows collapsing once the first tokens leave the
 window: without its attention sinks the softmax has nowhere to put surplus mass.
+It holds the budget while decoding (``evict_every=1``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SlidingWindow(EvictionPolicy):
   """Keeps the newest ``budget`` tokens (a pure recency window)."""
   name = "sliding_window"
   uses_attention_mass = False
+  evict_every: int = 1
 
   def score(self, cache: KVCache, mass: jax.Array, step: Step) -> jax.Array:
     del mass, step

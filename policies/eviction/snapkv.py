@@ -6,9 +6,12 @@ window, 32 in the paper's runs) attend over the prompt; each head sums their
 attention per token, smooths it by pooling over neighbouring tokens (kernel 5,
 average, as in the reference code; 7 and max pooling also appear), keeps its
 top tokens, and always keeps the window itself. In this framework a prompt that
-fits the cache is compressed once after prefill (``engine.prefill``); when
-streaming or decoding, each forward pass's last ``window`` queries vote (one
-query per decode step).
+fits the cache is compressed once after prefill (``engine.prefill``), the
+window being the prompt's last ``window`` queries whatever the prefill
+chunking; a streamed prompt evicts after every forward pass, with that pass's
+last ``window`` queries voting. As in the paper (and kvpress), decoding keeps
+every new token (``evict_every=0``); with ``evict_every=N`` it compresses
+every N steps, the current step's query voting.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class SnapKV(EvictionPolicy):
   window: int = 32
   kernel: int = 5
   pool: str = "avg"
+  evict_every: int = 0
 
   def __post_init__(self):
     super().__post_init__()
