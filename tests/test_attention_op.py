@@ -6,6 +6,8 @@ batches are ragged, and the stacked cache is written in place.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,17 @@ from lmcache_jax.cache.step import Step
 from lmcache_jax.kernels.backend import interpret_mode
 
 LAYERS, BATCH, KV, GROUP, SLOTS, DIM = 2, 2, 2, 3, 64, 16
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def kernels():
+  """Pallas kernels lowered for the GPU there, interpreted elsewhere."""
+  return contextlib.nullcontext() if ON_GPU else interpret_mode()
+
+
+def as_f32(tree):
+  return jax.tree.map(
+      lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, tree)
 
 
 def scattered_cache(rng, lengths, dtype=jnp.float32):
@@ -94,15 +107,31 @@ def test_decode_kernel_reads_the_stacked_cache_in_place(seed):
   stacked = scattered_cache(rng, lengths, jnp.bfloat16)
   step = step_for(rng, stacked, lengths, np.array([1, 0]), 1)   # row 1 padding
   q, k, v = fresh(rng, 1, jnp.bfloat16)
-  with interpret_mode():
+  with kernels():
     out, written, mass = jax.jit(attention.attend)(
         q, k, v, stacked, jnp.int32(0), step._replace(slots=step.slots[0]))
-  f32 = lambda tree: jax.tree.map(  # noqa: E731
-      lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, tree)
-  want, want_written, _ = reference(*f32((q, k, v, stacked)), 0, step)
+  want, want_written, _ = reference(*as_f32((q, k, v, stacked)), 0, step)
   assert mass is None
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
   assert not np.any(np.asarray(out[1], np.float32))          # padding query
-  for a, b in zip(jax.tree.leaves(f32(written)), jax.tree.leaves(want_written)):
+  for a, b in zip(jax.tree.leaves(as_f32(written)), jax.tree.leaves(want_written)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 flash attention (cuDNN) runs on GPUs")
+@pytest.mark.parametrize("empty", [False, True])
+def test_bfloat16_prefill_on_the_gpu(empty):
+  rng = np.random.default_rng(7)
+  lengths = np.zeros(BATCH, int) if empty else rng.integers(5, 30, BATCH)
+  stacked = scattered_cache(rng, lengths, jnp.bfloat16)
+  step = step_for(rng, stacked, lengths, np.array([12, 7]), 12)
+  q, k, v = fresh(rng, 12, jnp.bfloat16)
+  request = attention.Request(empty_cache=empty, mass_queries=None)
+  out, _, mass = jax.jit(attention.attend, static_argnums=6)(
+      q, k, v, stacked, jnp.int32(1), step._replace(slots=step.slots[1]),
+      request)
+  want, _, want_mass = reference(*as_f32((q, k, v, stacked)), 1, step)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2,
+                             atol=2e-2)
+  np.testing.assert_allclose(mass, want_mass, rtol=2e-2, atol=2e-2)

@@ -27,11 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       "4096x16:attention_sink(budget=2048)", "32768x1:full",
                       "32768x16:attention_sink(budget=2048)")
   config.decode_tokens = 32        # greedy steps timed after the prefill
-  config.prefill_chunk = 128       # bounds attention temporaries per chunk
+  config.prefill_chunk = 4096      # evicting policies stream in chunks; full: one pass
   config.repeats = 3               # timed prefills (after a compile warm-up)
   config.max_seconds = 20.0        # ...fewer when they take this long together
   config.hf_baseline = True        # transformers generate, when installed
   config.hf_timeout_s = 300
+  config.copy_bytes = 2**31        # moved by the copy-bandwidth measurement
   if arg and "runlocal" in arg.split(","):
     config.model = "tiny"
     config.dtype = "float32"
@@ -42,4 +43,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.repeats = 2
     config.max_seconds = 10.0
     config.hf_timeout_s = 120
+    config.copy_bytes = 2**24
   return config

@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def suites() -> list[str]:
@@ -97,6 +98,14 @@ def timed_back_to_back(fn: Callable[[], Any], *, calls: int = 20,
   times = [batch() for _ in range(repeats)]
   return {"median_s": statistics.median(times), "min_s": min(times),
           "runs": len(times)}
+
+
+def copy_bandwidth(nbytes: int = 2**31) -> float:
+  """Bytes/s of an elementwise pass over ``nbytes`` (half read, half written)."""
+  x = jnp.ones((nbytes // 8,), jnp.float32)
+  bump = jax.jit(lambda a: a + 1)
+  t = timed_back_to_back(lambda: bump(x), calls=10)["median_s"]
+  return 2 * x.nbytes / t
 
 
 def device_memory() -> dict:

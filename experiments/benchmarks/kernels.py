@@ -58,14 +58,6 @@ BLOCKS = ((128, 2, 512, 3), (64, 1, 512, 3), (64, 1, 2048, 3),
 DEFAULT_BLOCK = da.default_tiling(FMT)[0]   # what calls without tiling use
 
 
-def copy_bandwidth() -> float:
-  """Bytes/s of an elementwise pass over 2 GiB (1 GiB read + 1 GiB written)."""
-  x = jnp.ones((2**28 if CONTEXT == 32768 else 2**20,), jnp.float32)
-  bump = jax.jit(lambda a: a + 1)
-  t = benchmarks.timed_back_to_back(lambda: bump(x), calls=10)["median_s"]
-  return 2 * x.nbytes / t
-
-
 def logits_bytes(block: int) -> int:
   """Bytes of the kernel's logits: a float16 offset per slot and query head,
   a float32 max per ``block`` slots and query head."""
@@ -159,7 +151,7 @@ def several_groups_row(keys, values, q, q_pos, slot_pos, bandwidth) -> dict:
 def run(config=None) -> dict:
   del config
   notes = check_kernels()
-  bandwidth = copy_bandwidth()
+  bandwidth = benchmarks.copy_bandwidth(2**31 if CONTEXT == 32768 else 2**23)
   keys, values = dense_cache(CONTEXT)
   kq = jax.jit(lambda a: schemes.quantize(a, FMT, GROUP_SIZE))(keys)
   vq = jax.jit(lambda a: schemes.quantize(a, FMT, GROUP_SIZE))(values)

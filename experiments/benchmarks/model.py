@@ -4,9 +4,13 @@
   python -m experiments.bench --suite=model --config=configs/bench/model.py:runlocal
 
 Each workload ``CONTEXTxBATCH:POLICY`` feeds ``batch`` random prompts of
-``context - decode_tokens`` tokens through this project's engine (chunked
-prefill, then greedy decode of ``decode_tokens`` tokens into a cache sized for
-the whole context), with random weights of the model's real shapes. The
+``context - decode_tokens`` tokens through this project's engine, then decodes
+``decode_tokens`` greedy tokens in one on-device loop, into a cache sized for
+the whole context, with random weights of the model's real shapes. The
+``full`` policy prefills each prompt in one pass; evicting policies stream it
+in ``prefill_chunk``-token chunks. Decode rows give the bytes a step must read
+(weights plus the live keys and values) over the copy bandwidth measured in
+the same run: the bound, and the share of it reached. The
 ``full`` policy in the model's dtype is the project's own baseline; where
 PyTorch and transformers are installed, Hugging Face ``generate`` runs the same
 shapes on the same card in a child process first (two frameworks cannot share
@@ -77,26 +81,30 @@ def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, itemsize: int) -> i
   return slots * (2 * cfg.head_dim * itemsize + 8)
 
 
-def transient_bytes(cfg: ModelConfig, batch: int, chunk: int, capacity: int) -> int:
-  """Largest per-chunk temporaries: float32 attention logits and probabilities,
-  the MLP activations, and float32 last-token logits."""
-  attention = 2 * batch * cfg.num_heads * chunk * capacity * 4
+def transient_bytes(cfg: ModelConfig, batch: int, chunk: int) -> int:
+  """Largest per-chunk temporaries: one block of float32 logits and
+  probabilities over cached slots (the chunk's own attention is flash), the
+  MLP activations, and float32 last-token logits."""
+  attention = 2 * batch * cfg.num_heads * chunk * 512 * 4
   mlp = 3 * batch * chunk * cfg.intermediate_size * 4
   return attention + mlp + batch * cfg.vocab_size * 4
 
 
-def bench_engine(lm: models.LoadedModel, work: Workload, config) -> dict:
-  """Times one workload through the engine; returns its table row."""
+def bench_engine(lm: models.LoadedModel, work: Workload, config,
+                 bandwidth: float) -> dict:
+  """Times one workload through the engine; returns its table row.
+  ``bandwidth``: the card's copy bandwidth in bytes/s, for the decode bound."""
   cfg, itemsize = lm.cfg, jnp.dtype(lm.dtype).itemsize
   policy = EVICTION.make(work.policy).bind(cfg)
-  chunk = config.prefill_chunk
   prompt_len = work.context - config.decode_tokens
+  one_pass = parse_spec(work.policy)[0] == "full"
+  chunk = prompt_len if one_pass else config.prefill_chunk
   capacity = policy.cache_capacity(work.context, chunk)
   row = {"impl": "lmcache_jax", "context": work.context, "batch": work.batch,
          "policy": work.policy, "prompt_tokens": prompt_len,
          "kv_gib": cache_bytes(cfg, work.batch, capacity, itemsize) / GIB}
   need = (weight_bytes(cfg, itemsize) + cache_bytes(cfg, work.batch, capacity, itemsize)
-          + transient_bytes(cfg, work.batch, chunk, capacity))
+          + transient_bytes(cfg, work.batch, chunk))
   limit = benchmarks.device_memory().get("limit")
   if limit is not None and need > 0.97 * limit:
     return {**row, "note": f"skipped: needs ~{need / GIB:.1f} GiB, the card "
@@ -106,7 +114,8 @@ def bench_engine(lm: models.LoadedModel, work: Workload, config) -> dict:
 
   def run_prefill(tokens):
     cache = init_cache(cfg, work.batch, capacity, lm.dtype)
-    logits, cache = prefill(lm, cache, tokens, policy, chunk)
+    logits, cache = prefill(lm, cache, tokens, policy,
+                            None if one_pass else chunk)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
 
   # Compile prefill and decode. The warm-up prompt takes the same path as the
@@ -114,7 +123,7 @@ def bench_engine(lm: models.LoadedModel, work: Workload, config) -> dict:
   # then compresses once at the end), else it streams with eviction.
   warm = [p[:min(prompt_len, capacity + chunk)] for p in prompts]
   first, _, cache = benchmarks.sync(run_prefill(warm))
-  decode = _decoder(lm, policy)
+  decode = _decoder(lm, policy, config.decode_tokens)
   benchmarks.sync(decode(cache, first))
   del cache
   timing = benchmarks.timed(lambda: run_prefill(prompts), warmup=0,
@@ -124,38 +133,47 @@ def bench_engine(lm: models.LoadedModel, work: Workload, config) -> dict:
     raise FloatingPointError(f"{work}: non-finite logits after prefill")
   del logits
   memory = benchmarks.device_memory()
-  step_times = []
-  tokens = first
-  for _ in range(config.decode_tokens):
-    start = time.perf_counter()
-    tokens, cache = benchmarks.sync(decode(cache, tokens))
-    step_times.append(time.perf_counter() - start)
+  start = time.perf_counter()
+  tokens, cache = benchmarks.sync(decode(cache, first))
+  step = (time.perf_counter() - start) / config.decode_tokens
   memory_after = benchmarks.device_memory()
-  step = float(np.median(step_times[1:] or step_times))
+  if not bool((tokens >= 0).all()):
+    raise AssertionError(f"{work}: the decode loop stopped before its "
+                         f"{config.decode_tokens} steps")
   del cache
+  live = prompt_len + config.decode_tokens / 2
+  live = min(live, getattr(policy, "budget", live) + 1)
+  step_bytes = (weight_bytes(cfg, itemsize)
+                + live * work.batch * cfg.num_layers * cfg.num_kv_heads
+                * 2 * cfg.head_dim * itemsize)
+  peak = (max(memory.get("peak", 0), memory_after.get("peak", 0))
+          if memory else None)
+  resident = weight_bytes(cfg, itemsize) + cache_bytes(cfg, work.batch,
+                                                        capacity, itemsize)
   row.update({
       "ttft_s": timing["median_s"], "runs": timing["runs"],
       "prefill_tok_s": work.batch * prompt_len / timing["median_s"],
       "decode_ms_step": step * 1e3, "decode_tok_s": work.batch / step,
-      "peak_gib": (max(memory.get("peak", 0), memory_after.get("peak", 0)) / GIB
-                   if memory else None),
+      "step_gb": step_bytes / 1e9,
+      "bound_ms": step_bytes / bandwidth * 1e3,
+      "of_bound": step_bytes / bandwidth / step,
+      "peak_gib": peak / GIB if peak else None,
+      "peak_over_resident": peak / resident if peak else None,
       "note": "",
   })
   return row
 
 
-def _decoder(lm, policy):
-  active = None
+def _decoder(lm, policy, num_steps: int):
+  """decode(cache, tokens) → (tokens [B, num_steps], cache): greedy steps in
+  one on-device loop that never stops early (no stop tokens)."""
   key = jax.random.key(0)
+  no_stop = jnp.zeros((0,), jnp.int32)
 
   def decode(cache, tokens):
-    nonlocal active
-    if active is None or active.shape != tokens.shape:
-      active = jnp.ones(tokens.shape, bool)
-    next_tokens, _, cache = steps.decode_step(
-        lm.graphdef, lm.params, cache, tokens, active, key, policy=policy,
-        sampling=Sampling())
-    return next_tokens, cache
+    return steps.decode_loop(
+        lm.graphdef, lm.params, cache, tokens, jnp.ones(tokens.shape, bool),
+        key, no_stop, num_steps=num_steps, policy=policy, sampling=Sampling())
   return decode
 
 
@@ -203,9 +221,11 @@ def run(config) -> dict:
   start = time.perf_counter()
   lm = models.load(f"random:{config.model}", dtype, seed=config.seed)
   out["load_s"] = time.perf_counter() - start
+  bandwidth = benchmarks.copy_bandwidth(config.copy_bytes)
+  out["copy_gb_s"] = bandwidth / 1e9
   rows = []
   for work in order:
-    rows.append(bench_engine(lm, work, config))
+    rows.append(bench_engine(lm, work, config, bandwidth))
     print(json.dumps(rows[-1]), flush=True)
   # Each engine row, then the transformers row of the same shape beside it.
   for row in rows:

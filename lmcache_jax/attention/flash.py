@@ -8,6 +8,8 @@ cached before the chunk (``merge``).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -37,10 +39,14 @@ def self_attention(q, k, v, lengths):
   zero with lse MASKED.
   """
   lengths = lengths.astype(jnp.int32)
-  out, lse = jax.nn.dot_product_attention(
-      q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-      query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-      implementation=implementation(q.dtype), return_residual=True)
+  # float32 inputs get float32 products (XLA would use TF32 on GPUs)
+  exact = (jax.default_matmul_precision("highest")
+           if jnp.dtype(q.dtype) == jnp.float32 else contextlib.nullcontext())
+  with exact:
+    out, lse = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        implementation=implementation(q.dtype), return_residual=True)
   real = (jnp.arange(q.shape[1])[None, :] < lengths[:, None])[..., None]
   return (jnp.where(real[..., None], out, 0).astype(q.dtype),
           jnp.where(real, lse.astype(jnp.float32), MASKED))
