@@ -99,7 +99,7 @@ def bench_engine(lm: models.LoadedModel, work: Workload, config,
   prompt_len = work.context - config.decode_tokens
   one_pass = parse_spec(work.policy)[0] == "full"
   chunk = prompt_len if one_pass else config.prefill_chunk
-  capacity = policy.cache_capacity(work.context, chunk)
+  capacity = policy.cache_capacity(work.context, chunk, config.decode_tokens)
   row = {"impl": "lmcache_jax", "context": work.context, "batch": work.batch,
          "policy": work.policy, "prompt_tokens": prompt_len,
          "kv_gib": cache_bytes(cfg, work.batch, capacity, itemsize) / GIB}
@@ -123,7 +123,7 @@ def bench_engine(lm: models.LoadedModel, work: Workload, config,
   # then compresses once at the end), else it streams with eviction.
   warm = [p[:min(prompt_len, capacity + chunk)] for p in prompts]
   first, _, cache = benchmarks.sync(run_prefill(warm))
-  decode = _decoder(lm, policy, config.decode_tokens)
+  decode = _decoder(lm, policy.decoding(), config.decode_tokens)
   benchmarks.sync(decode(cache, first))
   del cache
   timing = benchmarks.timed(lambda: run_prefill(prompts), warmup=0,
@@ -204,9 +204,10 @@ def run(config) -> dict:
   cfg = get_preset(config.model)
   dtype = jnp.dtype(config.dtype) if config.dtype != "auto" else None
   itemsize = jnp.dtype(dtype or jnp.bfloat16).itemsize
-  order = sorted(workloads, key=lambda w: cache_bytes(
-      cfg, w.batch, EVICTION.make(w.policy).cache_capacity(w.context, config.prefill_chunk),
-      itemsize))
+  capacity = lambda w: EVICTION.make(w.policy).cache_capacity(  # noqa: E731
+      w.context, config.prefill_chunk, config.decode_tokens)
+  order = sorted(workloads,
+                 key=lambda w: cache_bytes(cfg, w.batch, capacity(w), itemsize))
   out: dict = {"rows": [], "workloads": [str(w) for w in order]}
   if config.hf_baseline and hf_available():
     full = [w for w in order if parse_spec(w.policy)[0] == "full"]

@@ -26,7 +26,7 @@ from lmcache_jax.cache.step import append_step
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax import attention
 from lmcache_jax.arch.rope import inverse_frequencies
-from lmcache_jax.models.llama import rms_norm
+from lmcache_jax.models.llama import at_layer, rms_norm
 from lmcache_jax.numerics import schemes
 from lmcache_jax.quant import transform
 from lmcache_jax.numerics.formats import Format, format_for_bits
@@ -49,8 +49,8 @@ def _layer(graphdef, state, x, kv, layer, step):
   """One block over x: (its output, the cache, rotated q, k before RoPE)."""
   block = nnx.merge(graphdef, state)
   inv_freq = inverse_frequencies(block.cfg)
-  h = rms_norm(x, block.attn_norm[...], block.cfg.norm_eps)
-  q, k, _, _ = block.attn.project(h, step.rope_positions, inv_freq)
+  h = rms_norm(x, at_layer(block.attn_norm, layer), block.cfg.norm_eps)
+  q, k, _, _ = block.attn.project(h, layer, step.rope_positions, inv_freq)
   x, kv, _ = block(x, kv, layer, step, inv_freq, attention.Request())
   return x, kv, q, k
 
@@ -71,8 +71,8 @@ def collect(lm: LoadedModel, tokens) -> Activations:
   x = jnp.take(model.embed[...].astype(jnp.float32), tokens, axis=0)
   out = {"queries": [], "keys": [], "keys_rope": [], "values": []}
   for l in range(cfg.num_layers):
-    x, kv, q, k = _layer(graphdef, jax.tree.map(lambda a: a[l], stacked), x,
-                         kv, jnp.int32(l), step._replace(slots=step.slots[l]))
+    x, kv, q, k = _layer(graphdef, stacked, x, kv, jnp.int32(l),
+                         step._replace(slots=step.slots[l]))
     out["queries"].append(np.asarray(jnp.swapaxes(q[0], 0, 1)))
     out["keys"].append(np.asarray(jnp.swapaxes(k[0], 0, 1)))
     out["keys_rope"].append(np.asarray(kv.keys[l, 0]))

@@ -64,7 +64,7 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
   if max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
   context = max(len(p) for p in prompts) + max_new_tokens
-  needed = policy.cache_capacity(context, prefill_chunk)
+  needed = policy.cache_capacity(context, prefill_chunk, max_new_tokens)
   capacity = needed if capacity is None else capacity
   if capacity < needed:
     raise ValueError(
@@ -94,7 +94,7 @@ def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
   ``on_token`` the whole loop runs on the device (``steps.decode_loop``);
   with it, one jitted step per token, so each token reaches the callback.
   """
-  policy = policy.bind(lm.cfg)
+  policy = policy.bind(lm.cfg).decoding()
   stop = np.array(lm.cfg.eos_token_ids if stop_tokens is None else stop_tokens,
                   np.int32)
   key = jax.random.key(0) if key is None else key

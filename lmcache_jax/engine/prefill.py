@@ -8,6 +8,7 @@ import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.policy import CachePolicy
+from lmcache_jax.cache.step import prompt_span
 from lmcache_jax.engine import steps
 from lmcache_jax.models.loaded import LoadedModel
 
@@ -47,6 +48,8 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   live = np.asarray(cache.live_slots()).max(axis=(0, 2))
   fits = bool(np.all(live + lengths <= cache.capacity))
   chunk_policy = policy.deferring() if fits else policy
+  # a deferred prompt's observation window may span its chunks
+  span = prompt_span(cache, lengths) if fits else None
   width = tokens.shape[1]
   chunk = width if chunk is None else max(1, min(chunk, width))
   num_chunks = -(-width // chunk)
@@ -58,7 +61,7 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
     num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
     logits, cache = steps.forward(
         lm.graphdef, lm.params, cache, jnp.asarray(tokens[:, start:start + chunk]),
-        jnp.asarray(num_new), policy=chunk_policy, logits_for="last",
+        jnp.asarray(num_new), span, policy=chunk_policy, logits_for="last",
         empty_cache=empty and c == 0)
     has_tokens = jnp.asarray(num_new > 0)[:, None]
     last_logits = logits if last_logits is None else jnp.where(

@@ -17,6 +17,7 @@ from flax import nnx
 from lmcache_jax.attention import Request
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.policy import CachePolicy
+from lmcache_jax.cache.step import Span
 from lmcache_jax.engine.sampling import Sampling, sample
 
 
@@ -39,18 +40,21 @@ def attention_request(policy: CachePolicy, empty_cache: bool = False) -> Request
                                              "empty_cache"),
                    donate_argnames=("cache",))
 def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache,
-            tokens: jax.Array, num_new: jax.Array, *, policy: CachePolicy,
-            logits_for: str = "all", empty_cache: bool = False):
+            tokens: jax.Array, num_new: jax.Array, prompt: Span | None = None,
+            *, policy: CachePolicy, logits_for: str = "all",
+            empty_cache: bool = False):
   """Feeds ``tokens`` [B, T] (``num_new[b]`` real, right-padded) into the cache.
 
-  ``empty_cache``: the caller knows no sequence holds a token yet (the first
-  chunk of a prefill), so attention skips the cached slots.
+  ``prompt``: the span of the prompt a prefill is feeding (see
+  ``CachePolicy.plan``). ``empty_cache``: the caller knows no sequence holds
+  a token yet (the first chunk of a prefill), so attention skips the cached
+  slots.
 
   Returns (logits, cache): logits [B, T, V] for "all", [B, V] at each
   sequence's last real token for "last".
   """
   model = nnx.merge(graphdef, params)
-  step = policy.plan(cache, num_new, tokens.shape[1])
+  step = policy.plan(cache, num_new, tokens.shape[1], prompt)
   logits, cache, mass = model(tokens, cache, step, logits_for=logits_for,
                               request=attention_request(policy, empty_cache))
   return logits, policy.update(cache, mass, step)

@@ -19,6 +19,7 @@ from lmcache_jax import attention
 from lmcache_jax.attention import matmul_precision
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.step import Step
+from lmcache_jax.kernels import stacked_matmul
 from lmcache_jax.arch.config import ModelConfig
 from lmcache_jax.arch.rope import apply_rope, inverse_frequencies
 from lmcache_jax.models.weights import check_weights, expected_shapes
@@ -28,6 +29,28 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def at_layer(param: nnx.Param, layer: jax.Array) -> jax.Array:
+  """Layer ``layer`` of a stacked parameter."""
+  return jax.lax.dynamic_index_in_dim(param[...], layer, keepdims=False)
+
+
+def layer_matmul(x: jax.Array, param: nnx.Param, layer: jax.Array) -> jax.Array:
+  """x [..., K] @ layer ``layer`` of a stacked [L, K, N] weight.
+
+  A few rows of 16-bit data on a GPU (decode) go through
+  ``kernels.stacked_matmul``, which reads the layer in place: XLA would copy
+  the layer out of the stack first, and decode is bound by weight bytes.
+  """
+  w = param[...]
+  rows = int(np.prod(x.shape[:-1]))
+  if (rows <= stacked_matmul.MAX_ROWS and jax.default_backend() == "gpu"
+      and x.dtype == w.dtype and jnp.dtype(x.dtype).itemsize == 2):
+    out = stacked_matmul.stacked_matmul(x.reshape(rows, -1), w, layer)
+    return out.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
+  return jnp.matmul(x, jax.lax.dynamic_index_in_dim(w, layer, keepdims=False),
+                    precision=matmul_precision(x.dtype))
 
 
 class Attention(nnx.Module):
@@ -48,17 +71,16 @@ class Attention(nnx.Module):
       self.v_bias = nnx.Param(jnp.zeros((L, kv_dim), dtype))
     self.cfg = cfg
 
-  def project(self, h: jax.Array, rope_positions: jax.Array,
+  def project(self, h: jax.Array, layer: jax.Array, rope_positions: jax.Array,
               inv_freq: np.ndarray):
     """q (rotated) [B, T, N, Hd], k before and after RoPE and v [B, T, K, Hd]."""
     cfg = self.cfg
     batch, steps, _ = h.shape
-    precision = matmul_precision(h.dtype)
 
     def proj(name, heads):
-      out = jnp.matmul(h, getattr(self, name)[...], precision=precision)
+      out = layer_matmul(h, getattr(self, name), layer)
       bias = getattr(self, name + "_bias", None)
-      out = out if bias is None else out + bias[...]
+      out = out if bias is None else out + at_layer(bias, layer)
       return out.reshape(batch, steps, heads, cfg.head_dim)
 
     q = apply_rope(proj("q", cfg.num_heads), rope_positions, inv_freq)
@@ -69,11 +91,9 @@ class Attention(nnx.Module):
                step: Step, inv_freq: np.ndarray, request: attention.Request):
     """Attention block output [B, T, D], the stacked cache with this step's
     keys and values in layer ``layer``, and the slot mass (or None)."""
-    q, _, k, v = self.project(h, step.rope_positions, inv_freq)
+    q, _, k, v = self.project(h, layer, step.rope_positions, inv_freq)
     out, kv, mass = attention.attend(q, k, v, kv, layer, step, request)
-    out = jnp.matmul(out.reshape(*h.shape[:2], -1), self.o[...],
-                     precision=matmul_precision(h.dtype))
-    return out, kv, mass
+    return layer_matmul(out.reshape(*h.shape[:2], -1), self.o, layer), kv, mass
 
 
 class MLP(nnx.Module):
@@ -85,16 +105,16 @@ class MLP(nnx.Module):
     self.up = nnx.Param(jnp.zeros((L, D, F), dtype))
     self.down = nnx.Param(jnp.zeros((L, F, D), dtype))
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    precision = matmul_precision(h.dtype)
-    gated = (jax.nn.silu(jnp.matmul(h, self.gate[...], precision=precision))
-             * jnp.matmul(h, self.up[...], precision=precision))
-    return jnp.matmul(gated, self.down[...], precision=precision)
+  def __call__(self, h: jax.Array, layer: jax.Array) -> jax.Array:
+    gated = (jax.nn.silu(layer_matmul(h, self.gate, layer))
+             * layer_matmul(h, self.up, layer))
+    return layer_matmul(gated, self.down, layer)
 
 
 class Block(nnx.Module):
   """One pre-norm decoder layer. Every parameter has a leading layer axis:
-  the model scans one ``Block`` over its stacked parameters."""
+  the model scans one ``Block`` over the layer index, and each call reads
+  its layer of the stacked parameters (and of the stacked cache)."""
 
   def __init__(self, cfg: ModelConfig, dtype):
     self.attn_norm = nnx.Param(jnp.zeros((cfg.num_layers, cfg.hidden_size), dtype))
@@ -105,13 +125,13 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, kv: attention.LayerKV, layer: jax.Array,
                step: Step, inv_freq: np.ndarray, request: attention.Request):
-    """One layer (parameters already sliced by the scan)."""
+    """Layer ``layer`` over x [B, T, D]: (x, the stacked cache, slot mass)."""
     eps = self.cfg.norm_eps
-    out, kv, mass = self.attn(rms_norm(x, self.attn_norm[...], eps), kv, layer,
-                              step, inv_freq, request)
+    out, kv, mass = self.attn(rms_norm(x, at_layer(self.attn_norm, layer), eps),
+                              kv, layer, step, inv_freq, request)
     x = x + out
-    x = x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
-    return x, kv, mass
+    return x + self.mlp(rms_norm(x, at_layer(self.mlp_norm, layer), eps),
+                        layer), kv, mass
 
 
 # Owner of each per-layer canonical weight ("layers.<name>") inside a Block.
@@ -156,10 +176,10 @@ class Transformer(nnx.Module):
 
     def body(carry, per_layer):
       # The whole cache rides in the carry: each layer writes its tokens in
-      # place and attention reads its layer from the stacked arrays.
+      # place, and attention and the weights are read at the layer index.
       x, kv = carry
-      params, layer_slots, layer = per_layer
-      block = nnx.merge(graphdef, params)
+      layer_slots, layer = per_layer
+      block = nnx.merge(graphdef, block_params)
       x, kv, mass = block(x, kv, layer, step._replace(slots=layer_slots),
                           inv_freq, request)
       return (x, kv), mass
@@ -167,7 +187,7 @@ class Transformer(nnx.Module):
     kv = attention.LayerKV(cache.keys, cache.values, cache.positions,
                            cache.scores)
     (x, kv), mass = jax.lax.scan(
-        body, (x, kv), (block_params, step.slots, jnp.arange(cfg.num_layers)))
+        body, (x, kv), (step.slots, jnp.arange(cfg.num_layers)))
     valid = step.positions >= 0
     new_lengths = jnp.maximum(cache.lengths,
                               jnp.max(jnp.where(valid, step.positions + 1, 0),
