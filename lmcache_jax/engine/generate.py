@@ -41,6 +41,28 @@ def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
                        f"vocabulary [0, {vocab_size})")
 
 
+def checked_capacity(lm: LoadedModel, prompts: list[list[int]],
+                     max_new_tokens: int, policy: CachePolicy,
+                     capacity: int | None, chunk: int) -> int:
+  """The cache slots a generation needs (``capacity``, or what the policy
+  asks for by default), after checking the prompts and the request."""
+  cfg = lm.cfg
+  check_prompts(prompts, cfg.vocab_size)
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+  context = max(len(p) for p in prompts) + max_new_tokens
+  needed = policy.cache_capacity(context, chunk, max_new_tokens)
+  if capacity is not None and capacity < needed:
+    raise ValueError(
+        f"a context of {context} tokens (longest prompt + max_new_tokens) needs "
+        f"{needed} cache slots under policy {policy.name!r}, but the capacity "
+        f"is {capacity}; raise the capacity or choose an evicting policy")
+  if isinstance(policy, KeepAll) and context > cfg.max_context:
+    raise ValueError(f"a context of {context} tokens exceeds the model's "
+                     f"maximum of {cfg.max_context} for {cfg.name!r}")
+  return needed if capacity is None else capacity
+
+
 def generate(lm: LoadedModel, prompts: list[list[int]], *,
              max_new_tokens: int, sampling: Sampling = Sampling(),
              key: jax.Array | None = None, policy: CachePolicy = KeepAll(),
@@ -60,20 +82,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
       one; default full precision in the model's dtype.
   """
   cfg = lm.cfg
-  check_prompts(prompts, cfg.vocab_size)
-  if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-  context = max(len(p) for p in prompts) + max_new_tokens
-  needed = policy.cache_capacity(context, prefill_chunk, max_new_tokens)
-  capacity = needed if capacity is None else capacity
-  if capacity < needed:
-    raise ValueError(
-        f"a context of {context} tokens (longest prompt + max_new_tokens) needs "
-        f"{needed} cache slots under policy {policy.name!r}, but the capacity "
-        f"is {capacity}; raise the capacity or choose an evicting policy")
-  if isinstance(policy, KeepAll) and context > cfg.max_context:
-    raise ValueError(f"a context of {context} tokens exceeds the model's "
-                     f"maximum of {cfg.max_context} for {cfg.name!r}")
+  capacity = checked_capacity(lm, prompts, max_new_tokens, policy, capacity,
+                              prefill_chunk)
   cache = (init_cache(cfg, len(prompts), capacity, lm.dtype) if new_cache is None
            else new_cache(len(prompts), capacity))
   logits, cache = prefill(lm, cache, prompts, policy, prefill_chunk)

@@ -17,7 +17,7 @@ import jax
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
 from lmcache_jax.engine.generate import (Generation, TokenCallback,
-                                         check_prompts, decode)
+                                         checked_capacity, decode)
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
@@ -60,18 +60,8 @@ def generate_with_store(
       turn of a conversation.
   """
   check_reusable(policy)
-  check_prompts(prompts, lm.cfg.vocab_size)
-  if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-  context = max(len(p) for p in prompts) + max_new_tokens
-  if context > lm.cfg.max_context:
-    raise ValueError(f"a context of {context} tokens exceeds the model's "
-                     f"maximum of {lm.cfg.max_context} for {lm.cfg.name!r}")
-  capacity = context if capacity is None else capacity
-  if capacity < context:
-    raise ValueError(f"a context of {context} tokens (longest prompt + "
-                     f"max_new_tokens) needs {context} cache slots, got "
-                     f"capacity {capacity}")
+  capacity = checked_capacity(lm, prompts, max_new_tokens, policy, capacity,
+                              prefill_chunk)
   if new_cache is None:
     new_cache = lambda b, s: init_cache(lm.cfg, b, s, lm.dtype)  # noqa: E731
 
