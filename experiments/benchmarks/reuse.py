@@ -13,9 +13,14 @@ only the rest. Host-to-device throughput of the store's loads is compared
 with the link measured in the same run (one large pinned transfer). Before
 timing, warm logits are compared with the recompute's.
 
+Every row also gives the speed-up against Hugging Face transformers' cold
+time to first token on the same shapes and card (``_hf_baseline``, run first
+in a child process; the column is empty where PyTorch is not installed).
+
 Random weights of the model's real shapes (``models.llama.random_weights``,
 drawn on the device). Config fields (all optional): preset, contexts,
-formats, chunk_size, prefill_chunk, disk_dir, repeats, time_budget_s.
+formats, chunk_size, prefill_chunk (None: each prompt in one pass),
+disk_dir, repeats, time_budget_s, hf_baseline.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from experiments import benchmarks
+from experiments.benchmarks import model as model_suite
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
@@ -44,8 +51,8 @@ from policies.replacement.lru import LRU
 
 GB = 1e9
 DEFAULTS = dict(preset="llama2-13b", contexts=(4096, 32768),
-                formats=("bf16", "int4"), chunk_size=256, prefill_chunk=512,
-                disk_dir="", repeats=3, time_budget_s=330.0)
+                formats=("bf16", "int4"), chunk_size=256, prefill_chunk=None,
+                disk_dir="", repeats=3, time_budget_s=330.0, hf_baseline=True)
 
 
 def settings(config) -> dict:
@@ -163,8 +170,23 @@ def load_throughput(store, new_cache, prompt, capacity, usable, runs=2):
   return len(prefix.sources) * store.chunk_nbytes / best / GB
 
 
+def transformers_ttft(preset: str, contexts, repeats: int) -> dict[int, float]:
+  """transformers' cold time to first token per context (batch 1), from the
+  model suite's child-process baseline; {} where it cannot run."""
+  if not model_suite.hf_available():
+    return {}
+  request = ml_collections.ConfigDict(dict(
+      decode_tokens=1, repeats=repeats, max_seconds=30.0, hf_timeout_s=300))
+  works = [model_suite.Workload(c, 1, "full") for c in contexts]
+  out = model_suite.run_hf_baseline(get_preset(preset), works, request)
+  return {row["context"]: row["ttft_s"] for row in out["rows"]
+          if "ttft_s" in row}
+
+
 def run(config=None) -> dict:
   cfg = settings(config)
+  hf = (transformers_ttft(cfg["preset"], cfg["contexts"], cfg["repeats"])
+        if cfg["hf_baseline"] else {})
   started = time.perf_counter()
   link = link_bandwidth()
   print(f"link: {link}", flush=True)
@@ -182,7 +204,8 @@ def run(config=None) -> dict:
         continue
       try:
         rows += bench_one(lm, fingerprint, fmt, context, cfg, rng, link,
-                          os.path.join(disk_root, f"{fmt}-{context}"), notes)
+                          os.path.join(disk_root, f"{fmt}-{context}"), notes,
+                          hf.get(context))
       except Exception as e:  # noqa: BLE001 -- one workload failing is a row
         notes.append(f"{fmt}@{context}: failed: {type(e).__name__}: {e}"[:400])
       gc.collect()
@@ -194,7 +217,8 @@ def run(config=None) -> dict:
   return {"rows": rows, "link": link, "notes": notes}
 
 
-def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes):
+def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes,
+              hf_ttft=None):
   chunk, pchunk, repeats = cfg["chunk_size"], cfg["prefill_chunk"], cfg["repeats"]
   new_cache = cache_factory(lm, fmt)
   prompt = [int(t) for t in rng.integers(3, lm.cfg.vocab_size, context)]
@@ -220,8 +244,11 @@ def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes):
 
   base = dict(format=fmt, context=context, prefix_tokens=usable,
               prefix_gb=round(prefix_bytes / GB, 3),
-              recompute_ttft_s=cold_s)
-  rows = [dict(base, hit="none (recompute)", ttft_s=cold_s, speedup=1.0)]
+              recompute_ttft_s=cold_s, transformers_ttft_s=hf_ttft)
+  versus = lambda ttft: dict(  # noqa: E731
+      speedup=cold_s / ttft,
+      vs_transformers=None if hf_ttft is None else hf_ttft / ttft)
+  rows = [dict(base, hit="none (recompute)", ttft_s=cold_s, **versus(cold_s))]
 
   def add(hit, store_, extra=None):
     # Compilation happens in the first (host) runs; disk runs are slow and
@@ -231,7 +258,7 @@ def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes):
                              warmup=int(hit == "host"))
     logits = np.asarray(result.generation.prompt_logits, np.float32)
     want = np.asarray(cold_logits, np.float32)
-    row = dict(base, hit=hit, ttft_s=ttft, speedup=cold_s / ttft,
+    row = dict(base, hit=hit, ttft_s=ttft, **versus(ttft),
                hit_tokens=result.hit_tokens[0],
                tiers=",".join(f"{k}:{v}" for k, v in result.sources[0].items()),
                max_logit_diff=float(np.abs(logits - want).max()),
