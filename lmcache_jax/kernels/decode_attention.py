@@ -14,7 +14,7 @@ float32 attention of ``dense_decode_attention``): out and lse to float32
 rounding for float32 queries (bfloat16 queries also round the
 probabilities to bfloat16); each visible logit within
 ``LOGIT_OFFSET_PRECISION`` of its distance below its block's max; masked
-logits exactly -1e30, and lse -1e30 where nothing is visible.
+logits exactly ``MASKED``, and lse ``MASKED`` where nothing is visible.
 
 Backend (``backend.choose``): the Triton lowering on GPU, interpret mode
 when asked (the CPU tests), otherwise the reference, named once in the log
@@ -40,10 +40,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
+from lmcache_jax.kernels.masking import MASKED, visible
 from lmcache_jax.numerics import schemes
 from lmcache_jax.numerics.formats import Format
 
-MASKED = -1e30
 # Relative precision of the logits' float16 offsets from their block's max.
 LOGIT_OFFSET_PRECISION = 2.0 ** -11
 
@@ -74,7 +74,7 @@ class BlockLogits:
   slots: int
 
   def dense(self) -> jax.Array:
-    """[B, R, G, slots] float32 logits, -1e30 where masked."""
+    """[B, R, G, slots] float32 logits, MASKED where masked."""
     block = self.offsets.shape[-1] // self.block_max.shape[-1]
     logits = (self.offsets.astype(jnp.float32)
               + jnp.repeat(self.block_max, block, axis=-1))
@@ -227,8 +227,8 @@ def _lane_group(h: int, bits: int, head_dim: int, group_size: int,
 def _visible_logits(dots, pos, q_pos, head_dim: int):
   """Scaled logits of a block, masked where a slot is empty or after the
   query, and the [1, bs] mask."""
-  visible = ((pos >= 0) & (pos <= q_pos))[None, :]
-  return jnp.where(visible, dots * (head_dim ** -0.5), MASKED), visible
+  seen = visible(pos, q_pos)[None, :]
+  return jnp.where(seen, dots * (head_dim ** -0.5), MASKED), seen
 
 
 def _softmax_step(m, l, logits, visible):
@@ -361,8 +361,8 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     logits = _sum_groups(
         _per_row(ks_ref, rows, row_group, groups)
         * (dots + q_sum * correction(kz_ref, rows)), groups)
-    logits, visible = _visible_logits(logits, pos, q_pos, head_dim)
-    m, l, alpha, p = _softmax_step(m, l, logits, visible)
+    logits, seen = _visible_logits(logits, pos, q_pos, head_dim)
+    m, l, alpha, p = _softmax_step(m, l, logits, seen)
     if logits_refs:
       _write_offsets(logits_refs[0], i, block_s, logits, m, real_heads)
       maxima = jnp.where(block_index == i, m[:, None], maxima)
@@ -485,15 +485,16 @@ def decode_attention_reference(q, q_pos, slot_pos, k_words, k_scale, k_zero,
                             head_dim)
   values = schemes.dequantize(v_words, v_scale, v_zero, fmt, group_size,
                               head_dim)
-  visible = (slot_pos >= 0) & (slot_pos <= q_pos[:, None, None])  # [B, R, S]
-  out, lse, logits = dense_decode_attention(q, keys, values, visible)
+  seen = visible(slot_pos, q_pos[:, None, None])  # [B, R, S]
+  out, lse, logits = dense_decode_attention(q, keys, values, seen)
   return out, lse, (logits if with_logits else None)
 
 
 def dense_decode_attention(q, keys, values, visible):
   """Float32 attention of q [B, R, G, Hd] over dense keys and values
   [B, R, S, Hd] where ``visible`` [B, R, S]: out [B, R, G, Hd], lse [B, R, G]
-  (-1e30 when nothing is visible) and logits [B, R, G, S] (-1e30 masked)."""
+  (MASKED when nothing is visible) and logits [B, R, G, S] (MASKED where
+  masked)."""
   hi = jax.lax.Precision.HIGHEST
   visible = visible[:, :, None]
   logits = jnp.einsum("BRGH,BRSH->BRGS", q.astype(jnp.float32),
@@ -552,8 +553,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
 
   Returns:
     out [B, R, G, Hd] float32, softmax-normalised over this cache's visible
-    slots; lse [B, R, G] float32 (-1e30 when nothing is visible); logits
-    [B, R, G, S] float32, scaled by 1/sqrt(Hd), -1e30 where masked (None
+    slots; lse [B, R, G] float32 (MASKED when nothing is visible); logits
+    [B, R, G, S] float32, scaled by 1/sqrt(Hd), MASKED where masked (None
     without ``with_logits``), as ``BlockLogits``: each within
     2**-11 · (its block's max - it) of the exact value
     (``LOGIT_OFFSET_PRECISION``), stored as a float16 offset from that max.
