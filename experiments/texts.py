@@ -9,7 +9,8 @@ from lmcache_jax.data import shakespeare
 
 def load_eval_text(text: str, text_file: str = "") -> str:
   """``text_file`` if given, else the Shakespeare text named ``text``
-  (``corpus`` = all plays concatenated)."""
+  (``corpus`` = all plays concatenated). A file must be UTF-8 prose: one
+  that is empty or more than 1% control characters is a ValueError."""
   if text_file:
     path = pathlib.Path(text_file)
     if not path.is_file():
@@ -21,6 +22,11 @@ def load_eval_text(text: str, text_file: str = "") -> str:
                        f"{e.start}: {e.reason}); convert it, e.g. with iconv") from None
     if not content.strip():
       raise ValueError(f"--text_file {text_file!r} is empty")
+    control = sum(1 for c in content if not (c.isprintable() or c.isspace()))
+    if control > 0.01 * len(content):
+      raise ValueError(f"--text_file {text_file!r} is not prose: "
+                       f"{control / len(content):.0%} of its characters are "
+                       f"control characters (NUL, escape codes); give plain text")
     return content
   if text == "corpus":
     return shakespeare.corpus()

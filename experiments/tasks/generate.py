@@ -7,30 +7,40 @@ import time
 
 import jax
 
+from experiments import setup
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from lmcache_jax.engine import Sampling, generate as generate_tokens
 
 
-@TASKS.register("generate")
-def generate(ctx: RunContext) -> dict:
-  """Greedy or sampled continuation of ``config.generate.prompt``."""
-  gconf = ctx.config.generate
-  tokenizer = ctx.lm.tokenizer
-  if tokenizer is None:
-    raise ValueError(f"model {ctx.config.model!r} has no tokenizer; generation "
-                     f"needs one (use a .gguf file or the default model)")
+def prompt_ids(gconf, tokenizer) -> list[int]:
+  """Token ids of ``gconf.prompt``, in the chat template when ``gconf.chat``
+  and the model has one."""
   if not gconf.prompt.strip():
     raise ValueError("--prompt is empty: give the model something to respond to")
   prompt = gconf.prompt
   if gconf.chat and tokenizer.chat_template:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-  ids = tokenizer.encode(prompt)
+  return tokenizer.encode(prompt)
+
+
+@TASKS.register("generate")
+def generate(ctx: RunContext) -> dict:
+  """Greedy or sampled continuation of ``config.generate.prompt``.
+
+  ``tokens_per_second`` counts the tokens after the second, whose step
+  compiles the decode loop, so it holds no compilation; ``ttft_s`` does.
+  """
+  gconf = ctx.config.generate
+  tokenizer = ctx.lm.tokenizer
+  ids = prompt_ids(gconf, tokenizer)
   sampling = Sampling(gconf.temperature, gconf.top_k, gconf.top_p)
   streamed: list[int] = []
+  arrived: list[float] = []
 
   def show(step, tokens, active):
     del step
+    arrived.append(time.perf_counter())
     if active[0]:
       before = tokenizer.decode(streamed, skip_special=True)
       streamed.append(int(tokens[0]))
@@ -41,19 +51,23 @@ def generate(ctx: RunContext) -> dict:
   result = generate_tokens(
       ctx.lm, [ids], max_new_tokens=gconf.max_new_tokens, sampling=sampling,
       key=jax.random.key(ctx.config.seed), policy=ctx.policy,
-      prefill_chunk=ctx.config.prefill_chunk, on_token=show,
-      new_cache=ctx.new_cache)
+      prefill_chunk=setup.working_chunk(ctx.policy, ctx.config.prefill_chunk),
+      on_token=show, new_cache=ctx.new_cache)
   seconds = time.perf_counter() - start
   sys.stdout.write("\n")
   new = result.tokens[0]
+  steady = len(arrived) - 2
   return {
       "prompt": gconf.prompt,
-      "text": tokenizer.decode(new, skip_special=True),
+      "answer": tokenizer.decode(new, skip_special=True),
       "prompt_tokens": len(ids),
       "tokens": len(new),
       "stopped_on_eos": result.finished[0],
       "kv_bytes": result.cache.payload_nbytes,
       "cache_bytes": result.cache.nbytes,
+      "cache_capacity": result.cache.capacity,
+      "ttft_s": arrived[0] - start if arrived else None,
       "seconds": seconds,
-      "tokens_per_second": len(new) / seconds,
+      "tokens_per_second": (steady / (arrived[-1] - arrived[1])
+                            if steady > 0 else None),
   }

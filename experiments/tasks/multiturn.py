@@ -4,16 +4,16 @@ Each turn's prompt is the whole conversation so far; the store holds the
 previous turns' KV (prompts and answers), so only the new user message is
 prefilled. Reports per turn time to first token cold (no store) vs warm,
 tokens loaded and their tier, and whether the answers equal the no-store run's.
-Pieces are tokenized separately and concatenated, so turn n+1's prompt
-starts with exactly the tokens of turn n.
+Pieces (cut from the model's chat template) are tokenized separately and
+concatenated, so turn n+1's prompt starts with exactly the tokens of turn n.
 """
 
 from __future__ import annotations
 
 from experiments.context import RunContext
 from experiments.tasks import TASKS
-from experiments.tasks.reuse import (best_of, encode, precompile, summarize,
-                                     task_store, timed_cold)
+from experiments.tasks.reuse import (best_of, chat_pieces, encode, precompile,
+                                     summarize, task_store, timed_cold)
 from experiments.texts import load_eval_text
 from lmcache_jax.engine.reuse import generate_with_store
 
@@ -23,8 +23,11 @@ def multiturn(ctx: RunContext) -> dict:
   mconf = ctx.config.multiturn
   store = task_store(ctx)
   text = load_eval_text(ctx.config.text, ctx.config.text_file)
-  history = encode(ctx, text)[:mconf.context_tokens]
-  turns = [encode(ctx, f"\n\nUser: {m}\nAssistant:") for m in mconf.messages]
+  # The passage opens the first user message; each answer closes its turn.
+  opening, user_end, turn_end = chat_pieces(ctx.lm.tokenizer)
+  history = encode(ctx, opening) + encode(ctx, text)[:mconf.context_tokens]
+  turns = [encode(ctx, ("\n\n" if i == 0 else turn_end) + m + user_end)
+           for i, m in enumerate(mconf.messages)]
   capacity = (len(history) + sum(len(t) for t in turns)
               + len(turns) * mconf.max_new_tokens)
   rows = []

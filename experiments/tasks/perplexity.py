@@ -12,7 +12,9 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from experiments import setup
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
@@ -30,7 +32,9 @@ def stream_nll(ctx: RunContext, tokens: np.ndarray, chunk: int):
   n = len(inputs)
   cache = ctx.new_cache(1, ctx.capacity_for(n, chunk))
   nll = []
-  for start in range(0, n, chunk):
+  # A bar only where it helps: a terminal and more than a few passes.
+  for start in tqdm(range(0, n, chunk), desc="perplexity", unit="pass",
+                    leave=False, disable=None if n > 8 * chunk else True):
     piece = inputs[start:start + chunk]
     real = len(piece)
     padded = np.zeros(chunk, np.int32)
@@ -76,10 +80,12 @@ def perplexity(ctx: RunContext) -> dict:
   num_tokens = pconf.num_tokens or config.context
   text = load_eval_text(config.text, config.text_file)
   tokens = np.asarray(ctx.lm.tokenizer.encode(text), np.int32)
-  if len(tokens) < 2:
-    raise ValueError("the evaluation text has fewer than 2 tokens")
+  if len(tokens) < num_tokens + 1:
+    raise ValueError(f"the evaluation text holds {len(tokens)} tokens; scoring "
+                     f"{num_tokens} needs {num_tokens + 1}: use --context="
+                     f"{len(tokens) - 1} or less, or a longer text")
   tokens = tokens[:num_tokens + 1]
-  chunk = min(pconf.chunk, config.context)
+  chunk = setup.working_chunk(ctx.policy, min(pconf.chunk, config.context))
   start = time.perf_counter()
   if isinstance(ctx.policy, KeepAll) and len(tokens) - 1 > config.context:
     nll, cache = windowed_nll(ctx, tokens, config.context, chunk)

@@ -23,12 +23,9 @@ from lmcache_jax.engine.reuse import check_reusable, generate_with_store
 from lmcache_jax.store import Layout
 
 
-
 def task_store(ctx: RunContext):
-  """The run's store, built for this run's cache layout (quantized or not)."""
-  if "store" not in ctx.config or not ctx.config.store.get("enabled", False):
-    raise ValueError("this task measures prefix reuse: enable the store "
-                     "(--config.store.enabled=True; see configs/default.py)")
+  """The run's store (these tasks turn it on: ``setup.STORE_TASKS``), built
+  for this run's cache layout (quantized or not)."""
   check_reusable(ctx.policy)
   template = ctx.new_cache(1, ctx.config.store.chunk_size)
   store = ctx.store
@@ -65,6 +62,24 @@ def best_of(repeats, fn):
   return min(runs, key=lambda r: r[0])
 
 
+def chat_pieces(tokenizer) -> tuple[str, str, str]:
+  """The model's chat template cut around the messages: (what opens the
+  conversation, what closes a user message and opens the answer, what closes
+  an answer and opens the next user message). Plain "Question"/"Answer"
+  cues for a model without a template."""
+  if tokenizer.chat_template is None:
+    return "", "\nAnswer:", "\n\nQuestion: "
+  marks = ("\x01A", "\x01B", "\x01C")
+  rendered = tokenizer.apply_chat_template(
+      [{"role": "user", "content": marks[0]},
+       {"role": "assistant", "content": marks[1]},
+       {"role": "user", "content": marks[2]}])
+  opening, rest = rendered.split(marks[0])
+  user_end, rest = rest.split(marks[1])
+  turn, _ = rest.split(marks[2])
+  return opening, user_end, turn
+
+
 def encode(ctx, text):
   tokenizer = ctx.lm.tokenizer
   if tokenizer is None:
@@ -83,7 +98,11 @@ def reuse(ctx: RunContext) -> dict:
   if len(document) < rconf.doc_tokens:
     raise ValueError(f"the text holds {len(document)} tokens, fewer than "
                      f"reuse.doc_tokens={rconf.doc_tokens}")
-  questions = [encode(ctx, f"\n\nQuestion: {q}\nAnswer:") for q in rconf.questions]
+  # One user message: the document (the shared prefix), then the question.
+  opening, user_end, _ = chat_pieces(ctx.lm.tokenizer)
+  document = encode(ctx, opening) + document
+  questions = [encode(ctx, f"\n\nAnswer in one sentence: {q}{user_end}")
+               for q in rconf.questions]
   capacity = (rconf.doc_tokens + max(len(q) for q in questions)
               + rconf.max_new_tokens)
   rows = []
