@@ -5,7 +5,8 @@ function) must point down the list or stay in its own package, and none may
 reach ``policies`` or ``experiments``. Every subpackage and top-level module
 must have its place: a line ``N. `package` — ...`` of the list's first
 block, where a top-level module is placed by the line naming its path
-(`` `lmcache_jax/fetch.py` ``).
+(`` `lmcache_jax/fetch.py` ``); a layer may be a top-level module itself
+(``N. `api` — ... `lmcache_jax/api.py` ...``).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def test_every_package_and_module_has_a_layer():
   problems += [f"top-level module lmcache_jax/{name}.py is in no layer (name "
                f"`lmcache_jax/{name}.py` on its layer's line)"
                for name in sorted(modules - set(placed))]
-  problems += [f"layer `{name}` is no package of lmcache_jax"
-               for name in sorted(set(rank) - packages)]
+  problems += [f"layer `{name}` is no package or top-level module of "
+               f"lmcache_jax" for name in sorted(set(rank) - packages - modules)]
   assert not problems, f"{DOC}, the list of layers:\n" + "\n".join(problems)
 
 
