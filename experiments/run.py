@@ -86,6 +86,9 @@ _FLAT = {
 for _flag, (_field, _type, _help) in _FLAT.items():
   {str: flags.DEFINE_string, int: flags.DEFINE_integer,
    float: flags.DEFINE_float}[_type](_flag, None, _help)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check the command (everything that needs no weights) "
+    "and exit without loading the model.")
 FLAGS = flags.FLAGS
 
 
@@ -259,6 +262,10 @@ def main(argv):
     text = listing(config)
     if text is not None:
       print(text)
+      return
+    if _DRY_RUN.value:
+      setup.check(config, TASKS.names())
+      print(f"ok: {config.task} on {config.model}, policy {config.policy.name}")
       return
     results = run(config)
   except (ValueError, FileNotFoundError, FetchError, FloatingPointError) as e:
