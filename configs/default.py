@@ -3,6 +3,7 @@
   python -m experiments.run --config=configs/default.py
   python -m experiments.run --task=generate --prompt="Name three planets."
   python -m experiments.run --config=configs/default.py:runlocal   # smoke run
+  python -m experiments.run --task=reuse    # the store turns itself on for reuse
 
 Any field can be overridden: ``--config.perplexity.chunk=128``. The flat flags
 of ``experiments.run`` (--task, --model, --policy, --budget, --context, ...)
@@ -28,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.policy = ml_collections.ConfigDict()
   config.policy.name = "full"    # or a call string: "snapkv(window=32)"
-  config.policy.budget = 0.0     # tokens (>= 1) or a fraction of context (< 1)
+  config.policy.budget = 0.0     # tokens (>= 1) or a fraction of the prompt (< 1);
+                                 # 0 = 256 tokens for a policy that takes a budget
 
   config.quant = ml_collections.ConfigDict()
   config.quant.kv_bits = 16.0    # 16 = full precision; else average bits
@@ -48,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.num_tokens = 0   # tokens scored; 0 = `context`
-  config.perplexity.chunk = 256      # tokens fed per forward pass
+  config.perplexity.chunk = 256      # tokens per forward pass (at most 64, and at
+                                     # most the budget, under an evicting policy)
   config.perplexity.buckets = 8      # position buckets in the report
 
   config.passkey = ml_collections.ConfigDict()
@@ -77,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.generate.top_p = 1.0
 
   config.store = ml_collections.ConfigDict()
-  config.store.enabled = False
+  config.store.enabled = False      # reuse and multiturn turn it on themselves
   config.store.tiers = "host,disk"   # comma list of device, host, disk
   config.store.chunk_size = 256      # tokens per chunk
   config.store.device_mib = 1024     # per-tier capacities

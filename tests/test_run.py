@@ -130,12 +130,40 @@ class _ByteTokenizer:
     (["--policy=no_such_policy"], "unknown eviction policy"),
     (["--task=no_such_task"], "unknown task name"),
     (["--text_file=/no/such/file.txt"], "is not a file"),
+    (["--config.perplexty.chunk=3"], "did you mean 'perplexity'"),
+    (["--config.perplexity.chnk=3"], "did you mean 'chunk'"),
+    (["--model=llama2-7b"], "random:llama2-7b"),
+    (["--model=random:tiny"], "needs a tokenizer"),
+    (["--context=999999"], "positions for (8192)"),
+    (["--kv_bits=5"], "use 2, 3, 4 or 8"),
+    (["--task=generate", "--prompt= "], "--prompt is empty"),
 ])
 def test_cli_errors_are_one_line(args, message):
+  """Each fails in seconds, before any model loads, in one line."""
   out = run_cli(*args)
   assert out.returncode != 0
   assert message in out.stderr
   assert "Traceback" not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_text_that_is_not_prose(tmp_path):
+  path = tmp_path / "zeros.txt"
+  path.write_bytes(b"\x00" * 4096)
+  with pytest.raises(ValueError, match="not prose"):
+    load_eval_text("hamlet", str(path))
+
+
+def test_budget_defaults_and_fraction_of_the_prompt():
+  make = lambda budget, prompt: setup.make_policy(  # noqa: E731
+      ml_collections.ConfigDict({"name": "attention_sink", "budget": budget}),
+      prompt)
+  assert make(0.0, 4096).budget == setup.DEFAULT_BUDGET
+  assert make(0.0, 100).budget == 100
+  assert make(0.125, 1024).budget == 128
+  sink = make(256.0, 4096)
+  assert setup.working_chunk(sink, 256) == 64
+  assert sink.cache_capacity(4096, setup.working_chunk(sink, 256)) == 256 + 64
 
 
 def test_cli_lists_policies():

@@ -103,7 +103,7 @@ def reuse(ctx: RunContext) -> dict:
   document = encode(ctx, opening) + document
   questions = [encode(ctx, f"\n\nAnswer in one sentence: {q}{user_end}")
                for q in rconf.questions]
-  capacity = (rconf.doc_tokens + max(len(q) for q in questions)
+  capacity = (len(document) + max(len(q) for q in questions)
               + rconf.max_new_tokens)
   rows = []
   for i, question in enumerate(questions):
