@@ -126,7 +126,9 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
 
 # Bookkeeping that stays in the CSV and the cell files, out of the Markdown.
 _CSV_ONLY = ("model", "load_seconds", "cache_bytes", "nll", "kv_bytes",
-             "tokens_per_second", "code_version")
+             "tokens_per_second", "code_version", "budget_tokens",
+             "working_slots", "quant_plan", "text", "device", "device_count",
+             "dtype")
 
 
 def summary_columns(rows: list[dict]) -> list[str]:
