@@ -47,6 +47,22 @@ def test_blocked_matches_dense(seed, scatter, block):
   np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("capacity", [300, 600])
+def test_a_partial_last_block(capacity):
+  q, keys, values, positions, q_pos, weights = random_case(
+      4, capacity=capacity, scatter=True)
+  want_out, want_mass = dense_attend(q, keys, values, positions, q_pos, weights)
+  hi = jax.lax.Precision.HIGHEST
+  block = block_size_for(capacity)
+  assert capacity % block
+  out, lse = blocked_attend(q, keys, values, positions, q_pos, block=block,
+                            precision=hi)
+  mass = blocked_mass(q, lse, keys, positions, q_pos, weights, block=block,
+                      precision=hi)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-6)
+
+
 def test_lse_is_the_log_partition_function():
   q, keys, values, positions, q_pos, _ = random_case(3, scatter=True)
   _, lse = blocked_attend(q, keys, values, positions, q_pos, block=128,
@@ -62,5 +78,6 @@ def test_lse_is_the_log_partition_function():
 def test_block_size_choice():
   assert block_size_for(4096) == 512
   assert block_size_for(384) == 128
-  assert block_size_for(200) is None      # no block divides it: stay dense
+  assert block_size_for(200) is None      # small: stay dense
+  assert block_size_for(32832) == 512     # the last block partial
   assert block_size_for(256) == 128

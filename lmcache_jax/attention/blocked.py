@@ -20,17 +20,30 @@ from lmcache_jax.kernels.masking import MASKED, visible
 
 
 def block_size_for(capacity: int, block: int = 512) -> int | None:
-  """The key block to use for ``capacity`` slots, or None to stay dense."""
+  """The key block to use for ``capacity`` slots (the last block may be
+  partial), or None to stay dense (caches of fewer than 256 slots)."""
   while block >= 128:
-    if capacity % block == 0 and capacity >= 2 * block:
+    if capacity >= 2 * block:
       return block
     block //= 2
   return None
 
 
+def _padded(x, block: int, fill=0):
+  """x [B, K, S, ...] with the slot axis padded to a multiple of ``block``."""
+  pad = -x.shape[2] % block
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[2] = (0, pad)
+  return jnp.pad(x, widths, constant_values=fill)
+
+
 def _blocks(q, keys, positions, query_positions, block, precision):
-  """(number of blocks to visit, block → (logits, visible, start))."""
+  """(number of blocks to visit, block → (logits, visible, start)) over
+  ``keys`` and ``positions`` padded to whole blocks."""
   batch, steps, num_heads, head_dim = q.shape
+  keys, positions = _padded(keys, block), _padded(positions, block, -1)
   num_kv, capacity = keys.shape[1], keys.shape[2]
   qg = q.reshape(batch, steps, num_kv, num_heads // num_kv, head_dim)
   q_max = jnp.max(query_positions)
@@ -62,11 +75,12 @@ def blocked_attend(q, keys, values, positions, query_positions, *, block: int,
   num_kv = keys.shape[1]
   num_blocks, block_logits = _blocks(q, keys, positions, query_positions,
                                      block, precision)
+  padded_values = _padded(values, block)
 
   def accumulate(i, carry):
     m, l, acc = carry
     logits, seen, start = block_logits(i)
-    v = jax.lax.dynamic_slice_in_dim(values, start, block, axis=2)
+    v = jax.lax.dynamic_slice_in_dim(padded_values, start, block, axis=2)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     p = jnp.where(seen, jnp.exp(logits - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)
@@ -108,5 +122,7 @@ def blocked_mass(q, lse, keys, positions, query_positions, query_weights, *,
                       precision=jax.lax.Precision.HIGHEST)
     return jax.lax.dynamic_update_slice_in_dim(mass, part, start, axis=2)
 
-  return jax.lax.fori_loop(0, num_blocks, slot_mass,
-                           jnp.zeros((batch, num_kv, capacity), jnp.float32))
+  padded = capacity + -capacity % block
+  mass = jax.lax.fori_loop(0, num_blocks, slot_mass,
+                           jnp.zeros((batch, num_kv, padded), jnp.float32))
+  return mass[:, :, :capacity]

@@ -230,14 +230,22 @@ def random_weights(cfg: ModelConfig, seed: int = 0,
   """Canonical weights drawn on the device, for timing real shapes.
 
   Matrices ~ N(0, 0.02), norms at 1. Generated per tensor on the default
-  device, so even 13B-parameter presets never pass through host memory.
+  device, a layer at a time for stacked tensors, so even 13B-parameter
+  presets never pass through host memory and the float32 draws never hold
+  more than one layer's matrix.
   """
   key = jax.random.key(seed)
   weights = {}
   for i, (name, shape) in enumerate(sorted(expected_shapes(cfg).items())):
     if name.endswith("norm"):
       weights[name] = jnp.ones(shape, dtype)
+      continue
+    draw = lambda k, s=shape[1:] if name.startswith("layers.") else shape: (  # noqa: E731
+        0.02 * jax.random.normal(k, s)).astype(dtype)
+    k = jax.random.fold_in(key, i)
+    if name.startswith("layers."):
+      weights[name] = jax.jit(lambda k, d=draw, n=shape[0]: jax.lax.map(
+          d, jax.random.split(k, n)))(k)
     else:
-      draw = jax.jit(lambda k, s=shape: (0.02 * jax.random.normal(k, s)).astype(dtype))
-      weights[name] = draw(jax.random.fold_in(key, i))
+      weights[name] = jax.jit(draw)(k)
   return weights
