@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 
@@ -9,7 +10,13 @@ from lmcache_jax import __version__
 
 
 def code_version() -> str:
-  """The git commit (with '-dirty' for local changes), or the package version."""
+  """The git commit (with '-dirty' for local changes), or the package version.
+
+  ``LMCACHE_JAX_CODE_VERSION`` in the environment wins: a copy of the tree
+  run elsewhere (a lent GPU machine) names the commit it was copied from.
+  """
+  if os.environ.get("LMCACHE_JAX_CODE_VERSION"):
+    return os.environ["LMCACHE_JAX_CODE_VERSION"]
   root = pathlib.Path(__file__).parent.parent
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
