@@ -12,8 +12,11 @@ attends, choosing the implementation by phase, cache format and backend:
   decode   dense   GPU       split-K Pallas kernel reading the stacked cache in
                              place (``kernels.stacked_decode``)
   decode   dense   other     dense XLA over the layer (``slots``)
-  any      packed  any       ``slots``: the fused int kernel in decode, the
-                             dequantized layer otherwise
+  prefill  packed  any       ``packed_prefill``: each query reads its sinks
+                             and latest ``residual`` tokens exact and older
+                             ones as stored, as decoding would
+  decode   packed  any       ``slots``: the fused int kernel (the dequantized
+                             layer when the plan keeps outliers)
   any step that must report attention mass to the policy: the mass comes
   from a separate blocked pass over the written layer, for the queries the
   policy asks about (``Request.mass_queries``)
@@ -34,6 +37,7 @@ from lmcache_jax.attention.blocked import (block_size_for, blocked_attend,
                                            blocked_mass)
 from lmcache_jax.attention.layer import (LayerKV, is_quantized, layer_of,
                                          matmul_precision, write_stacked)
+from lmcache_jax.attention.packed_prefill import attend_packed_prefill
 from lmcache_jax.attention.slots import attend_slots
 from lmcache_jax.cache.step import Step
 from lmcache_jax.kernels import backend
@@ -69,6 +73,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, stacked: LayerKV,
   positions = step.positions
   slots = step.slots
   with_mass = request.mass_queries != 0
+  if is_quantized(stacked) and q.shape[1] > 1:
+    before = None if request.empty_cache else layer_of(stacked, layer)
+    stacked = write_stacked(stacked, layer, k, v, positions, slots)
+    out, mass = attend_packed_prefill(q, k, v, before,
+                                      layer_of(stacked, layer), step,
+                                      with_mass)
+    return out, stacked, mass
   if is_quantized(stacked) or (q.shape[1] == 1
                                and not _decode_kernel(q, stacked, with_mass)):
     stacked = write_stacked(stacked, layer, k, v, positions, slots)

@@ -253,11 +253,21 @@ def _encode_copies(payload: QuantizedKV, x: jax.Array):
 
 def copies(payload: QuantizedKV) -> jax.Array:
   """The sink and recent copies [..., K, E, Hd] as float32 head vectors."""
-  if payload.exact_scale is None:
-    return payload.exact.astype(jnp.float32)
-  group = payload.head_dim // payload.exact_scale.shape[-1]
-  return from_stored(payload, schemes.from_codes(
-      payload.exact, payload.exact_scale, payload.exact_zero, 8, group))
+  return _decode_copies(payload, payload.exact, payload.exact_scale,
+                        payload.exact_zero)
+
+
+def as_copies(payload: QuantizedKV, x: jax.Array) -> jax.Array:
+  """Head vectors x [..., K, T, Hd] as an exact copy of them reads back
+  (float32): what attention reads for a token inside the recent window."""
+  return _decode_copies(payload, *_encode_copies(payload, x))
+
+
+def _decode_copies(payload: QuantizedKV, code, scale, zero) -> jax.Array:
+  if scale is None:
+    return code.astype(jnp.float32)
+  group = payload.head_dim // scale.shape[-1]
+  return from_stored(payload, schemes.from_codes(code, scale, zero, 8, group))
 
 
 def with_copies(payload: QuantizedKV, x: jax.Array) -> QuantizedKV:
@@ -278,12 +288,17 @@ def from_stored(payload: QuantizedKV, x: jax.Array) -> jax.Array:
                             payload.rotate)
 
 
-def mirrored(payload: QuantizedKV, capacity: int) -> jax.Array:
-  """[..., K, S] bool: slots whose token also has an exact copy."""
-  lead = payload.exact_slots.shape[:-1]
-  if not payload.exact_slots.shape[-1]:
+def mirrored(payload: QuantizedKV, capacity: int, *,
+             sinks_only: bool = False) -> jax.Array:
+  """[..., K, S] bool: slots whose token also has an exact copy (a sink
+  copy when ``sinks_only``)."""
+  exact_slots = payload.exact_slots
+  if sinks_only:
+    exact_slots = exact_slots[..., :payload.sinks]
+  lead = exact_slots.shape[:-1]
+  if not exact_slots.shape[-1]:
     return jnp.zeros((*lead, capacity), bool)
-  target = jnp.where(payload.exact_slots >= 0, payload.exact_slots, capacity)
+  target = jnp.where(exact_slots >= 0, exact_slots, capacity)
   flat = target.reshape(-1, target.shape[-1])
   marks = jnp.zeros((flat.shape[0], capacity), bool)
   marks = marks.at[jnp.arange(flat.shape[0])[:, None], flat].set(
