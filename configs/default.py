@@ -37,15 +37,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.calibration = "uniform"
   config.quant.plan = ""         # path of a saved quant plan
   config.quant.group_size = 64   # channels per scale/zero group
-  config.quant.residual = 0      # newest tokens also kept exact
-  config.quant.sinks = 0         # first tokens kept exact (attention_sink needs >= its sinks)
-  config.quant.copy_bits = 16    # sink/recent copies: 16 = cache dtype, 8 = int8 codes
+  config.quant.residual = 32     # each query reads its newest tokens exact
+  config.quant.sinks = 4         # first tokens kept exact (attention_sink needs >= its sinks)
+  config.quant.copy_bits = 8     # sink/recent copies: 8 = int8 codes, 16 = cache dtype (attention_sink needs 16)
   config.quant.rotate = True     # Hadamard-rotate head vectors before quantizing
   config.quant.center_keys = True  # subtract calibrated key channel means
   config.quant.save_plan = ""    # where a calibration saves its plan
   config.quant.calibration_text = "macbeth"  # Shakespeare work to calibrate on
   config.quant.calibration_tokens = 512
-  config.quant.eval_chunk = 32   # quant_table/quant_spread: tokens per pass (1 = as decoding)
+  config.quant.eval_chunk = 256  # quant_table/quant_spread: tokens per pass (a speed knob only)
   config.quant.spread_settings = ""  # quant_spread: "window:copy_bits,..." ("" = its defaults)
 
   config.perplexity = ml_collections.ConfigDict()

@@ -26,8 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sweep.budgets = (256.0, 512.0)
   config.sweep.kv_bits = (16.0, 8.0, 4.0, 2.0)
   # attention_sink re-rotates its sink keys, which a quantized cache must
-  # therefore hold exactly.
+  # therefore hold exactly, in the cache dtype (int8 copies would be rounded
+  # again at every rotation).
   config.quant.sinks = 4
+  config.quant.copy_bits = 16
   config.sweep.calibrations = ("uniform",)
   config.sweep.contexts = ()
   config.sweep.variants = ()

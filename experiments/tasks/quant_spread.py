@@ -2,8 +2,8 @@
 several windows of real text, with the mean and spread.
 
   python -m experiments.run --task=quant_spread
-  python -m experiments.run --task=quant_spread --config.quant.eval_chunk=1 \
-      --config.quant.spread_settings=32:8     # one setting, one token per pass
+  python -m experiments.run --task=quant_spread \
+      --config.quant.spread_settings=32:8     # one setting
 
 One text is one draw of rounding noise: at this model size int4 settings
 that differ by less than about 1% on one text cannot be told apart
@@ -14,9 +14,9 @@ in int4 (rotated, keys centered, 4 exact sinks) with the exact recent
 windows of ``SETTINGS`` (tokens, and the copies' bits: 16 = bf16, 8 = int8
 codes; ``quant.spread_settings`` picks others), and reports every window's
 change, the mean and the sample standard deviation, and the KV bytes of
-each setting. ``quant.eval_chunk`` tokens go through each forward pass
-(default 32); 1 is how decoding writes them, so the recent window then
-always holds a query's latest tokens.
+each setting. ``quant.eval_chunk`` tokens go through each forward pass; a
+quantized prefill reads the cache as decoding does, so it changes only the
+speed.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def quant_spread(ctx: RunContext, windows=WINDOWS, settings=None) -> dict:
   settings = (settings or parse_settings(config.quant.get("spread_settings", ""))
               or SETTINGS)
   length = int(config.context)
-  chunk = int(config.quant.get("eval_chunk", 32))
+  chunk = int(config.quant.get("eval_chunk", 256))
   group = int(config.quant.get("group_size", 64))
   key_shift = calibration.key_means(calibration.collect(
       lm, setup.calibration_text_tokens(config.quant, lm)))

@@ -2,18 +2,17 @@
 
   python -m experiments.run --task=quant_table
 
-Streams ``context`` tokens of the evaluation text through a full cache, 32
-tokens per forward pass, in each storage setting: bf16 (dense), fp8, and
-uniform int8/int4/int3/int2 each stored plainly, Hadamard-rotated with keys
-centered (the default), with 4 exact sink tokens too, and with an exact
-window of the 64 most recent tokens too (below int8: also a 32-token window
-held as int8 copies, the 4-bit target's setting); then every calibration
-policy at 2, 3 and 4 average bits (rotated and centered). Centering and
-calibration read 512 tokens of another text. With a window of R written
-tokens and chunks of C, each query reads its R - C + 1 to R latest tokens
-exact (R in decode). KV bytes are the payload a bfloat16-storage cache of
-that setting allocates (codes, scales, zeros, exact copies and maps),
-whatever the compute dtype of the run.
+Streams ``context`` tokens of the evaluation text through a full cache
+(``quant.eval_chunk`` tokens per forward pass, a speed knob only: a
+quantized prefill reads the cache as decoding does) in each storage
+setting: bf16 (dense), fp8, and uniform int8/int4/int3/int2 each stored
+plainly, Hadamard-rotated with keys centered, with 4 exact sink tokens too,
+and with an exact window of the 64 most recent tokens too (below int8: also
+a 32-token window held as int8 copies, the default of ``--kv_bits``); then
+every calibration policy at 2, 3 and 4 average bits (rotated and centered).
+Centering and calibration read 512 tokens of another text. KV bytes are the
+payload a bfloat16-storage cache of that setting allocates (codes, scales,
+zeros, exact copies and maps), whatever the compute dtype of the run.
 """
 
 from __future__ import annotations
@@ -79,14 +78,12 @@ def quant_table(ctx: RunContext) -> dict:
   lm = ctx.lm
   text = load_eval_text(config.text, config.text_file)
   tokens = np.asarray(lm.tokenizer.encode(text), np.int32)[:config.context + 1]
-  chunk = int(config.quant.get("eval_chunk", 32))
+  chunk = int(config.quant.get("eval_chunk", 256))
   calibration_tokens = setup.calibration_text_tokens(config.quant, lm)
   rows, base = [], None
   for label, plan in settings(config.quant, lm, calibration_tokens):
     start = time.perf_counter()
-    # Dense caches give the same result in any chunking; use a fast one.
-    nll, _ = stream_nll(dataclasses.replace(ctx, quant=plan), tokens,
-                        chunk if plan is not None else 256)
+    nll, _ = stream_nll(dataclasses.replace(ctx, quant=plan), tokens, chunk)
     ppl = float(np.exp(np.mean(nll)))
     nbytes = kv_bytes(lm.cfg, len(tokens) - 1, plan)
     base = base or (ppl, nbytes)
