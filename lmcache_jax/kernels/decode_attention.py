@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
 from lmcache_jax.kernels.masking import MASKED, visible
-from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics import formats, schemes
 from lmcache_jax.numerics.formats import Format
 
 # Relative precision of the logits' float16 offsets from their block's max.
@@ -335,7 +335,7 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
   # row's correction per slot is (share · zero code - base · Σ w) · Σq,
   # taken from the row's plane-0 copy (every own channel once, times w_0).
   # The same correction, weighted by the probabilities, completes p·v.
-  share = schemes.zero_share(fmt.bits)
+  share = formats.zero_share(fmt.bits)
   surplus = tile_base(fmt.bits) * sum(
       plane_weight(bits, low) for bits, _, low in layout)
   w0 = plane_weight(layout[0][0], layout[0][2])

@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
-from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics import formats, schemes
 from lmcache_jax.numerics.formats import Format
 
 
@@ -61,7 +61,7 @@ def _kernel(words_ref, scale_ref, zero_ref, out_ref, *, fmt: Format,
   for c in range(reader.num_chunks()):
     gi = c * reader.chunk // group_size
     scale = scale_ref[:, pl.ds(gi, 1)]
-    zero = schemes.zero_value(scale, zero_ref[:, pl.ds(gi, 1)], fmt.bits)
+    zero = formats.zero_value(scale, zero_ref[:, pl.ds(gi, 1)], fmt.bits)
     x = reader.codes(c).astype(jnp.float32) * scale.astype(jnp.float32) + zero
     out_ref[:, pl.ds(c * reader.chunk, reader.chunk)] = x.astype(out_ref.dtype)
 

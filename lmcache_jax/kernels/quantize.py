@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from lmcache_jax.kernels.backend import choose, floor_pow2, next_pow2
-from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics import formats, schemes
 from lmcache_jax.numerics.formats import Format
 
 
@@ -27,12 +27,12 @@ def _kernel(x_ref, words_ref, scale_ref, zero_ref, *, fmt: Format,
   zeros, invs = [], []
   for gi in range(head_dim // group_size):
     xg = x_ref[:, pl.ds(gi * group_size, group_size)].astype(jnp.float32)
-    scale, code = schemes.grid(jnp.min(xg, axis=1), jnp.max(xg, axis=1),
+    scale, code = formats.grid(jnp.min(xg, axis=1), jnp.max(xg, axis=1),
                                fmt.bits)
     s = scale.astype(jnp.float32)
     zero_ref[:, pl.ds(gi, 1)] = code.astype(jnp.int32).astype(jnp.uint8)[:, None]
     scale_ref[:, pl.ds(gi, 1)] = scale[:, None]
-    zeros.append(schemes.zero_value(scale, code, fmt.bits)[:, None])
+    zeros.append(formats.zero_value(scale, code, fmt.bits)[:, None])
     invs.append(jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)[:, None])
   start, low = 0, 0
   for p in fmt.planes:

@@ -5,7 +5,7 @@ Layout (every leaf keeps the cache's slot axis at index 3):
   Packed (one per distinct format of the plan):
     data    [L, B, R, S, W]     uint32 packed codes (int) or float8 [.., Hd]
     scale   [L, B, R, S, Hd/g]  float16 per token and channel group
-    zero    [L, B, R, S, Hd/g]  uint8 zero codes (``numerics.schemes``; None
+    zero    [L, B, R, S, Hd/g]  uint8 zero codes (``numerics.formats``; None
                                 for fp8)
     heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
     outlier_index [L, B, R, S, n] uint8 channels kept exact (the plan's
@@ -47,7 +47,7 @@ from flax import struct
 
 from lmcache_jax.kernels.dequantize import unpack_dequantize
 from lmcache_jax.kernels.quantize import quantize_pack
-from lmcache_jax.numerics import schemes
+from lmcache_jax.numerics import formats, schemes
 from lmcache_jax.quant import transform
 from lmcache_jax.numerics.formats import Format, get_format
 from lmcache_jax.quant.plan import QuantPlan
@@ -115,18 +115,13 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
       heads[layer, :len(h)] = h
     shape = (*lead, rows, capacity)
     outliers = {}
-    if fmt.kind == "fp8":
-      data = jnp.zeros((*shape, hd), jnp.float8_e4m3fn)
-      zero = None
-    else:
-      data = jnp.zeros((*shape, fmt.words(hd)), jnp.uint32)
-      zero = jnp.zeros((*shape, groups), jnp.uint8)
-      if plan.outliers:
-        outliers = dict(
-            outlier_index=jnp.zeros((*shape, plan.outliers), jnp.uint8),
-            outlier_delta=jnp.zeros((*shape, plan.outliers), jnp.float16))
+    zero = jnp.zeros((*shape, groups), jnp.uint8) if fmt.has_zero else None
+    if plan.outliers and fmt.has_zero:
+      outliers = dict(
+          outlier_index=jnp.zeros((*shape, plan.outliers), jnp.uint8),
+          outlier_delta=jnp.zeros((*shape, plan.outliers), jnp.float16))
     parts.append(Packed(
-        data=data, scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
+        data=fmt.empty(shape, hd), scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
         heads=jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],
                                (*lead, rows, 1)),
         fmt=fmt, group_size=plan.group_size, **outliers))
@@ -195,12 +190,8 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
     if part.outlier_index is not None:
       xr, index, values = schemes.split_outliers(
           xr, part.outlier_index.shape[-1])
-    if part.fmt.kind == "int":
-      new["data"], new["scale"], new["zero"] = quantize_pack(
-          xr, fmt=part.fmt, group_size=part.group_size)
-    else:
-      new["data"], new["scale"], _ = schemes.quantize(xr, part.fmt,
-                                                      part.group_size)
+    new["data"], new["scale"], new["zero"] = quantize_pack(
+        xr, fmt=part.fmt, group_size=part.group_size)
     if part.outlier_index is not None:
       new["outlier_index"] = index
       new["outlier_delta"] = schemes.outlier_deltas(
@@ -246,8 +237,8 @@ def _encode_copies(payload: QuantizedKV, x: jax.Array):
     return x.astype(payload.exact.dtype), None, None
   group = payload.head_dim // payload.exact_scale.shape[-1]
   stored = to_stored(payload, x)
-  scale, zero = schemes.int_params(stored, 8, group)
-  codes = schemes.int_codes(stored, scale, zero, 8, group).astype(jnp.uint8)
+  scale, zero = formats.int_params(stored, 8, group)
+  codes = formats.int_codes(stored, scale, zero, 8, group).astype(jnp.uint8)
   return codes, scale, zero
 
 
@@ -267,7 +258,7 @@ def _decode_copies(payload: QuantizedKV, code, scale, zero) -> jax.Array:
   if scale is None:
     return code.astype(jnp.float32)
   group = payload.head_dim // scale.shape[-1]
-  return from_stored(payload, schemes.from_codes(code, scale, zero, 8, group))
+  return from_stored(payload, formats.from_codes(code, scale, zero, 8, group))
 
 
 def with_copies(payload: QuantizedKV, x: jax.Array) -> QuantizedKV:
