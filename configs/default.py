@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from lmcache_jax.quant.plan import EXACT_TOKENS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -37,9 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.calibration = "uniform"
   config.quant.plan = ""         # path of a saved quant plan
   config.quant.group_size = 64   # channels per scale/zero group
-  config.quant.residual = 32     # each query reads its newest tokens exact
-  config.quant.sinks = 4         # first tokens kept exact (attention_sink needs >= its sinks)
-  config.quant.copy_bits = 8     # sink/recent copies: 8 = int8 codes, 16 = cache dtype (attention_sink needs 16)
+  # each query reads its `residual` newest tokens and the first `sinks` exact,
+  # as copies of `copy_bits` (8 = int8 codes, 16 = the cache dtype; attention_sink
+  # needs 16 and sinks >= its own)
+  config.quant.residual = EXACT_TOKENS["residual"]
+  config.quant.sinks = EXACT_TOKENS["sinks"]
+  config.quant.copy_bits = EXACT_TOKENS["copy_bits"]
   config.quant.rotate = True     # Hadamard-rotate head vectors before quantizing
   config.quant.center_keys = True  # subtract calibrated key channel means
   config.quant.save_plan = ""    # where a calibration saves its plan

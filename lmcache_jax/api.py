@@ -36,6 +36,7 @@ from lmcache_jax.models import LoadedModel
 from lmcache_jax.models import load as load_model
 from lmcache_jax.numerics.formats import format_for_bits
 from lmcache_jax.quant import QuantPlan
+from lmcache_jax.quant.plan import EXACT_TOKENS
 from lmcache_jax.store import KVStore, Layout, Tier, model_fingerprint
 
 # Tokens per forward pass while an evicting policy streams a text: the
@@ -69,14 +70,16 @@ class Model:
     """A uniform ``kv_bits`` plan (2, 3, 4 or 8) in groups of 64 channels
     (or the head dimension, if smaller): head vectors rotated, keys
     centered on their channel means over 512 tokens of Macbeth (measured
-    once per model)."""
+    once per model), the sink and recent tokens kept exact
+    (``quant.plan.EXACT_TOKENS``)."""
     fmt = format_for_bits(kv_bits).name
     if self._shifts is None:
       tokens = self.tokenizer.encode(shakespeare.load_text("macbeth"))[:512]
       self._shifts = calibration.key_means(calibration.collect(self.lm, tokens))
     return QuantPlan.uniform(self.lm.cfg, fmt, policy=f"uniform-{fmt}",
                              group_size=min(64, self.lm.cfg.head_dim),
-                             rotate=True, key_shift=self._shifts)
+                             rotate=True, key_shift=self._shifts,
+                             **EXACT_TOKENS)
 
   def _quant(self, kv_bits: int, quant: QuantPlan | None) -> QuantPlan | None:
     if quant is not None and kv_bits != 16:

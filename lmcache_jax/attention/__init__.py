@@ -9,6 +9,7 @@
   slots    attention over one written layer in any format: the general path
            and the reference
   packed   decode over packed (quantized) payloads with the fused kernel
+  packed_prefill  prefill over packed payloads, read as decoding reads them
 """
 
 from lmcache_jax.attention.layer import (LayerKV, is_quantized, layer_of,

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 _NAMES = tuple(FORMATS)  # stable ids for saving
 
+# Tokens kept exact by default: the first 4 (sinks) and each query's 32
+# latest (the residual window), as int8 copies; with them a uniform 4-bit
+# plan stays within 1% of bf16 perplexity (docs/quantization.md).
+EXACT_TOKENS = {"residual": 32, "sinks": 4, "copy_bits": 8}
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantPlan:
