@@ -145,8 +145,11 @@ def test_pyramidkv_budgets_fall_with_depth_and_average_the_budget():
   assert policy.cache_capacity(4096, 64) == budgets[0] + 64
 
 
-def test_adakv_gives_concentrated_heads_budget_to_diffuse_ones():
-  policy = EVICTION.make("adakv", budget=6, inner="snapkv(window=1, kernel=1)")
+@pytest.mark.parametrize("inner", ["snapkv(window=1, kernel=1)", "object"])
+def test_adakv_gives_concentrated_heads_budget_to_diffuse_ones(inner):
+  if inner == "object":   # a policy object, its budget replaced by adakv's
+    inner = EVICTION.make("snapkv", budget=99, window=1, kernel=1)
+  policy = EVICTION.make("adakv", budget=6, inner=inner)
   n, cap = 20, 21
   mass = np.full((CFG.num_layers, 1, CFG.num_kv_heads, cap), 0.0)
   mass[:, :, 0, 3] = 10.0                     # head 0: one token matters

@@ -6,7 +6,9 @@ Allocation": instead of ``budget`` tokens in every head, a layer keeps its
 concentrated attention give slots to heads with diffuse attention. Each head
 keeps at least ``alpha * budget`` (the paper's safeguard, 0.2), plus its
 protected tokens. The inner scorer (``snapkv`` by default, as in the paper) is
-any registered score policy, given as a name or call string. A dense cache
+a scoring policy object, ``AdaKV(budget, inner=SnapKV(budget, window=32))``;
+from a config or the command line, a registered name or call string
+(``adakv(inner='snapkv(window=32)')``). Its budget becomes adakv's. A dense cache
 needs a ceiling per head: at most ``head_cap * budget`` (default 2), which sets
 the slots allocated. Decode-time eviction (``evict_every``) is the inner
 scorer's unless given.
@@ -32,7 +34,7 @@ from policies.registry import EVICTION
 class AdaKV(EvictionPolicy):
   """Per-layer top-k across heads of an inner scorer (safeguard alpha per head)."""
   name = "adakv"
-  inner: str = "snapkv"
+  inner: EvictionPolicy | str = "snapkv"
   alpha: float = 0.2
   head_cap: float = 2.0
   evict_every: int | None = None   # None: the inner scorer's
@@ -40,7 +42,9 @@ class AdaKV(EvictionPolicy):
                                               repr=False, compare=False)
 
   def __post_init__(self):
-    scorer = EVICTION.make(self.inner, budget=self.budget)
+    scorer = (EVICTION.make(self.inner, budget=self.budget)
+              if isinstance(self.inner, str)
+              else dataclasses.replace(self.inner, budget=self.budget))
     if not isinstance(scorer, EvictionPolicy) or isinstance(scorer, AdaKV):
       raise ValueError(f"{self.name}: inner must be a scoring eviction policy "
                        f"other than adakv, got {self.inner!r}")
