@@ -33,10 +33,8 @@ def random_case(seed, batch=2, steps=5, num_kv=2, group=3, capacity=512,
           jnp.asarray(q_pos, jnp.int32), f32(weights))
 
 
-@pytest.mark.parametrize("seed,scatter", [(0, False), (1, True), (2, False)])
-@pytest.mark.parametrize("block", [128, 256])
-def test_blocked_matches_dense(seed, scatter, block):
-  q, keys, values, positions, q_pos, weights = random_case(seed, scatter=scatter)
+def assert_blocked_matches_dense(case, block):
+  q, keys, values, positions, q_pos, weights = case
   want_out, want_mass = dense_attend(q, keys, values, positions, q_pos, weights)
   hi = jax.lax.Precision.HIGHEST
   out, lse = blocked_attend(q, keys, values, positions, q_pos, block=block,
@@ -45,22 +43,20 @@ def test_blocked_matches_dense(seed, scatter, block):
                       precision=hi)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed,scatter", [(0, False), (1, True), (2, False)])
+@pytest.mark.parametrize("block", [128, 256])
+def test_blocked_matches_dense(seed, scatter, block):
+  assert_blocked_matches_dense(random_case(seed, scatter=scatter), block)
 
 
 @pytest.mark.parametrize("capacity", [300, 600])
 def test_a_partial_last_block(capacity):
-  q, keys, values, positions, q_pos, weights = random_case(
-      4, capacity=capacity, scatter=True)
-  want_out, want_mass = dense_attend(q, keys, values, positions, q_pos, weights)
-  hi = jax.lax.Precision.HIGHEST
   block = block_size_for(capacity)
   assert capacity % block
-  out, lse = blocked_attend(q, keys, values, positions, q_pos, block=block,
-                            precision=hi)
-  mass = blocked_mass(q, lse, keys, positions, q_pos, weights, block=block,
-                      precision=hi)
-  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-6)
+  assert_blocked_matches_dense(random_case(4, capacity=capacity, scatter=True),
+                               block)
 
 
 def test_lse_is_the_log_partition_function():
