@@ -21,15 +21,16 @@ import numpy as np
 from flax import nnx
 from scipy.optimize import linear_sum_assignment
 
-from lmcache_jax.cache.kv_cache import init_cache
-from lmcache_jax.cache.step import append_step
-from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax import attention
 from lmcache_jax.arch.rope import inverse_frequencies
+from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.cache.step import append_step
+from lmcache_jax.kernels.masking import MASKED
 from lmcache_jax.models.llama import at_layer, rms_norm
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.numerics import schemes
-from lmcache_jax.quant import transform
 from lmcache_jax.numerics.formats import Format, format_for_bits
+from lmcache_jax.quant import transform
 
 BITS = (2, 3, 4, 8)
 
@@ -134,7 +135,7 @@ def attention_error(queries, keys, values, key_scale, key_shift=None, *,
     logits = jnp.where(exact,
                        jnp.einsum("GTH,SH->GTS", queries, k_near, precision=hi),
                        jnp.einsum("GTH,SH->GTS", queries, k_far, precision=hi))
-    p = jax.nn.softmax(jnp.where(visible, logits * head_dim ** -0.5, -1e30),
+    p = jax.nn.softmax(jnp.where(visible, logits * head_dim ** -0.5, MASKED),
                        axis=-1)
     return (jnp.einsum("GTS,SH->GTH", jnp.where(exact, p, 0.0), v_near,
                        precision=hi)
