@@ -110,6 +110,23 @@ def test_store_reopened_with_another_key(tmp_path):
     make_store(disk_dir=directory, disk_bytes=1 << 20)
 
 
+def test_a_wrong_key_deletes_no_file(tmp_path):
+  """Reopened with another key and a smaller capacity, the disk tier refuses
+  the directory before it evicts anything to fit the capacity."""
+  key = tmp_path / "key"
+  key.write_bytes(os.urandom(32))
+  directory = str(tmp_path / "store")
+  store = make_store(disk_dir=directory, disk_bytes=1 << 20,
+                     cipher=load_cipher(key_file=str(key)))
+  store.store(list(range(2, 66)), filled_cache(0), wait=True)
+  store.close()
+  files = sorted(os.listdir(directory))
+  assert sum(name.endswith(".kv") for name in files) >= 2
+  with pytest.raises(ValueError, match="is encrypted; open it with"):
+    make_store(disk_dir=directory, disk_bytes=1)
+  assert sorted(os.listdir(directory)) == files
+
+
 def test_evicting_policy_is_refused():
   cfg = tiny_config()
   lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))

@@ -67,13 +67,17 @@ class DiskTier(Tier):
         if theirs["key_check"] != mine["key_check"]:
           raise ValueError(f"the encryption key does not match the one the "
                            f"store at {self.directory!r} was written with")
+        self._adopt(self._found)
         return
       log.warning("disk tier: unreadable %s in %s; rewriting it", META,
                   self.directory)
     self._atomic_write(META, json.dumps(mine).encode())
+    self._adopt(self._found)
 
   def _scan(self) -> None:
-    """Indexes chunk files left by earlier runs (oldest first); removes temporaries."""
+    """Finds chunk files left by earlier runs and removes temporaries. The
+    files are adopted (and the oldest evicted past the capacity) only once
+    ``check_key`` has accepted the directory: a wrong key deletes nothing."""
     found = []
     for entry in os.scandir(self.directory):
       if entry.name.endswith(".tmp"):
@@ -86,7 +90,12 @@ class DiskTier(Tier):
           continue
         if len(key) == 32:
           found.append((stat.st_mtime, key, stat.st_size))
-    for _, key, size in sorted(found):
+    self._found = sorted(found)
+
+  def _adopt(self, found) -> None:
+    """Indexes files (mtime, key, size), oldest first, evicting past the capacity."""
+    self._found = []
+    for _, key, size in found:
       if size > self.capacity:
         _remove(self._path(key))
         continue
