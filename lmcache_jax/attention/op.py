@@ -80,8 +80,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, stacked: LayerKV,
                                       layer_of(stacked, layer), step,
                                       with_mass)
     return out, stacked, mass
-  if is_quantized(stacked) or (q.shape[1] == 1
-                               and not _decode_kernel(q, stacked, with_mass)):
+  if q.shape[1] == 1 and (is_quantized(stacked)
+                          or not _decode_kernel(q, stacked, with_mass)):
     stacked = write_stacked(stacked, layer, k, v, positions, slots)
     out, mass = attend_slots(q, layer_of(stacked, layer), positions,
                              step.query_weights, with_mass)
