@@ -68,8 +68,11 @@ class KVQuant:
     scales = channel_scales(acts.keys, self.quantile)
     errors = head_errors(acts, cfg.group_size, group_size, residual, scales,
                          storage)
-    chosen = calibration.allocate(errors, bits)
-    return QuantPlan(calibration.formats_of(chosen), scales, group_size,
-                     residual, max(sinks, self.sink_tokens), self.name,
-                     storage.rotate, storage.key_shift,
-                     outliers=storage.outliers)
+    template = QuantPlan.uniform(cfg, "int4", group_size=group_size,
+                                 residual=residual,
+                                 sinks=max(sinks, self.sink_tokens),
+                                 key_scale=scales, policy=self.name,
+                                 rotate=storage.rotate,
+                                 key_shift=storage.key_shift,
+                                 outliers=storage.outliers)
+    return calibration.plan_for(cfg, errors, bits, template)

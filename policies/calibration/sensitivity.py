@@ -55,7 +55,9 @@ class Sensitivity:
                    np.float32)
     errors = head_errors(acts, cfg.group_size, group_size, residual, ones,
                          storage)
-    chosen = calibration.allocate(errors, bits)
-    return QuantPlan(calibration.formats_of(chosen), ones, group_size,
-                     residual, sinks, self.name, storage.rotate,
-                     storage.key_shift)
+    template = QuantPlan.uniform(cfg, "int4", group_size=group_size,
+                                 residual=residual, sinks=sinks,
+                                 key_scale=ones, policy=self.name,
+                                 rotate=storage.rotate,
+                                 key_shift=storage.key_shift)
+    return calibration.plan_for(cfg, errors, bits, template)

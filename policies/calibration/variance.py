@@ -44,10 +44,8 @@ class Variance:
     size = spread(keys, group_size) + spread(values, group_size)
     levels = np.array([(1 << b) - 1 for b in calibration.BITS], np.float64)
     costs = size[..., None] / (12.0 * levels ** 2)
-    chosen = calibration.allocate(costs, bits)
-    cfg = lm.cfg
-    return QuantPlan(calibration.formats_of(chosen),
-                     np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
-                             np.float32),
-                     group_size, residual, sinks, self.name, storage.rotate,
-                     storage.key_shift)
+    template = QuantPlan.uniform(lm.cfg, "int4", group_size=group_size,
+                                 residual=residual, sinks=sinks,
+                                 policy=self.name, rotate=storage.rotate,
+                                 key_shift=storage.key_shift)
+    return calibration.plan_for(lm.cfg, costs, bits, template)
