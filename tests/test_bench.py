@@ -11,8 +11,11 @@ import pytest
 
 from configs.bench import model as model_config
 from experiments import benchmarks
-from experiments.benchmarks import model as model_suite
+from experiments.benchmarks import kv_decode, model as model_suite
+from conftest import tiny_config, tiny_weights
 from lmcache_jax.cache.kv_cache import init_cache
+from lmcache_jax.models.llama import from_weights
+from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.models.presets import get_preset
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -80,6 +83,7 @@ def test_model_suite_runs_and_skips_what_does_not_fit(monkeypatch):
   config.decode_tokens = 4
   config.prefill_chunk = 16
   config.repeats = 1
+  config.kv_decode.workloads = ()
   out = model_suite.run(config)
   rows = {r["policy"]: r for r in out["rows"]}
   assert set(rows) == {"full", "attention_sink(budget=32)"}
@@ -92,6 +96,21 @@ def test_model_suite_runs_and_skips_what_does_not_fit(monkeypatch):
   config.workloads = ("64x2:full",)
   skipped = model_suite.run(config)["rows"][0]
   assert skipped["note"].startswith("skipped: needs") and "ttft_s" not in skipped
+
+
+def test_quantized_cache_decode_rows():
+  """The model suite's int-cache rows: a filled cache decodes, and the int4
+  cache is the smaller one."""
+  cfg = tiny_config(head_dim=32, max_context=256)
+  lm = LoadedModel.from_module(from_weights(cfg, tiny_weights(cfg), jnp.float32))
+  rows = {kv: kv_decode.bench_kv_decode(
+      lm, kv_decode.KVWorkload.parse(f"96x2:{kv}"), 4, bandwidth=1e9,
+      weight_bytes=1) for kv in ("int4", "dense")}
+  for row in rows.values():
+    assert row["decode_tok_s"] > 0 and row["step_gb"] > 0
+  assert rows["int4"]["kv_gib"] < 0.5 * rows["dense"]["kv_gib"]
+  with pytest.raises(ValueError, match="not CONTEXTxBATCH:KV"):
+    kv_decode.KVWorkload.parse("32768x16:bf16")
 
 
 def test_transformers_computes_what_we_compute():

@@ -9,6 +9,7 @@ import pytest
 
 from lmcache_jax.attention.blocked import (block_size_for, blocked_attend,
                                            blocked_mass)
+from lmcache_jax.attention.flash import cached_attention
 from lmcache_jax.attention.slots import dense_attend
 
 
@@ -77,3 +78,30 @@ def test_block_size_choice():
   assert block_size_for(200) is None      # small: stay dense
   assert block_size_for(32832) == 512     # the last block partial
   assert block_size_for(256) == 128
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flash_over_gathered_slots_matches_blocked(seed):
+  """The prefill's cached part as flash attention (XLA's implementation here,
+  cuDNN on GPUs): occupied slots gathered per kv head, holes and all, one
+  head's row empty, ragged queries after every cached token."""
+  rng = np.random.default_rng(seed)
+  batch, steps, num_kv, group, capacity, dim = 2, 5, 3, 2, 40, 16
+  draw = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+  q = draw(batch, steps, num_kv * group, dim)
+  keys, values = draw(batch, num_kv, capacity, dim), draw(batch, num_kv, capacity, dim)
+  positions = np.full((batch, num_kv, capacity), -1, np.int32)
+  for b, h in np.ndindex(batch, num_kv):
+    n = 0 if (b, h) == (1, 2) else rng.integers(1, capacity)
+    positions[b, h, rng.permutation(capacity)[:n]] = np.sort(
+        rng.choice(90, n, replace=False))
+  q_pos = jnp.asarray([[100, 101, 102, 103, 104], [200, 201, 202, -1, -1]],
+                      jnp.int32)
+  positions = jnp.asarray(positions)
+  out, lse = cached_attention(q, keys, values, positions, q_pos,
+                              implementation_name="xla")
+  want_out, want_lse = blocked_attend(q, keys, values, positions, q_pos,
+                                      block=8, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  assert not np.any(np.asarray(out[1, 3:]))            # padding queries

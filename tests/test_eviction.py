@@ -17,6 +17,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_config
+from lmcache_jax.arch.rope import inverse_frequencies
+from lmcache_jax.cache import positions as pos_lib
 from lmcache_jax.cache.eviction import EvictionPolicy
 from lmcache_jax.cache.kv_cache import init_cache
 from policies.registry import EVICTION
@@ -253,3 +255,26 @@ def test_a_decoding_policy_never_defers():
   cache = init_cache(CFG, BATCH, 8, jnp.float32)
   assert policy.after_prefill(cache) is cache
   assert policy.decoding() == policy
+
+
+def test_streaming_rotates_only_its_sinks_and_equals_rotating_every_key():
+  """attention_sink re-rotates just the slots that move (its sinks); the
+  result equals rotating every kept key by its shift."""
+  policy = make("attention_sink", 6)
+  rng = np.random.default_rng(3)
+  cache = init_cache(CFG, BATCH, 16, jnp.float32)
+  positions = np.stack([rng.permutation(16) for _ in range(
+      CFG.num_layers * BATCH * CFG.num_kv_heads)]).reshape(cache.positions.shape)
+  cache = cache.replace(
+      keys=jnp.asarray(rng.standard_normal(cache.keys.shape), jnp.float32),
+      positions=jnp.asarray(positions, jnp.int32),
+      lengths=jnp.full((BATCH,), 16, jnp.int32))
+  after = policy.evict(cache)
+  evicted = np.asarray((cache.positions >= 0) & (after.positions < 0))
+  shift = pos_lib.newer_evicted(cache.positions, jnp.asarray(evicted))
+  kept = ~evicted
+  moving = np.sum(kept & (np.asarray(shift) > 0), axis=-1)
+  assert np.all(moving == POLICIES["attention_sink"]["sinks"])
+  want = pos_lib.shift_keys(cache.keys, shift, inverse_frequencies(CFG))
+  np.testing.assert_allclose(np.asarray(after.keys)[kept], np.asarray(want)[kept],
+                             rtol=1e-6, atol=1e-6)

@@ -37,6 +37,19 @@ def test_stacked_matmul(rows, depth, width):
   np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
+def test_stacked_matmul_of_weights_side_by_side():
+  """q, k and v (or gate and up) in one call: the products side by side."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((3, 64)), DTYPE)
+  ws = tuple(jnp.asarray(rng.standard_normal((2, 64, n)) / 8, DTYPE)
+             for n in (96, 32, 32))
+  with kernels():
+    got = stacked_matmul(x, ws, jnp.int32(1), block_n=64, block_k=16)
+  want = jnp.concatenate([stacked_matmul_reference(x, w, 1) for w in ws], -1)
+  assert got.shape == (3, 160)
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
 def test_stacked_matmul_rejects_many_rows():
   with pytest.raises(ValueError, match="at most 16 rows, got 17"):
     stacked_matmul(jnp.zeros((17, 8)), jnp.zeros((1, 8, 8)), 0)

@@ -33,6 +33,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hf_baseline = True        # transformers generate, when installed
   config.hf_timeout_s = 300
   config.copy_bytes = 2**31        # moved by the copy-bandwidth measurement
+  # Decode over an int KV cache against a bf16 one (experiments/benchmarks/
+  # kv_decode.py): Llama-3-8B shapes, 32K tokens x 16 sequences.
+  config.kv_decode = ml_collections.ConfigDict({
+      "model": "llama3-8b", "dtype": "bfloat16", "decode_tokens": 32,
+      "workloads": ("32768x16:int4", "32768x16:dense")})
   if arg and "runlocal" in arg.split(","):
     config.model = "tiny"
     config.dtype = "float32"
@@ -44,4 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.max_seconds = 10.0
     config.hf_timeout_s = 120
     config.copy_bytes = 2**24
+    config.kv_decode.model = "smollm2-135m"   # int packing needs head_dim >= 32
+    config.kv_decode.dtype = "float32"
+    config.kv_decode.decode_tokens = 4
+    config.kv_decode.workloads = ("128x2:int4", "128x2:dense")
   return config

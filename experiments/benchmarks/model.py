@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarks
+from experiments.benchmarks import kv_decode
 from lmcache_jax import models
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.engine import Sampling, prefill
@@ -233,4 +234,7 @@ def run(config) -> dict:
     out["rows"].append(row)
     out["rows"] += [h for h in hf_rows if (h["context"], h["batch"]) ==
                     (row["context"], row["batch"]) and row["policy"] == "full"]
+  if config.get("kv_decode") and config.kv_decode.workloads:
+    del lm   # the quantized-cache rows load their own model
+    out["rows"] += kv_decode.run_kv_decode(config.kv_decode, bandwidth)
   return out

@@ -61,3 +61,46 @@ def merge(out_a, lse_a, out_b, lse_b):
   wb = jnp.where(some, jnp.exp(lse_b - lse), 0.0)[..., None]
   out = out_a.astype(jnp.float32) * wa + out_b.astype(jnp.float32) * wb
   return out, jnp.where(some, lse, MASKED)
+
+
+def cached_attention(q, keys, values, positions, query_positions, *,
+                     implementation_name: str | None = None):
+  """Attention of a prefill chunk's queries q [B, T, N, Hd] over cached slots
+  keys/values [B, K, S, Hd] (positions [B, K, S], -1 = empty).
+
+  Contract: every cached token precedes every query of its row, so each
+  query sees all its row's occupied slots (the caller checks; see
+  ``attention.op``). Each kv head's occupied slots are gathered to the front
+  of its row, so holes and slot order do not matter, and the kv heads are
+  folded into the batch: flash attention then masks the rest by per-row
+  lengths alone, with no [T, S] mask. Real queries come first in ``q`` (right
+  padding, query position -1). Returns out [B, T, N, Hd] in q's dtype and
+  lse [B, T, N] float32 (0 and MASKED where nothing is visible).
+  """
+  batch, steps, num_heads, head_dim = q.shape
+  num_kv, capacity = keys.shape[1], keys.shape[2]
+  group = num_heads // num_kv
+  occupied = positions >= 0
+  order = jnp.argsort(~occupied, axis=-1, stable=True)[..., None]
+  fold = lambda x: jnp.take_along_axis(x, order, axis=2).reshape(  # noqa: E731
+      batch * num_kv, capacity, 1, head_dim).astype(q.dtype)
+  kv_lengths = jnp.sum(occupied, axis=-1).reshape(-1).astype(jnp.int32)
+  q_lengths = jnp.repeat(jnp.sum(query_positions >= 0, axis=1), num_kv)
+  qf = jnp.einsum("BTKGH->BKTGH", q.reshape(batch, steps, num_kv, group,
+                                            head_dim))
+  exact = (jax.default_matmul_precision("highest")
+           if jnp.dtype(q.dtype) == jnp.float32 else contextlib.nullcontext())
+  with exact:
+    out, lse = jax.nn.dot_product_attention(
+        qf.reshape(batch * num_kv, steps, group, head_dim), fold(keys),
+        fold(values), query_seq_lengths=q_lengths.astype(jnp.int32),
+        key_value_seq_lengths=kv_lengths, return_residual=True,
+        implementation=implementation_name or implementation(q.dtype))
+  seen = ((kv_lengths > 0)[:, None]
+          & (jnp.arange(steps)[None, :] < q_lengths[:, None]))[..., None]
+  out = jnp.where(seen[..., None], out, 0).reshape(batch, num_kv, steps, group,
+                                                   head_dim)
+  lse = jnp.where(seen, lse.astype(jnp.float32), MASKED).reshape(
+      batch, num_kv, steps, group)
+  return (jnp.einsum("BKTGH->BTKGH", out).reshape(q.shape).astype(q.dtype),
+          jnp.einsum("BKTG->BTKG", lse).reshape(batch, steps, num_heads))

@@ -6,9 +6,10 @@ attends, choosing the implementation by phase, cache format and backend:
   phase    format  backend   implementation
   prefill  dense   any       the chunk's causal self-attention (cuDNN flash
                              attention on GPUs, ``flash``), merged exactly by
-                             log-sum-exp with blocked attention over the slots
-                             cached before the chunk (skipped when the cache
-                             was empty)
+                             log-sum-exp with attention over the slots cached
+                             before the chunk (skipped when the cache was
+                             empty): flash over the gathered occupied slots on
+                             GPUs, blocked attention elsewhere
   decode   dense   GPU       split-K Pallas kernel reading the stacked cache in
                              place (``kernels.stacked_decode``)
   decode   dense   other     dense XLA over the layer (``slots``)
@@ -92,15 +93,34 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, stacked: LayerKV,
   before = None if request.empty_cache else layer_of(stacked, layer)
   out, lse = flash.self_attention(q, k, v, jnp.sum(positions >= 0, axis=1))
   if before is not None:
-    block = block_size_for(before.keys.shape[2]) or before.keys.shape[2]
-    out_c, lse_c = blocked_attend(q, before.keys, before.values,
-                                  before.positions, positions, block=block,
-                                  precision=matmul_precision(q.dtype))
-    out, lse = flash.merge(out, lse, out_c, lse_c)
+    out, lse = flash.merge(out, lse, *_cached_part(q, before, positions))
   stacked = write_stacked(stacked, layer, k, v, positions, slots)
   mass = (_mass(q, lse, layer_of(stacked, layer), step, request.mass_queries)
           if with_mass else None)
   return out.astype(q.dtype), stacked, mass
+
+
+def _cached_part(q, before: LayerKV, positions):
+  """A prefill chunk's attention over the slots cached before it: flash
+  attention over the occupied slots where flash runs (cuDNN) and every cached
+  token precedes the row's queries (always, as positions grow), else blocked
+  attention with a per-query visibility test."""
+  block = block_size_for(before.keys.shape[2]) or before.keys.shape[2]
+
+  def blocked():
+    return blocked_attend(q, before.keys, before.values, before.positions,
+                          positions, block=block,
+                          precision=matmul_precision(q.dtype))
+
+  if flash.implementation(q.dtype) != "cudnn":
+    return blocked()
+  first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max),
+                  axis=1)
+  in_order = ~jnp.any(before.positions >= first[:, None, None])
+  return jax.lax.cond(
+      in_order, lambda: flash.cached_attention(q, before.keys, before.values,
+                                               before.positions, positions),
+      blocked)
 
 
 def _decode_kernel(q: jax.Array, stacked: LayerKV, with_mass: bool) -> bool:

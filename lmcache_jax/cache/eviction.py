@@ -263,7 +263,10 @@ class EvictionPolicy:
             f"and experiments.run bind it for you)")
       shift = pos_lib.newer_evicted(cache.positions, evicted)
       inv_freq = np.asarray(self._inv_freq, np.float32)
-      if isinstance(keys, jax.Array):
+      if isinstance(keys, jax.Array) and self.only_sinks_move:
+        kept_shift = jnp.where(evicted, 0, shift)   # freed slots need none
+        keys = pos_lib.shift_few_keys(keys, kept_shift, inv_freq, self.sinks)
+      elif isinstance(keys, jax.Array):
         keys = pos_lib.shift_keys(keys, shift, inv_freq)
       else:
         self._check_quantized_shift(keys)

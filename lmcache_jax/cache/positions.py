@@ -70,6 +70,21 @@ def shift_keys(keys: jax.Array, shift: jax.Array, inv_freq: np.ndarray,
   return rotated.astype(keys.dtype)
 
 
+def shift_few_keys(keys: jax.Array, shift: jax.Array, inv_freq: np.ndarray,
+                   count: int) -> jax.Array:
+  """``shift_keys`` for rows in which at most ``count`` slots move (shift > 0),
+  e.g. the sink tokens of a StreamingLLM cache: only those slots are read,
+  rotated and written back, not the whole cache. Exact under that bound."""
+  count = min(count, shift.shape[-1])
+  _, moving = jax.lax.top_k(shift, count)
+  rotated = shift_keys(jnp.take_along_axis(keys, moving[..., None], axis=-2),
+                       jnp.take_along_axis(shift, moving, axis=-1), inv_freq,
+                       max_shift=shift.shape[-1])
+  return jnp.put_along_axis(keys, jnp.broadcast_to(moving[..., None],
+                                                   rotated.shape),
+                            rotated, axis=-2, inplace=False)
+
+
 def shift_exact_copies(keys, shift: jax.Array, inv_freq: np.ndarray):
   """A quantized payload whose exact copies are rotated by the shift
   of the slot each mirrors (``quant.payload``: sinks and recent tokens)."""

@@ -36,21 +36,27 @@ def at_layer(param: nnx.Param, layer: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(param[...], layer, keepdims=False)
 
 
-def layer_matmul(x: jax.Array, param: nnx.Param, layer: jax.Array) -> jax.Array:
-  """x [..., K] @ layer ``layer`` of a stacked [L, K, N] weight.
+def layer_matmul(x: jax.Array, params, layer: jax.Array):
+  """x [..., K] @ layer ``layer`` of a stacked [L, K, N] weight; given a tuple
+  of such weights, the tuple of their products.
 
   A few rows of 16-bit data on a GPU (decode) go through
-  ``kernels.stacked_matmul``, which reads the layer in place: XLA would copy
-  the layer out of the stack first, and decode is bound by weight bytes.
+  ``kernels.stacked_matmul``, which reads the layer in place (XLA would copy
+  it out of the stack first, and decode is bound by weight bytes) and takes
+  weights sharing an input in one launch.
   """
-  w = param[...]
+  many = isinstance(params, tuple)
+  ws = tuple(p[...] for p in (params if many else (params,)))
   rows = int(np.prod(x.shape[:-1]))
   if (rows <= stacked_matmul.MAX_ROWS and jax.default_backend() == "gpu"
-      and x.dtype == w.dtype and jnp.dtype(x.dtype).itemsize == 2):
-    out = stacked_matmul.stacked_matmul(x.reshape(rows, -1), w, layer)
-    return out.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
-  return jnp.matmul(x, jax.lax.dynamic_index_in_dim(w, layer, keepdims=False),
-                    precision=matmul_precision(x.dtype))
+      and x.dtype == ws[0].dtype and jnp.dtype(x.dtype).itemsize == 2):
+    out = stacked_matmul.stacked_matmul(x.reshape(rows, -1), ws, layer)
+    out = out.astype(x.dtype).reshape(*x.shape[:-1], -1)
+    outs = jnp.split(out, np.cumsum([w.shape[-1] for w in ws[:-1]]), axis=-1)
+  else:
+    outs = [jnp.matmul(x, jax.lax.dynamic_index_in_dim(w, layer, keepdims=False),
+                       precision=matmul_precision(x.dtype)) for w in ws]
+  return tuple(outs) if many else outs[0]
 
 
 class Attention(nnx.Module):
@@ -77,15 +83,18 @@ class Attention(nnx.Module):
     cfg = self.cfg
     batch, steps, _ = h.shape
 
-    def proj(name, heads):
-      out = layer_matmul(h, getattr(self, name), layer)
+    names = ("q", "k", "v")
+    outs = layer_matmul(h, tuple(getattr(self, n) for n in names), layer)
+
+    def heads_of(name, out, heads):
       bias = getattr(self, name + "_bias", None)
       out = out if bias is None else out + at_layer(bias, layer)
       return out.reshape(batch, steps, heads, cfg.head_dim)
 
-    q = apply_rope(proj("q", cfg.num_heads), rope_positions, inv_freq)
-    k = proj("k", cfg.num_kv_heads)
-    return q, k, apply_rope(k, rope_positions, inv_freq), proj("v", cfg.num_kv_heads)
+    q, k, v = (heads_of(n, out, heads) for n, out, heads in zip(
+        names, outs, (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)))
+    q = apply_rope(q, rope_positions, inv_freq)
+    return q, k, apply_rope(k, rope_positions, inv_freq), v
 
   def __call__(self, h: jax.Array, kv: attention.LayerKV, layer: jax.Array,
                step: Step, inv_freq: np.ndarray, request: attention.Request):
@@ -106,8 +115,8 @@ class MLP(nnx.Module):
     self.down = nnx.Param(jnp.zeros((L, F, D), dtype))
 
   def __call__(self, h: jax.Array, layer: jax.Array) -> jax.Array:
-    gated = (jax.nn.silu(layer_matmul(h, self.gate, layer))
-             * layer_matmul(h, self.up, layer))
+    gate, up = layer_matmul(h, (self.gate, self.up), layer)
+    gated = jax.nn.silu(gate) * up
     return layer_matmul(gated, self.down, layer)
 
 
