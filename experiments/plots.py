@@ -266,6 +266,40 @@ def ttft_cold_warm(records: list[dict]) -> Figure | None:
   return fig
 
 
+def plan_heatmap(plans: dict, widths=(2, 3, 4, 8)) -> Figure:
+  """Bits of every (layer, kv head) of each quant plan, one panel per plan
+  (``{title: plan}``; a plan is a ``QuantPlan`` or its [L][K] format names):
+  layers down, heads across, one colour per width."""
+  from matplotlib.colors import BoundaryNorm, ListedColormap
+  from lmcache_jax.numerics.formats import FORMATS
+  grids = {title: np.array([[FORMATS[f].bits for f in row] for row in
+                            getattr(plan, "formats", plan)])
+           for title, plan in plans.items()}
+  widths = sorted(set(widths) | {int(b) for g in grids.values()
+                                 for b in np.unique(g)})
+  cmap = ListedColormap(["#d73027", "#fc8d59", "#91bfdb", "#4575b4",
+                         "#313695"][:len(widths)])
+  edges = [widths[0] - 0.5] + [(a + b) / 2 for a, b in zip(widths, widths[1:])]
+  norm = BoundaryNorm(edges + [widths[-1] + 0.5], cmap.N)
+  layers = max(g.shape[0] for g in grids.values())
+  fig = Figure(figsize=(1.2 + 1.6 * len(grids), 1.2 + 0.16 * layers))
+  axes = fig.subplots(1, len(grids), squeeze=False)[0]
+  for ax, (title, grid) in zip(axes, grids.items()):
+    image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
+    for (y, x), bits in np.ndenumerate(grid):
+      ax.text(x, y, str(bits), ha="center", va="center", fontsize=6,
+              color="white")
+    ax.set_xticks(range(grid.shape[1]), range(grid.shape[1]), fontsize=7)
+    ax.set_yticks(range(0, grid.shape[0], 5), range(0, grid.shape[0], 5),
+                  fontsize=7)
+    ax.set_xlabel("kv head", fontsize=8)
+    ax.set_title(f"{title}\navg {grid.mean():.2f} bits", fontsize=8)
+  axes[0].set_ylabel("layer", fontsize=8)
+  bar = fig.colorbar(image, ax=list(axes), ticks=widths, fraction=0.08)
+  bar.set_label("bits", fontsize=8)
+  return fig
+
+
 # File name -> plot function; each returns None when it has nothing to draw.
 STANDARD: dict[str, Callable[[list[dict]], Figure | None]] = {
     "ppl_vs_kv_bytes.png": lambda rs: quality_vs_memory(rs, "ppl"),

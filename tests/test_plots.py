@@ -96,3 +96,15 @@ def test_ppl_by_position_quantized_cells_are_not_the_reference():
   assert [line.get_linestyle() for line in lines] == ["--", "-"]
   assert [t.get_text() for t in fig.legends[0].get_texts()] == [
       "full", "full 4-bit uniform"]
+
+
+def test_plan_heatmap_draws_every_head_of_every_plan(tmp_path):
+  mixed = (("int4", "int3", "int3"), ("int2", "int3", "int4"))
+  fig = plots.plan_heatmap({"uniform": (("int3",) * 3,) * 2, "mixed": mixed})
+  panels = [ax for ax in fig.axes if ax.get_title()]
+  assert [ax.get_title().split("\n")[0] for ax in panels] == ["uniform", "mixed"]
+  drawn = panels[1].images[0].get_array()
+  np.testing.assert_array_equal(drawn, [[4, 3, 3], [2, 3, 4]])
+  assert [t.get_text() for t in panels[1].texts] == ["4", "3", "3", "2", "3", "4"]
+  assert panels[1].get_title().endswith("avg 3.17 bits")
+  fig.savefig(tmp_path / "plan.png")
