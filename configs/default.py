@@ -52,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.calibration_tokens = 512
   config.quant.eval_chunk = 256  # quant_table/quant_spread: tokens per pass (a speed knob only)
   config.quant.spread_settings = ""  # quant_spread: "window:copy_bits,..." ("" = its defaults)
+  config.quant.table = "policies"    # quant_table: "policies" (each calibration at each
+                                     # budget, on table_texts) or "storage" (on `text`)
+  config.quant.table_texts = "hamlet,othello"
+  config.quant.table_bits = "2,3,4"
+  config.quant.table_policies = "uniform,variance,sensitivity,kvquant,kivi"
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.num_tokens = 0   # tokens scored; 0 = `context`
