@@ -15,6 +15,7 @@ device while decoding (weights + cache + the loop's buffers).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -105,8 +106,10 @@ def filled_cache(cfg, work: KVWorkload, capacity: int, dtype,
 
 
 def bench_kv_decode(lm: models.LoadedModel, work: KVWorkload, decode_tokens: int,
-                    bandwidth: float, weight_bytes: int) -> dict:
-  """Times ``decode_tokens`` greedy steps over a filled cache; one table row."""
+                    bandwidth: float, weight_bytes: int,
+                    trace_dir: str | None = None) -> dict:
+  """Times ``decode_tokens`` greedy steps over a filled cache; one table row.
+  ``trace_dir``: also write a profiler trace of the timed steps there."""
   cfg = lm.cfg
   row = {"impl": "lmcache_jax", "model": cfg.name, "context": work.context,
          "batch": work.batch, "kv": work.kv,
@@ -125,9 +128,12 @@ def bench_kv_decode(lm: models.LoadedModel, work: KVWorkload, decode_tokens: int
 
   _, cache = benchmarks.sync(decode(cache))   # compiles
   in_use = benchmarks.device_memory().get("in_use")
-  start = time.perf_counter()
-  tokens, cache = benchmarks.sync(decode(cache))
-  step = (time.perf_counter() - start) / decode_tokens
+  tracing = (jax.profiler.trace(trace_dir, create_perfetto_trace=True)
+             if trace_dir else contextlib.nullcontext())
+  with tracing:
+    start = time.perf_counter()
+    tokens, cache = benchmarks.sync(decode(cache))
+    step = (time.perf_counter() - start) / decode_tokens
   if not bool((tokens >= 0).all()):
     raise AssertionError(f"{work}: the decode loop stopped early")
   del cache
