@@ -2,7 +2,12 @@
 
 Two modes. ``prefill`` (the papers' setting): the cache is large enough for the
 prompt, so the policy sees the whole prompt and compresses it once to its
-budget after prefill (SnapKV-style). ``stream``: the prompt streams through a
+budget after prefill (SnapKV-style); the live tokens are then copied into a
+cache of the capacity the policy asks for the rest (its budget, the cue in one
+pass, the answer: ``cache.compact``) and the whole-prompt cache is dropped, so
+the answer runs on, and ``kv_bytes`` reports, what stays allocated after the
+compression (``kv_bytes_prefill``: the whole-prompt cache, the peak).
+``stream``: the prompt streams through a
 cache of budget + chunk slots, evicting after every chunk (StreamingLLM-style).
 Either way the answer cue is fed after the compression, as the first tokens of
 the answer: it and the decoded tokens are handled by the policy's decode-time
@@ -18,6 +23,7 @@ import time
 import numpy as np
 
 from experiments.context import RunContext
+from lmcache_jax.cache.compact import compact
 from lmcache_jax.data.passkey import Sample, first_answer
 from lmcache_jax.engine.generate import decode
 from lmcache_jax.engine.prefill import prefill
@@ -26,8 +32,10 @@ MODES = ("prefill", "stream")
 
 
 def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
-           chunk: int, mode: str) -> tuple[list[str], object]:
-  """Greedy answers (text) to ``samples`` in one batch, and the final cache."""
+           chunk: int, mode: str) -> tuple[list[str], object, int]:
+  """Greedy answers (text) to ``samples`` in one batch, the final cache, and
+  the payload bytes of the cache the prompt was prefilled into (in
+  ``prefill`` mode the whole prompt's, larger than the final cache)."""
   if mode not in MODES:
     raise ValueError(f"retrieval mode must be one of {MODES}, got {mode!r}")
   if max_new_tokens < 1:
@@ -36,17 +44,23 @@ def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
   total = max(s.num_tokens for s in samples) + max_new_tokens
   answer_tokens = max(len(s.cue) for s in samples) + max_new_tokens
   capacity = ctx.policy.cache_capacity(total, chunk, answer_tokens)
-  if mode == "prefill":
-    capacity = max(capacity, total)
-  cache = ctx.new_cache(len(samples), capacity)
+  cache = ctx.new_cache(len(samples),
+                        max(capacity, total) if mode == "prefill" else capacity)
+  prefill_bytes = cache.payload_nbytes
   _, cache = prefill(lm, cache, [s.prompt for s in samples], ctx.policy, chunk)
+  if mode == "prefill":
+    # what the policy needs from here on: its budget, the cue in one pass and
+    # the answer; the whole-prompt cache is dropped
+    cue_pass = min(chunk, max(len(s.cue) for s in samples))
+    cache = compact(cache, ctx.policy.cache_capacity(total, cue_pass,
+                                                     answer_tokens))
   answering = ctx.policy.decoding()
   logits, cache = prefill(lm, cache, [s.cue for s in samples], answering,
                           chunk)
   out = decode(lm, cache, logits, max_new_tokens=max_new_tokens,
                policy=answering, stop_tokens=())
   texts = [lm.tokenizer.decode(t, skip_special=True) for t in out.tokens]
-  return texts, out.cache
+  return texts, out.cache, prefill_bytes
 
 
 def evaluate(ctx: RunContext, make_sample, conf) -> dict:
@@ -63,15 +77,17 @@ def evaluate(ctx: RunContext, make_sample, conf) -> dict:
   if not conf.lengths or not conf.depths:
     raise ValueError("give at least one length and one depth")
   start = time.perf_counter()
-  records, cache = [], None
+  records, cache, prefill_bytes = [], None, 0
   for length in conf.lengths:
     batch = [(depth, trial) for depth in conf.depths
              for trial in range(conf.trials)]
     samples = [make_sample(int(length), float(depth),
                            ctx.config.seed * 100_003 + 1_009 * trial + i)
                for i, (depth, trial) in enumerate(batch)]
-    texts, cache = answer(ctx, samples, max_new_tokens=conf.max_new_tokens,
-                          chunk=conf.chunk, mode=conf.mode)
+    texts, cache, length_bytes = answer(
+        ctx, samples, max_new_tokens=conf.max_new_tokens, chunk=conf.chunk,
+        mode=conf.mode)
+    prefill_bytes = max(prefill_bytes, length_bytes)
     for (depth, trial), sample, text in zip(batch, samples, texts):
       records.append({"length": int(length), "depth": float(depth),
                       "trial": trial, "answer": sample.answer, "output": text,
@@ -84,6 +100,7 @@ def evaluate(ctx: RunContext, make_sample, conf) -> dict:
       "mode": conf.mode,
       "decode_eviction": ctx.policy.decode_mode,
       "kv_bytes": cache.payload_nbytes,
+      "kv_bytes_prefill": prefill_bytes,
       "cache_capacity": cache.capacity,
       "live_slots_max": int(np.asarray(cache.live_slots()).max()),
       "seconds": seconds,

@@ -1,0 +1,118 @@
+"""A cache with the same live tokens in fewer slots.
+
+After a prompt is prefilled into a cache of the whole prompt and compressed
+to a policy's budget, most slots are holes. ``compact`` copies each row's
+live slots, in slot order, to the front of a cache of ``capacity`` slots and
+drops the rest, so the memory that stays allocated is what the policy keeps
+plus the room it asks for. Attention masks by position, never by slot index,
+so attending over the copy gives what attending over the original gives.
+
+Per-slot state moves with its slot: dense keys and values, or the packed
+codes, scales, zeros and outliers of a quantized payload (slot axis 3, rows
+mapped to kv heads by ``heads``), positions and the policy's scores. Exact
+copies of a quantized payload are indexed by entry, not slot: they stay
+where they are and ``exact_slots`` is remapped (a copy of a slot that holds
+no live token becomes -1, which attention already read as invisible).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmcache_jax.cache.kv_cache import EMPTY, KVCache
+from lmcache_jax.quant import payload as qpayload
+
+
+def compact(cache: KVCache, capacity: int) -> KVCache:
+  """``cache`` with every row's live slots moved into ``capacity`` slots.
+
+  Live slots keep their relative slot order and land in slots 0..n-1 of
+  their row; the slots after them are empty. ``lengths`` is unchanged. The
+  input is not modified (the caller drops it to free its memory); a capacity
+  equal to the cache's returns the cache itself.
+
+  Raises ValueError when ``capacity`` is not a positive whole number, some
+  row holds more live slots than ``capacity``, or a packed leaf is indexed
+  by groups of slots rather than by slot (such a group cannot be split).
+  """
+  if (isinstance(capacity, bool)
+      or not isinstance(capacity, (int, np.integer)) or capacity <= 0):
+    raise ValueError(f"compact: capacity must be a positive whole number of "
+                     f"slots, got {capacity!r}")
+  capacity = int(capacity)
+  _check_per_slot(cache)
+  most = int(np.asarray(cache.live_slots()).max())
+  if most > capacity:
+    raise ValueError(f"compact: a row holds {most} live slots, more than the "
+                     f"new capacity of {capacity}; evict first or keep at "
+                     f"least {most} slots")
+  if capacity == cache.capacity:
+    return cache
+  return _compact_jit(cache, capacity=capacity)
+
+
+def _check_per_slot(cache: KVCache) -> None:
+  """Raises unless every packed leaf is indexed by single slots (a leaf of
+  groups of slots, such as per-channel key grids, cannot move slot by slot)."""
+  for kv in (cache.keys, cache.values):
+    if isinstance(kv, jax.Array):
+      continue
+    for part in kv.parts:
+      for name in part.slot_leaves:
+        if getattr(part, name).shape[3] != cache.capacity:
+          raise ValueError(
+              f"compact: the {part.fmt.name} payload's {name!r} holds "
+              f"{getattr(part, name).shape[3]} entries for {cache.capacity} "
+              f"slots (one per group of slots); only caches whose payload is "
+              f"indexed by single slots can be compacted")
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _compact_jit(cache: KVCache, *, capacity: int) -> KVCache:
+  live = cache.positions >= 0                                  # [L, B, K, S]
+  # live slots first, each group in slot order; the first ``capacity`` stay
+  order = jnp.argsort(~live, axis=-1, stable=True)
+  kept = order[..., :capacity]                                 # [L, B, K, C]
+  return cache.replace(
+      keys=_take_payload(cache.keys, kept, order, live),
+      values=_take_payload(cache.values, kept, order, live),
+      positions=jnp.take_along_axis(cache.positions, kept, axis=-1),
+      scores=jnp.take_along_axis(cache.scores, kept, axis=-1))
+
+
+def _take_slots(x: jax.Array, kept: jax.Array) -> jax.Array:
+  """x [L, B, R, S, ...] gathered along the slot axis by kept [L, B, R, C]."""
+  index = kept.reshape(*kept.shape, *([1] * (x.ndim - kept.ndim)))
+  return jnp.take_along_axis(x, index, axis=3)
+
+
+def _take_payload(kv, kept: jax.Array, order: jax.Array, live: jax.Array):
+  """A dense [L, B, K, S, Hd] array or a ``QuantizedKV`` moved to ``kept``."""
+  if isinstance(kv, jax.Array):
+    return _take_slots(kv, kept)
+  num_kv = kv.num_kv_heads
+  parts = []
+  for part in kv.parts:
+    if qpayload.identity_rows(kv, part):
+      row_kept = kept
+    else:
+      # row r of the part holds kv head heads[r]; padding rows (-1) hold
+      # nothing, so any slots serve them
+      rows = jnp.minimum(qpayload.part_rows(part.heads, num_kv), num_kv - 1)
+      row_kept = jnp.take_along_axis(kept, rows[..., None], axis=2)
+    parts.append(part.replace(**{name: _take_slots(getattr(part, name),
+                                                   row_kept)
+                                 for name in part.slot_leaves}))
+  exact_slots = kv.exact_slots
+  if exact_slots.shape[-1]:
+    # new slot of each old slot: its rank among the row's live slots, or -1
+    rank = jnp.argsort(order, axis=-1).astype(jnp.int32)
+    new_slot = jnp.where(live & (rank < kept.shape[-1]), rank, EMPTY)
+    safe = jnp.maximum(exact_slots, 0)
+    moved = jnp.take_along_axis(new_slot, safe, axis=-1)
+    exact_slots = jnp.where(exact_slots >= 0, moved, EMPTY)
+  return kv.replace(parts=tuple(parts), exact_slots=exact_slots)
