@@ -293,7 +293,9 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
                           group_size=int(get("group_size", 64)),
                           residual=int(get("residual", 0)),
                           sinks=int(get("sinks", 0)), storage=storage)
-  plan = plan.replace(copy_bits=int(get("copy_bits", 16)))
+  # a policy with its own copy_bits (kivi: a full-precision residual) keeps it
+  plan = plan.replace(copy_bits=int(getattr(policy, "copy_bits", None)
+                                    or get("copy_bits", 16)))
   print(plan.describe())
   if get("save_plan", ""):
     print(f"saved quant plan to {plan.save(get('save_plan'))}")

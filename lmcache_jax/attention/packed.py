@@ -4,6 +4,10 @@ One query per sequence. The fused Pallas kernel reads each format part of
 the packed payload (``kernels.decode_attention``) in the coordinates the
 codes are stored in; the exact copies (sinks, recent window) are attended
 densely; the parts are merged exactly by log-sum-exp.
+
+Keys on per-channel grids (KIVI, ``QuantPlan.key_layout="channel"``) have
+no fused kernel (it reads one grid per slot): such a layer is dequantized,
+its copies overlaid, and attended densely (named once in the log).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lmcache_jax.attention.layer import LayerKV
+from lmcache_jax.kernels import backend
 from lmcache_jax.kernels.decode_attention import (decode_attention,
                                                   dense_decode_attention)
 from lmcache_jax.kernels.masking import MASKED, visible
@@ -29,6 +34,9 @@ def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
   capacity = layer.positions.shape[-1]
   qg = q[:, 0].reshape(batch, num_kv, num_heads // num_kv, head_dim)
   q_pos = query_positions[:, 0]
+  if qpayload.per_channel(keys):
+    return _attend_dequantized(qg, layer, q_pos, query_weights, with_mass,
+                               q.dtype)
   # Slots with an exact copy are read from the copy, not the packed codes.
   packed_pos = layer.positions
   if keys.exact.shape[-2]:
@@ -69,6 +77,26 @@ def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
                      target].add(mass_e * weight, mode="drop")
   out = out * (q_pos >= 0)[:, None, None, None]
   return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype), mass
+
+
+def _attend_dequantized(qg, layer: LayerKV, q_pos, query_weights,
+                        with_mass: bool, dtype):
+  """Float32 attention of qg [B, K, G, Hd] over the dequantized layer (copies
+  overlaid): out [B, 1, N, Hd] in ``dtype`` and the mass [B, K, S]."""
+  backend.note("decode_attention", "keys quantized per channel (KIVI) decode "
+               "from the dequantized layer: the fused kernel reads one grid "
+               "per slot")
+  batch, num_kv, group, head_dim = qg.shape
+  keys = qpayload.dequantize(layer.keys, jnp.float32)
+  values = qpayload.dequantize(layer.values, jnp.float32)
+  seen = visible(layer.positions, q_pos[:, None, None])
+  out, lse, logits = dense_decode_attention(qg, keys, values, seen)
+  mass = None
+  if with_mass:
+    weight = query_weights[:, 0].astype(jnp.float32)[:, None, None]
+    mass = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2) * weight
+  out = out * (q_pos >= 0)[:, None, None, None]
+  return out.reshape(batch, 1, num_kv * group, head_dim).astype(dtype), mass
 
 
 def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits):

@@ -21,6 +21,12 @@ bytes, not 4. The grid always holds 0; rounding the zero moves it by at
 most ``scale * levels / 510`` (1/34 of a step at 4 bits). Codes are rounded
 half up, ``floor(u + 0.5)``, which every backend computes alike.
 
+Min/max grids (KIVI's per-channel key groups, ``minmax_grid``): ``x ≈ code *
+scale + low`` with a float16 scale and a float16 ``low``, the grid spanning
+the group's [lo, hi] whether or not it holds 0: a channel's values over a
+group of tokens often sit far from 0 (KIVI's outlier channels), where a grid
+that must reach 0 would waste most of its levels. 4 bytes per group.
+
 Packing is *planar*: a b-bit code is split into planes of 8, 4, 2 or 1 bits
 (3 = 2 + 1). A plane of p bits holds ``W = head_dim * p / 32`` words; channel
 ``d`` sits in word ``d % W`` at bit ``p * (d // W)``. Unpacking a word block
@@ -228,6 +234,37 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray,
   x = (g * scale.astype(jnp.float32)[..., None]
        + zero_value(scale, zero, bits)[..., None])
   return x.reshape(codes.shape)
+
+
+def minmax_grid(lo: jnp.ndarray, hi: jnp.ndarray, bits: int):
+  """(float16 scale, float16 low) of the grid over [lo, hi] (float32 group
+  minima and maxima; lo <= hi). The scale is rounded up, so the float16 grid
+  still reaches hi: ``low + levels * scale >= hi`` up to float16 rounding of
+  ``low``."""
+  levels = (1 << bits) - 1
+  low = lo.astype(jnp.float16)
+  span = jnp.maximum(hi - low.astype(jnp.float32), 0.0) / levels
+  scale = span.astype(jnp.float16)
+  short = scale.astype(jnp.float32) < span
+  scale = jnp.where(short, jnp.nextafter(scale, jnp.float16(jnp.inf)), scale)
+  return scale, low
+
+
+def minmax_codes(x: jnp.ndarray, scale: jnp.ndarray, low: jnp.ndarray,
+                 bits: int) -> jnp.ndarray:
+  """float32 codes of x on min/max grids (scale, low broadcast against x),
+  clamped to [0, levels]: a value outside its grid takes the nearest end."""
+  s = scale.astype(jnp.float32)
+  inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+  u = (x.astype(jnp.float32) - low.astype(jnp.float32)) * inv
+  return jnp.clip(jnp.floor(u + 0.5), 0, (1 << bits) - 1)
+
+
+def from_minmax_codes(codes: jnp.ndarray, scale: jnp.ndarray,
+                      low: jnp.ndarray) -> jnp.ndarray:
+  """float32 values of codes on min/max grids (broadcast against codes)."""
+  return (codes.astype(jnp.float32) * scale.astype(jnp.float32)
+          + low.astype(jnp.float32))
 
 
 def pack(codes: jnp.ndarray, fmt: Format) -> jnp.ndarray:

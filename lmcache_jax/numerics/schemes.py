@@ -13,10 +13,17 @@ and kept beside the codes as (index, delta) pairs, delta being the exact
 value minus what the codes read there (``split_outliers``,
 ``outlier_deltas``, ``add_outliers``).
 
+*Per-channel groups* (KIVI's keys, ``QuantPlan.key_layout="channel"``):
+``channel_quantize`` puts a group of G token vectors [..., G, Hd] on one
+min/max grid per channel (``formats.minmax_grid``) and packs each token's
+codes like any other; ``channel_dequantize`` reads a slot axis of such
+groups back.
+
 ``kivi_fake_quant`` is the KIVI layout (keys per channel over groups of
 tokens, values per token over groups of channels, recent tokens exact) for
-contiguous sequences, used to measure layouts on calibration text; the cache
-itself stores per-token groups for both (see docs/architecture.md).
+contiguous sequences with the per-token grid arithmetic, used to measure
+layouts on calibration text; the cache stores the real thing with
+``key_layout="channel"`` (``quant.payload``).
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmcache_jax.numerics.formats import (Format, from_codes, grid_codes,
-                                          int_codes, int_params, zero_value)
+from lmcache_jax.numerics.formats import (Format, from_codes,
+                                          from_minmax_codes, grid_codes,
+                                          int_codes, int_params, minmax_codes,
+                                          minmax_grid, pack, unpack,
+                                          zero_value)
 
 
 def split_outliers(x: jnp.ndarray, count: int):
@@ -85,6 +95,45 @@ def fake_quant(x: jnp.ndarray, fmt: Format, group_size: int,
     return add_outliers(from_codes(codes, scale, zero, fmt.bits, group_size),
                         index, delta).astype(x.dtype)
   return fmt.round_trip(x, group_size).astype(x.dtype)
+
+
+def channel_quantize(x: jnp.ndarray, in_grid: jnp.ndarray, fmt: Format):
+  """Groups of token vectors x [..., G, Hd] on one grid per channel.
+
+  ``in_grid`` [..., G] marks the vectors whose range sets the grid (the
+  others are coded on it, clamped); a group with none gets scale 0 and low
+  0. Returns packed words [..., G, Hd*bits/32] uint32 and the grid's float16
+  scale and low [..., Hd].
+  """
+  x = x.astype(jnp.float32)
+  mark = in_grid[..., None]
+  lo = jnp.min(jnp.where(mark, x, jnp.inf), axis=-2)
+  hi = jnp.max(jnp.where(mark, x, -jnp.inf), axis=-2)
+  some = jnp.any(in_grid, axis=-1)[..., None]
+  scale, low = minmax_grid(jnp.where(some, lo, 0.0), jnp.where(some, hi, 0.0),
+                           fmt.bits)
+  return (channel_codes(x, scale[..., None, :], low[..., None, :], fmt),
+          scale, low)
+
+
+def channel_codes(x: jnp.ndarray, scale: jnp.ndarray, low: jnp.ndarray,
+                  fmt: Format) -> jnp.ndarray:
+  """Packed words [..., Hd*bits/32] of vectors x [..., Hd] on per-channel
+  grids (scale, low broadcast against x), clamped to the grid."""
+  codes = minmax_codes(x, scale, low, fmt.bits)
+  return pack(codes.astype(jnp.uint32), fmt)
+
+
+def channel_dequantize(words: jnp.ndarray, scale: jnp.ndarray,
+                       low: jnp.ndarray, fmt: Format,
+                       head_dim: int) -> jnp.ndarray:
+  """float32 [..., S, Hd] of words [..., S, W] whose consecutive groups of
+  G = S / S' slots share the grids scale, low [..., S', Hd]."""
+  slots, groups = words.shape[-2], scale.shape[-2]
+  codes = unpack(words, fmt, head_dim).reshape(
+      *words.shape[:-2], groups, slots // groups, head_dim)
+  x = from_minmax_codes(codes, scale[..., None, :], low[..., None, :])
+  return x.reshape(*words.shape[:-1], head_dim)
 
 
 def kivi_fake_quant(keys: jnp.ndarray, values: jnp.ndarray, fmt: Format,

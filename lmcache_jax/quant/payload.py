@@ -7,6 +7,10 @@ Layout (every leaf keeps the cache's slot axis at index 3):
     scale   [L, B, R, S, Hd/g]  float16 per token and channel group
     zero    [L, B, R, S, Hd/g]  uint8 zero codes (``numerics.formats``; None
                                 for fp8)
+      keys of a ``key_layout="channel"`` plan (KIVI; ``token_group`` G > 1):
+    scale   [L, B, R, S/G, Hd]  float16 per group of G slots and channel
+    zero    [L, B, R, S/G, Hd]  float16 grid minimum there (a min/max grid)
+    sealed  [L, B, R, S/G]      bool: the group's grid is set
     heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
     outlier_index [L, B, R, S, n] uint8 channels kept exact (the plan's
                                   ``outliers`` n; None when 0 or fp8)
@@ -31,9 +35,30 @@ written.
 
 R rows per part: the most heads any layer stores in that format, so a plan
 mixing formats per (layer, head) allocates each format once, not per head.
-Tokens are quantized per token (groups of channels) for keys and values
-alike, so any single slot can be rewritten after an eviction. ``exact`` is
-indexed by entry, not slot: ``exact_slots`` maps entries to slots.
+Values, and keys by default, are quantized per token (groups of channels),
+so any single slot can be rewritten after an eviction. ``exact`` is indexed
+by entry, not slot: ``exact_slots`` maps entries to slots.
+
+Per-channel keys (KIVI, ``token_group`` G > 1). Slots [jG, (j+1)G) form key
+group j, whose G keys share one min/max grid per channel. A token's key is
+written exact into its copy first (the plan keeps residual >= G); the group
+is *sealed* (its grid computed, every slot's codes written) in the step
+where either
+  * every slot of the group holds a token (written in the step, or mirrored
+    by a copy: in an unsealed group every token is, see below), or
+  * one of its tokens would lose its only exact form: written in the step
+    without a copy, or its copy's entry taken by a newer token.
+Tokens entering in position order (prefill, decode) fill a group before its
+first token leaves the window, so a group is sealed when full from its G
+tokens as their copies hold them, in a chunk as in a decode loop, and an
+unsealed group's tokens are always read from their copies. The grid spans
+the group's tokens other than sink copies (read from their copies for
+good; their codes are clamped onto it). An evicted slot of a sealed group
+stays a masked hole; a later token written into a sealed group is coded on
+that group's grid, clamped (grids never move once set, so nothing else is
+re-rounded). Eviction can thus seal a group early (a token leaves before
+the group is full): its grid is then set by the tokens it had, and later
+ones are clamped onto it.
 """
 
 from __future__ import annotations
@@ -66,13 +91,21 @@ class Packed:
   group_size: int = struct.field(pytree_node=False)
   outlier_index: jax.Array | None = None
   outlier_delta: jax.Array | None = None
+  sealed: jax.Array | None = None
+  token_group: int = struct.field(pytree_node=False, default=1)
 
   @property
   def slot_leaves(self) -> tuple[str, ...]:
-    """Names of the leaves indexed by slot, in a fixed order."""
+    """Names of the leaves indexed by slot (or by group of ``token_group``
+    slots), in a fixed order."""
     return tuple(name for name in ("data", "scale", "zero", "outlier_index",
-                                   "outlier_delta")
+                                   "outlier_delta", "sealed")
                  if getattr(self, name) is not None)
+
+  @property
+  def per_channel(self) -> bool:
+    """Keys on per-channel grids over groups of ``token_group`` slots."""
+    return self.token_group > 1
 
 
 @struct.dataclass
@@ -101,6 +134,11 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
           dtype, *, keys: bool) -> QuantizedKV:
   """An empty payload for the plan (all layers stacked)."""
   plan.check(cfg)
+  if keys and plan.key_layout == "channel" and capacity % plan.key_group:
+    raise ValueError(
+        f"cache capacity {capacity} is not a multiple of the plan's key_group "
+        f"{plan.key_group} (per-channel key groups cover whole groups of "
+        f"slots); use e.g. {-(-capacity // plan.key_group) * plan.key_group}")
   lead = (cfg.num_layers, batch_size)
   hd = cfg.head_dim
   groups = hd // plan.group_size
@@ -114,6 +152,17 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
     for layer, h in enumerate(per_layer):
       heads[layer, :len(h)] = h
     shape = (*lead, rows, capacity)
+    head_rows = jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],
+                                 (*lead, rows, 1))
+    if keys and plan.key_layout == "channel":
+      per_group = (*lead, rows, capacity // plan.key_group)
+      parts.append(Packed(
+          data=fmt.empty(shape, hd),
+          scale=jnp.zeros((*per_group, hd), jnp.float16),
+          zero=jnp.zeros((*per_group, hd), jnp.float16),
+          sealed=jnp.zeros(per_group, bool), heads=head_rows, fmt=fmt,
+          group_size=1, token_group=plan.key_group))
+      continue
     outliers = {}
     zero = jnp.zeros((*shape, groups), jnp.uint8) if fmt.has_zero else None
     if plan.outliers and fmt.has_zero:
@@ -122,9 +171,7 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
           outlier_delta=jnp.zeros((*shape, plan.outliers), jnp.float16))
     parts.append(Packed(
         data=fmt.empty(shape, hd), scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
-        heads=jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],
-                               (*lead, rows, 1)),
-        fmt=fmt, group_size=plan.group_size, **outliers))
+        heads=head_rows, fmt=fmt, group_size=plan.group_size, **outliers))
   num_exact = plan.sinks + plan.residual
   kv = (*lead, cfg.num_kv_heads)
   per_head = lambda a: jnp.broadcast_to(
@@ -144,6 +191,11 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
                    if int8_copies else None),
       exact_zero=(jnp.zeros((*copies, groups), jnp.uint8)
                   if int8_copies else None))
+
+
+def per_channel(payload: QuantizedKV) -> bool:
+  """True when some part holds keys on per-channel grids (KIVI)."""
+  return any(part.per_channel for part in payload.parts)
 
 
 def has_outliers(payload: QuantizedKV) -> bool:
@@ -170,14 +222,21 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
   Slots out of range are dropped. Sink tokens (position < sinks) and the
   ``residual`` latest tokens of the step also get exact copies; older exact
   copies of the same slots are released first, since the slot now holds
-  another token.
+  another token. Per-channel key parts are written as the module docstring
+  says (sealing groups from the copies held before the step).
   """
   batch, num_kv, steps, _ = x.shape
   capacity = payload.parts[0].data.shape[-2]
   b = jnp.arange(batch)[:, None, None]
+  valid = (token_positions >= 0)[:, None, :] & (slots < capacity)   # [B, K, T]
+  entry, exact_slots = _copy_entries(payload, token_positions, slots, valid)
   stored = to_stored(payload, x)
   parts = []
   for part in payload.parts:
+    if part.per_channel:
+      parts.append(_write_channels(payload, part, x, slots, valid,
+                                   exact_slots))
+      continue
     if identity_rows(payload, part):
       xr, sr = stored, slots
     else:
@@ -202,21 +261,7 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
         name: getattr(part, name).at[b, r, sr].set(
             new[name].astype(getattr(part, name).dtype), mode="drop")
         for name in part.slot_leaves}))
-  exact_slots = payload.exact_slots
-  num_exact = exact_slots.shape[-1]
-  if num_exact:
-    valid = (token_positions >= 0)[:, None, :] & (slots < capacity)
-    stale = jnp.any((exact_slots[..., None] == slots[:, :, None, :])
-                    & valid[:, :, None, :], axis=-1)
-    exact_slots = jnp.where(stale, -1, exact_slots)
-    pos = token_positions
-    latest = jnp.max(pos, axis=1, keepdims=True)
-    entry = jnp.full_like(pos, num_exact)
-    if payload.residual:
-      recent = pos > latest - payload.residual
-      entry = jnp.where(recent, payload.sinks + pos % payload.residual, entry)
-    entry = jnp.where(pos < payload.sinks, pos, entry)
-    entry = jnp.where(valid, entry[:, None, :], num_exact)    # [B, K, T]
+  if entry is not None:
     h = jnp.arange(num_kv)[None, :, None]
     put = lambda dst, src: (None if dst is None else
                             dst.at[b, h, entry].set(src, mode="drop"))
@@ -224,8 +269,125 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
     payload = payload.replace(exact=put(payload.exact, code),
                               exact_scale=put(payload.exact_scale, scale),
                               exact_zero=put(payload.exact_zero, zero))
-    exact_slots = exact_slots.at[b, h, entry].set(slots, mode="drop")
   return payload.replace(parts=tuple(parts), exact_slots=exact_slots)
+
+
+def _copy_entries(payload: QuantizedKV, token_positions, slots, valid):
+  """(entry [B, K, T] each token's copy goes to, E = none; the exact_slots
+  after the step), or (None, exact_slots) for a payload without copies."""
+  exact_slots = payload.exact_slots
+  num_exact = exact_slots.shape[-1]
+  if not num_exact:
+    return None, exact_slots
+  batch, num_kv, _ = slots.shape
+  stale = jnp.any((exact_slots[..., None] == slots[:, :, None, :])
+                  & valid[:, :, None, :], axis=-1)
+  exact_slots = jnp.where(stale, -1, exact_slots)
+  pos = token_positions
+  latest = jnp.max(pos, axis=1, keepdims=True)
+  entry = jnp.full_like(pos, num_exact)
+  if payload.residual:
+    recent = pos > latest - payload.residual
+    entry = jnp.where(recent, payload.sinks + pos % payload.residual, entry)
+  entry = jnp.where(pos < payload.sinks, pos, entry)
+  entry = jnp.where(valid, entry[:, None, :], num_exact)      # [B, K, T]
+  b = jnp.arange(batch)[:, None, None]
+  h = jnp.arange(num_kv)[None, :, None]
+  return entry, exact_slots.at[b, h, entry].set(slots, mode="drop")
+
+
+def _slot_map(index: jax.Array, values: jax.Array, capacity: int,
+              fill) -> jax.Array:
+  """[B, R, S]: ``values`` [B, R, N] (broadcast) scattered to the slots
+  ``index`` [B, R, N] (out of range: dropped), ``fill`` elsewhere."""
+  batch, rows, _ = index.shape
+  out = jnp.full((batch, rows, capacity + 1), fill,
+                 jnp.asarray(values).dtype)
+  index = jnp.where((index >= 0) & (index < capacity), index, capacity)
+  out = out.at[jnp.arange(batch)[:, None, None],
+               jnp.arange(rows)[None, :, None], index].set(
+                   jnp.broadcast_to(values, index.shape))
+  return out[..., :capacity]
+
+
+def _write_channels(payload: QuantizedKV, part: Packed, x, slots, valid,
+                    exact_slots) -> Packed:
+  """The per-channel key part after this step's tokens x [B, K, T, Hd]
+  entered ``slots`` [B, K, T] (``valid`` [B, K, T]) and the copies moved to
+  ``exact_slots`` [B, K, E] (the module docstring has the rules)."""
+  batch, num_kv, steps, head_dim = x.shape
+  capacity = part.data.shape[-2]
+  group = part.token_group
+  num_groups = capacity // group
+  rows = part.heads.shape[-2]
+  # Every vector is coded as its copy holds it, so a group sealed in a chunk
+  # from the step's tokens gets the grid a decode loop computes from copies.
+  step_vec = to_stored(payload, as_copies(payload, x))          # [B, K, T, Hd]
+  copy_vec = to_stored(payload, copies(payload))                # [B, K, E, Hd]
+  before = payload.exact_slots
+  if identity_rows(payload, part):
+    take = lambda a, fill: a                                    # noqa: E731
+  else:
+    head = part_rows(part.heads, num_kv)                        # [B, R]
+    pad = head >= num_kv
+    safe = jnp.minimum(head, num_kv - 1)
+
+    def take(a, fill):
+      got = jnp.take_along_axis(
+          a, safe.reshape(*safe.shape, *([1] * (a.ndim - 2))), axis=1)
+      mask = pad.reshape(*pad.shape, *([1] * (a.ndim - 2)))
+      return got if fill is None else jnp.where(mask, fill, got)
+  step_vec, copy_vec = take(step_vec, None), take(copy_vec, None)
+  slots, valid = take(slots, capacity), take(valid, False)
+  before, after = take(before, -1), take(exact_slots, -1)
+  num_exact = before.shape[-1]
+  # where each slot's vector is this step: the step's token t, or copy e
+  step_of = _slot_map(jnp.where(valid, slots, capacity),
+                      jnp.arange(steps, dtype=jnp.int32), capacity, -1)
+  copy_of = _slot_map(before, jnp.arange(num_exact, dtype=jnp.int32),
+                      capacity, -1)
+  mirrored = _slot_map(after, True, capacity, False)
+  sink = _slot_map(after[..., :payload.sinks], True, capacity, False)
+  held = (step_of >= 0) | (copy_of >= 0)
+  leaving = held & ~mirrored
+  by_group = lambda a: a.reshape(batch, rows, num_groups, group)  # noqa: E731
+  seal = ~part.sealed & (jnp.all(by_group(held), axis=-1)
+                         | jnp.any(by_group(leaving), axis=-1))
+  # At most 2T groups seal in a step: those of its slots, and those of the
+  # copies its tokens displace.
+  count = min(num_groups, 2 * steps)
+  order = jnp.argsort(~seal, axis=-1, stable=True)[..., :count]
+  chosen = jnp.where(jnp.take_along_axis(seal, order, axis=-1), order,
+                     num_groups)                                # [B, R, C]
+  members = chosen[..., None] * group + jnp.arange(group)       # [B, R, C, G]
+  flat = jnp.minimum(members, capacity - 1).reshape(batch, rows, -1)
+  t = jnp.take_along_axis(step_of, flat, axis=-1)
+  e = jnp.take_along_axis(copy_of, flat, axis=-1)
+  gather = lambda v, i: jnp.take_along_axis(                    # noqa: E731
+      v, jnp.maximum(i, 0)[..., None], axis=2)
+  vec = jnp.where((t >= 0)[..., None], gather(step_vec, t),
+                  jnp.where((e >= 0)[..., None], gather(copy_vec, e), 0.0))
+  has = ((t >= 0) | (e >= 0)) & (members.reshape(flat.shape) < capacity)
+  in_grid = has & ~jnp.take_along_axis(sink, flat, axis=-1)
+  shape = (batch, rows, count, group)
+  words, scale, low = schemes.channel_quantize(
+      vec.reshape(*shape, head_dim), in_grid.reshape(shape), part.fmt)
+  b = jnp.arange(batch)[:, None, None]
+  r = jnp.arange(rows)[None, :, None]
+  data = part.data.at[b, r, jnp.where(has, flat, capacity)].set(
+      words.reshape(batch, rows, -1, words.shape[-1]), mode="drop")
+  # tokens written into groups sealed before the step: that group's grid
+  g = jnp.minimum(slots // group, num_groups - 1)               # [B, R, T]
+  onto = valid & jnp.take_along_axis(part.sealed, g, axis=-1)
+  grid = lambda a: jnp.take_along_axis(a, g[..., None], axis=2)  # noqa: E731
+  data = data.at[b, r, jnp.where(onto, slots, capacity)].set(
+      schemes.channel_codes(step_vec, grid(part.scale), grid(part.zero),
+                            part.fmt), mode="drop")
+  return part.replace(
+      data=data,
+      scale=part.scale.at[b, r, chosen].set(scale, mode="drop"),
+      zero=part.zero.at[b, r, chosen].set(low, mode="drop"),
+      sealed=part.sealed.at[b, r, chosen].set(True, mode="drop"))
 
 
 def _encode_copies(payload: QuantizedKV, x: jax.Array):
@@ -306,8 +468,13 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
   out = jnp.zeros((batch, num_kv, capacity, head_dim), jnp.float32)
   b = jnp.arange(batch)[:, None]
   for part in payload.parts:
-    dense = unpack_dequantize(part.data, part.scale, part.zero, fmt=part.fmt,
-                              group_size=part.group_size, head_dim=head_dim)
+    if part.per_channel:
+      dense = schemes.channel_dequantize(part.data, part.scale, part.zero,
+                                         part.fmt, head_dim)
+    else:
+      dense = unpack_dequantize(part.data, part.scale, part.zero,
+                                fmt=part.fmt, group_size=part.group_size,
+                                head_dim=head_dim)
     if part.outlier_index is not None:
       dense = schemes.add_outliers(dense.astype(jnp.float32),
                                    part.outlier_index, part.outlier_delta)
@@ -322,3 +489,30 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
     out = out.at[b[:, :, None], h, target].set(copies(payload), mode="drop")
   return out.astype(dtype)
 
+
+
+def prefix_copies(payload: QuantizedKV, row: jax.Array,
+                  n: jax.Array) -> QuantizedKV:
+  """A stacked payload [L, B, ...] whose sequence ``row`` holds the copies a
+  prefix of ``n`` tokens in slots 0..n-1 (slot = position) has after a
+  prefill: its sinks and its ``residual`` latest tokens, in the entries
+  ``write`` gives them, read from their codes (a store holds codes only)."""
+  one = jax.tree.map(
+      lambda a: jax.lax.dynamic_index_in_dim(a, row, axis=1, keepdims=False),
+      payload)                          # layers in the place of sequences
+  entry = jnp.arange(payload.exact.shape[-2])
+  latest = (n - 1) - jnp.mod(n - 1 - (entry - payload.sinks),
+                             max(payload.residual, 1))
+  pos = jnp.where(entry < payload.sinks, entry, latest)
+  keep = (pos >= 0) & (pos < n) & ((entry < payload.sinks)
+                                   | (pos >= payload.sinks))
+  slots = jnp.broadcast_to(jnp.where(keep, pos, -1), one.exact_slots.shape)
+  dense = dequantize(one, jnp.float32, exact=False)          # [L, K, S, Hd]
+  code, scale, zero = _encode_copies(
+      one, jnp.take(dense, jnp.maximum(slots[0, 0], 0), axis=-2))
+  put = lambda dst, src: (None if dst is None else            # noqa: E731
+                          dst.at[:, row].set(src.astype(dst.dtype)))
+  return payload.replace(exact=put(payload.exact, code),
+                         exact_scale=put(payload.exact_scale, scale),
+                         exact_zero=put(payload.exact_zero, zero),
+                         exact_slots=put(payload.exact_slots, slots))

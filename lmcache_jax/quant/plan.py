@@ -29,6 +29,9 @@ _NAMES = tuple(FORMATS)  # stable ids for saving
 # plan stays within 1% of bf16 perplexity (docs/quantization.md).
 EXACT_TOKENS = {"residual": 32, "sinks": 4, "copy_bits": 8}
 
+# How keys are grouped: per token over channels, or per channel over slots.
+KEY_LAYOUTS = ("token", "channel")
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantPlan:
@@ -55,6 +58,15 @@ class QuantPlan:
               beside the int codes (KVQuant's dense-and-sparse; 3 bytes
               each). Decoding then reads the dequantized layer instead of
               the fused kernel (logged).
+  key_layout: ``"token"`` (default): keys quantized per token over groups of
+              ``group_size`` channels, like values. ``"channel"`` (KIVI):
+              keys quantized per channel over groups of ``key_group`` slots,
+              a float16 scale and float16 minimum per (group, channel); a
+              group is quantized once all its slots hold a token (the exact
+              window holds it until then), ``quant.payload`` has the rules.
+              Values stay per token.
+  key_group:  slots per key group under ``key_layout="channel"`` (KIVI's
+              G); it must divide the cache capacity and fit in ``residual``.
   """
   formats: tuple[tuple[str, ...], ...]
   key_scale: np.ndarray
@@ -66,6 +78,8 @@ class QuantPlan:
   key_shift: np.ndarray | None = None
   copy_bits: int = 16
   outliers: int = 0
+  key_layout: str = "token"
+  key_group: int = 32
 
   def __post_init__(self):
     for row in self.formats:
@@ -102,13 +116,43 @@ class QuantPlan:
     if self.copy_bits not in (8, 16):
       raise ValueError(f"QuantPlan.copy_bits must be 8 (int8 copies) or 16 "
                        f"(the cache dtype), got {self.copy_bits!r}")
+    self._check_key_layout()
+
+  def _check_key_layout(self) -> None:
+    """Per-channel keys: the knobs that must agree (one line each)."""
+    if self.key_layout not in KEY_LAYOUTS:
+      raise ValueError(f"QuantPlan.key_layout must be one of "
+                       f"{', '.join(map(repr, KEY_LAYOUTS))}, got "
+                       f"{self.key_layout!r}")
+    if (isinstance(self.key_group, bool)
+        or not isinstance(self.key_group, (int, np.integer))
+        or self.key_group < 1):
+      raise ValueError(f"QuantPlan.key_group must be a positive int (slots "
+                       f"per per-channel key group), got {self.key_group!r}")
+    if self.key_layout != "channel":
+      return
+    if self.residual < self.key_group:
+      raise ValueError(
+          f"key_layout='channel' holds a key group's tokens exact until all "
+          f"{self.key_group} are written, so residual must be >= key_group="
+          f"{self.key_group}; got residual={self.residual}")
+    fp = sorted({f for f in self.distinct_formats()
+                 if not get_format(f).has_zero})
+    if fp:
+      raise ValueError(f"key_layout='channel' needs int formats (a min/max "
+                       f"grid per channel); got {', '.join(fp)}")
+    if self.outliers:
+      raise ValueError(f"key_layout='channel' keeps no outlier entries (its "
+                       f"per-channel grids absorb outlier channels); got "
+                       f"outliers={self.outliers}")
 
   @classmethod
   def uniform(cls, cfg: ModelConfig, fmt: str, *, group_size: int = 64,
               residual: int = 0, sinks: int = 0, key_scale=None,
               policy: str = "uniform", rotate: bool = False,
               key_shift=None, copy_bits: int = 16,
-              outliers: int = 0) -> "QuantPlan":
+              outliers: int = 0, key_layout: str = "token",
+              key_group: int = 32) -> "QuantPlan":
     formats = tuple((fmt,) * cfg.num_kv_heads for _ in range(cfg.num_layers))
     if key_scale is None:
       key_scale = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
@@ -116,7 +160,7 @@ class QuantPlan:
     return cls(formats, np.asarray(key_scale, np.float32), group_size,
                residual, sinks, policy, rotate,
                None if key_shift is None else np.asarray(key_shift, np.float32),
-               copy_bits, outliers)
+               copy_bits, outliers, key_layout, key_group)
 
   def replace(self, **changes) -> "QuantPlan":
     return dataclasses.replace(self, **changes)
@@ -161,7 +205,9 @@ class QuantPlan:
                       ", Hadamard-rotated" if self.rotate else "",
                       ", int8 copies" if self.copy_bits == 8 else "",
                       f", {self.outliers} outliers per vector"
-                      if self.outliers else ""])
+                      if self.outliers else "",
+                      f", keys per channel over {self.key_group}-token "
+                      f"groups" if self.key_layout == "channel" else ""])
     return (f"plan[{self.policy or 'custom'}] avg {self.average_bits():.2f} "
             f"bits; {dict(sorted(counts.items()))}; group {self.group_size}, "
             f"residual {self.residual}, sinks {self.sinks}{extras}\n"
@@ -182,6 +228,8 @@ class QuantPlan:
         "rotate": np.int32(self.rotate),
         "copy_bits": np.int32(self.copy_bits),
         "outliers": np.int32(self.outliers),
+        "key_layout": np.int32(KEY_LAYOUTS.index(self.key_layout)),
+        "key_group": np.int32(self.key_group),
     }
     if self.key_shift is not None:
       tree["key_shift"] = self.key_shift.astype(np.float32)
@@ -208,7 +256,9 @@ class QuantPlan:
                int(tree["sinks"]), "" if policy == "-" else policy,
                bool(tree.get("rotate", 0)),
                None if shift is None else np.asarray(shift, np.float32),
-               int(tree.get("copy_bits", 16)), int(tree.get("outliers", 0)))
+               int(tree.get("copy_bits", 16)), int(tree.get("outliers", 0)),
+               KEY_LAYOUTS[int(tree.get("key_layout", 0))],
+               int(tree.get("key_group", 32)))
     if cfg is not None:
       plan.check(cfg)
     return plan

@@ -4,11 +4,22 @@ A cache's keys and values may be dense arrays or quantized payloads
 (``quant.payload.QuantizedKV``: packed codes, scales, zeros and any outlier
 entries per slot).
 Every slot array is [L, B, R, S', ...] with S' = S / g, g >= 1 the slots one
-stored entry covers. A chunk of ``c`` tokens is, per slot array, the
-[L, R, c / g, ...] slice of one sequence, so a quantized cache stores and
-moves its packed bytes. A payload's other leaves (which rows hold which
-heads, the keys' channel scales) follow from its quant plan: they are hashed
-into the layout's fingerprint, never stored.
+stored entry covers (g = the key group of per-channel keys, KIVI: their
+scales, minima and sealed flags). A chunk of ``c`` tokens is, per slot
+array, the [L, R, c / g, ...] slice of one sequence, so a quantized cache
+stores and moves its packed bytes. A payload's other leaves (which rows hold
+which heads, the keys' channel scales) follow from its quant plan: they are
+hashed into the layout's fingerprint, never stored.
+
+Exact copies (sinks, recent window) belong to the latest tokens, not to a
+chunk, so they are not stored: loading a prefix of n tokens rebuilds the
+copies of its sinks and of its ``residual`` latest tokens from their codes
+(``mark_prefix``). A loaded prefix thus reads those tokens as stored, where
+recomputing it would read them exact; the difference ends once ``residual``
+newer tokens have pushed them out of the window. Every whole chunk of a
+per-channel key payload holds only full key groups (chunks are multiples of
+the group), which the cache seals as soon as they fill, so stored codes are
+final.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache
+from lmcache_jax.quant import payload as qpayload
 from lmcache_jax.quant.payload import QuantizedKV
 
 SLOT_AXIS = 3
@@ -31,11 +43,6 @@ def slot_arrays(kv) -> list[jax.Array]:
   """The arrays of a payload indexed by slot (in a fixed order)."""
   if not isinstance(kv, QuantizedKV):
     return [kv]
-  if kv.exact.shape[SLOT_AXIS]:
-    raise ValueError(
-        f"the store cannot hold a quantized cache with exact copies (sinks="
-        f"{kv.sinks}, residual={kv.residual}): they belong to the latest "
-        f"tokens, not to a chunk; use a plan with sinks=0 and residual=0")
   return [getattr(p, name) for p in kv.parts for name in p.slot_leaves]
 
 
@@ -181,11 +188,24 @@ def write_chunks(cache: KVCache, layout: Layout, row: int, first: int,
   return _replace_slot_arrays(cache, leaves)
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _rebuild_copies(kv, row, n):
+  return qpayload.prefix_copies(kv, row, n)
+
+
 def mark_prefix(cache: KVCache, row: int, n: int) -> KVCache:
-  """Positions 0..n-1 and length n for sequence ``row``, as after a prefill."""
+  """Positions 0..n-1 and length n for sequence ``row``, as after a prefill;
+  a quantized payload's copies of the prefix's sinks and ``residual`` latest
+  tokens rebuilt from their codes (the module docstring says why)."""
   positions, lengths = _mark_prefix(cache.positions, cache.lengths,
                                     jnp.int32(row), jnp.int32(n))
-  return cache.replace(positions=positions, lengths=lengths)
+  cache = cache.replace(positions=positions, lengths=lengths)
+  for name in ("keys", "values"):
+    kv = getattr(cache, name)
+    if isinstance(kv, QuantizedKV) and kv.exact.shape[SLOT_AXIS]:
+      cache = cache.replace(**{name: _rebuild_copies(kv, jnp.int32(row),
+                                                     jnp.int32(n))})
+  return cache
 
 
 def check_fits(cache: KVCache, layout: Layout, n: int) -> None:
