@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_weights
-from lmcache_jax.cache.compact import compact
+from lmcache_jax.cache.compact import compact, compactable
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.data import passkey as passkey_data
 from lmcache_jax.engine import steps
@@ -177,16 +177,16 @@ def test_compact_refuses_a_capacity_below_the_live_slots(models):
   for bad in (0, -3, 2.5, True):
     with pytest.raises(ValueError, match="positive whole number"):
       compact(cache, bad)
-  assert compact(cache, cache.capacity) is cache
+  assert compactable(cache) and compact(cache, cache.capacity) is cache
 
 
 def test_compact_refuses_a_payload_indexed_by_groups_of_slots():
-  cache = init_cache(CFG, 1, 8, jnp.float32,
-                     quant=QuantPlan.uniform(CFG, "int4", group_size=32))
-  part = cache.keys.parts[0]
-  grouped = part.replace(scale=part.scale[:, :, :, ::2])   # one per 2 slots
-  cache = cache.replace(keys=cache.keys.replace(parts=(grouped,)))
-  with pytest.raises(ValueError, match="'scale' holds 4 entries for 8 slots"):
+  """KIVI's keys share a grid per group of slots: they cannot move alone."""
+  plan = QuantPlan.uniform(CFG, "int4", group_size=32, residual=4).replace(
+      key_layout="channel", key_group=4)
+  cache = init_cache(CFG, 1, 8, jnp.float32, quant=plan)
+  assert not compactable(cache)
+  with pytest.raises(ValueError, match="'scale' holds 2 entries for 8 slots"):
     compact(cache, 4)
 
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from experiments.context import RunContext
-from lmcache_jax.cache.compact import compact
+from lmcache_jax.cache.compact import compact, compactable
 from lmcache_jax.data.passkey import Sample, first_answer
 from lmcache_jax.engine.generate import decode
 from lmcache_jax.engine.prefill import prefill
@@ -48,9 +48,10 @@ def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
                         max(capacity, total) if mode == "prefill" else capacity)
   prefill_bytes = cache.payload_nbytes
   _, cache = prefill(lm, cache, [s.prompt for s in samples], ctx.policy, chunk)
-  if mode == "prefill":
+  if mode == "prefill" and compactable(cache):
     # what the policy needs from here on: its budget, the cue in one pass and
-    # the answer; the whole-prompt cache is dropped
+    # the answer; the whole-prompt cache is dropped (a payload on grids over
+    # groups of slots, KIVI's keys, cannot be compacted and stays as it is)
     cue_pass = min(chunk, max(len(s.cue) for s in samples))
     cache = compact(cache, ctx.policy.cache_capacity(total, cue_pass,
                                                      answer_tokens))

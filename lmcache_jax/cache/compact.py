@@ -44,7 +44,11 @@ def compact(cache: KVCache, capacity: int) -> KVCache:
     raise ValueError(f"compact: capacity must be a positive whole number of "
                      f"slots, got {capacity!r}")
   capacity = int(capacity)
-  _check_per_slot(cache)
+  grouped = _grouped_leaf(cache)
+  if grouped is not None:
+    raise ValueError(f"compact: {grouped} (one per group of slots); only "
+                     f"caches whose payload is indexed by single slots can be "
+                     f"compacted")
   most = int(np.asarray(cache.live_slots()).max())
   if most > capacity:
     raise ValueError(f"compact: a row holds {most} live slots, more than the "
@@ -55,20 +59,25 @@ def compact(cache: KVCache, capacity: int) -> KVCache:
   return _compact_jit(cache, capacity=capacity)
 
 
-def _check_per_slot(cache: KVCache) -> None:
-  """Raises unless every packed leaf is indexed by single slots (a leaf of
-  groups of slots, such as per-channel key grids, cannot move slot by slot)."""
+def compactable(cache: KVCache) -> bool:
+  """Whether ``compact`` can move this cache's slots: every packed leaf is
+  indexed by single slots (per-channel key grids over groups of slots, KIVI,
+  cannot move slot by slot)."""
+  return _grouped_leaf(cache) is None
+
+
+def _grouped_leaf(cache: KVCache) -> str | None:
+  """A description of the first packed leaf indexed by groups of slots."""
   for kv in (cache.keys, cache.values):
     if isinstance(kv, jax.Array):
       continue
     for part in kv.parts:
       for name in part.slot_leaves:
-        if getattr(part, name).shape[3] != cache.capacity:
-          raise ValueError(
-              f"compact: the {part.fmt.name} payload's {name!r} holds "
-              f"{getattr(part, name).shape[3]} entries for {cache.capacity} "
-              f"slots (one per group of slots); only caches whose payload is "
-              f"indexed by single slots can be compacted")
+        entries = getattr(part, name).shape[3]
+        if entries != cache.capacity:
+          return (f"the {part.fmt.name} payload's {name!r} holds {entries} "
+                  f"entries for {cache.capacity} slots")
+  return None
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))
