@@ -17,7 +17,10 @@ chunk size. Two disjoint key sets, merged exactly by log-sum-exp:
 
 The equality with decoding holds when tokens enter the cache in position
 order (every prefill and decode does): the copies held before a chunk then
-cover the window of its first query.
+cover the window of its first query. Keys on per-channel grids (KIVI) need
+nothing more: a token read as stored lies in a key group the write sealed
+from the same G tokens a decode loop seals it from, and ``dequantize``
+reads the groups (``quant.payload``).
 
 Memory: the stored set is attended in blocks of slots (``blocked``) when the
 capacity allows; the exact set materializes [T, E + T] logits per head (E =
