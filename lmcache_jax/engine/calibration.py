@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from scipy.optimize import linear_sum_assignment
 
-from lmcache_jax import attention
+from lmcache_jax import attention, progress
 from lmcache_jax.arch.rope import inverse_frequencies
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.step import append_step
@@ -76,7 +76,8 @@ def collect(lm: LoadedModel, tokens) -> Activations:
                          cache.scores)
   x = jnp.take(model.embed[...].astype(jnp.float32), tokens, axis=0)
   out = {"queries": [], "keys": [], "keys_rope": [], "values": []}
-  for l in range(cfg.num_layers):
+  for l in progress.bar(range(cfg.num_layers), desc="calibration",
+                        unit="layer"):
     x, kv, q, k = _layer(graphdef, stacked, x, kv, jnp.int32(l),
                          step._replace(slots=step.slots[l]))
     out["queries"].append(np.asarray(jnp.swapaxes(q[0], 0, 1)))
