@@ -93,14 +93,16 @@ def _fill_chunk(cache: KVCache, key, start, *, count: int,
 
 
 def filled_cache(cfg, work: KVWorkload, capacity: int, dtype,
-                 seed: int = 0) -> KVCache:
-  """A cache of ``capacity`` slots holding ``work.context`` random tokens
-  (``dtype``: the dense cache's, or the packed cache's exact copies)."""
+                 decode_tokens: int, seed: int = 0) -> KVCache:
+  """A cache of ``capacity`` slots holding ``work.context - 2 *
+  decode_tokens`` random tokens (``dtype``: the dense cache's, or the packed
+  cache's exact copies)."""
   cache = init_cache(cfg, work.batch, capacity, dtype, quant=work.plan(cfg))
   key = jax.random.key(seed)
-  for start in range(0, work.context, _FILL_CHUNK):
+  tokens = work.context - 2 * decode_tokens
+  for start in range(0, tokens, _FILL_CHUNK):
     cache = _fill_chunk(cache, jax.random.fold_in(key, start), start,
-                        count=min(_FILL_CHUNK, work.context - start),
+                        count=min(_FILL_CHUNK, tokens - start),
                         head_dim=cfg.head_dim)
   return benchmarks.sync(cache)
 
@@ -114,8 +116,9 @@ def bench_kv_decode(lm: models.LoadedModel, work: KVWorkload, decode_tokens: int
   row = {"impl": "lmcache_jax", "model": cfg.name, "context": work.context,
          "batch": work.batch, "kv": work.kv,
          "dtype": jnp.dtype(lm.dtype).name}
-  capacity = work.context + 2 * decode_tokens   # a warm-up run, a timed one
-  cache = filled_cache(cfg, work, capacity, lm.dtype)
+  # the context holds the filled tokens, then a warm-up run's and a timed run's
+  capacity = work.context
+  cache = filled_cache(cfg, work, capacity, lm.dtype, decode_tokens)
   kv_bytes = cache.payload_nbytes
   policy = EVICTION.make("full").bind(cfg).decoding()
   first = jnp.full((work.batch,), 3, jnp.int32)
@@ -137,7 +140,7 @@ def bench_kv_decode(lm: models.LoadedModel, work: KVWorkload, decode_tokens: int
   if not bool((tokens >= 0).all()):
     raise AssertionError(f"{work}: the decode loop stopped early")
   del cache
-  live = work.context + 1.5 * decode_tokens      # mean tokens a timed step reads
+  live = work.context - 0.5 * decode_tokens      # mean tokens a timed step reads
   step_bytes = weight_bytes + kv_bytes * live / capacity
   row.update({
       "kv_gib": kv_bytes / GIB,
