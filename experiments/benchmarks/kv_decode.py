@@ -2,9 +2,9 @@
 a bf16 one, at a long context and a large batch, on one model in one run.
 
 Each workload ``CONTEXTxBATCH:KV`` (KV = ``dense``, the model's dtype, or
-``int2/3/4/8``) fills a
-cache of ``context`` tokens per sequence with random keys and values through
-the cache's own write path (int caches quantize them as a prefill would:
+``int2/3/4/8``) fills a cache of ``context`` slots per sequence, all but the
+decoded tokens' slots, with random keys and values through the cache's own
+write path (int caches quantize them as a prefill would:
 rotated, int8 copies of the sinks and the latest 32 tokens), then times
 ``decode_tokens`` greedy steps in one on-device loop. A decode step costs the
 same whatever the cached values are, so no prefill is run. Rows give the
