@@ -5,7 +5,9 @@ previous turns' KV (prompts and answers), so only the new user message is
 prefilled. Reports per turn time to first token cold (no store) vs warm,
 tokens loaded and their tier, and whether the answers equal the no-store run's.
 Pieces (cut from the model's chat template) are tokenized separately and
-concatenated, so turn n+1's prompt starts with exactly the tokens of turn n.
+concatenated, so turn n+1's prompt starts with exactly the tokens of turn n
+and its answer (less the stop token that ended it: the next turn's piece
+closes the answer as the template does).
 """
 
 from __future__ import annotations
@@ -15,7 +17,30 @@ from experiments.tasks import TASKS
 from experiments.tasks.reuse import (best_of, chat_pieces, encode, precompile,
                                      summarize, task_store, timed_cold)
 from experiments.texts import load_eval_text
+from lmcache_jax import progress
 from lmcache_jax.engine.reuse import generate_with_store
+
+
+def next_prompt(ctx: RunContext, history: list[int], turn: int,
+                message: str) -> list[int]:
+  """``history`` (the conversation so far: the chat's opening and passage,
+  then every turn and answer) followed by user message ``turn``, ready for
+  the answer. The first message continues the user message that holds the
+  passage; a later one opens a new user turn with the template's piece."""
+  _, user_end, turn_end = chat_pieces(ctx.lm.tokenizer)
+  return history + encode(ctx, ("\n\n" if turn == 0 else turn_end) + message
+                          + user_end)
+
+
+def after_answer(prompt: list[int], answer: list[int],
+                 finished: bool) -> list[int]:
+  """The conversation once ``prompt`` is answered: the prompt and the
+  answer's tokens, less the stop token of an answer that ``finished`` on one
+  — the next turn's piece opens with the template's end-of-turn token, so
+  keeping it would double it (``<|im_end|><|im_end|>``). An answer cut by
+  the token limit is kept whole (its last token has no KV yet)."""
+  return prompt + (answer[:-1] if finished else answer)
+
 
 @TASKS.register("multiturn")
 def multiturn(ctx: RunContext) -> dict:
@@ -24,15 +49,15 @@ def multiturn(ctx: RunContext) -> dict:
   store = task_store(ctx)
   text = load_eval_text(ctx.config.text, ctx.config.text_file)
   # The passage opens the first user message; each answer closes its turn.
-  opening, user_end, turn_end = chat_pieces(ctx.lm.tokenizer)
+  opening, _, _ = chat_pieces(ctx.lm.tokenizer)
   history = encode(ctx, opening) + encode(ctx, text)[:mconf.context_tokens]
-  turns = [encode(ctx, ("\n\n" if i == 0 else turn_end) + m + user_end)
-           for i, m in enumerate(mconf.messages)]
-  capacity = (len(history) + sum(len(t) for t in turns)
-              + len(turns) * mconf.max_new_tokens)
+  capacity = (len(history) + len(mconf.messages) * mconf.max_new_tokens
+              + sum(len(next_prompt(ctx, [], i, m))
+                    for i, m in enumerate(mconf.messages)))
   rows = []
-  for i, turn in enumerate(turns):
-    prompt = history + turn
+  for i, message in enumerate(progress.bar(mconf.messages, desc="multiturn",
+                                           unit="turn")):
+    prompt = next_prompt(ctx, history, i, message)
     cold_s, cold = best_of(mconf.repeats, lambda: timed_cold(
         ctx, prompt, capacity, mconf.max_new_tokens))
     precompile(ctx, store, prompt, capacity)
@@ -48,7 +73,7 @@ def multiturn(ctx: RunContext) -> dict:
                      hit_tokens=warm.hit_tokens[0], hit_tiers=warm.sources[0],
                      answer=ctx.lm.tokenizer.decode(answer, skip_special=True),
                      answers_equal=warm.generation.tokens == cold.tokens))
-    history = prompt + answer
+    history = after_answer(prompt, answer, warm.generation.finished[0])
   # Turn 0 has nothing to reuse: the averages cover the later turns.
   summary = summarize(rows[1:] or rows, store, turns_total=len(rows))
   summary["turns"] = rows

@@ -17,6 +17,7 @@ from experiments import setup
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
+from lmcache_jax import progress
 from lmcache_jax.engine.generate import generate
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.reuse import check_reusable, generate_with_store
@@ -106,7 +107,9 @@ def reuse(ctx: RunContext) -> dict:
   capacity = (len(document) + max(len(q) for q in questions)
               + rconf.max_new_tokens)
   rows = []
-  for i, question in enumerate(questions):
+  # per question: cold runs, then (the first) filling the store, warm runs
+  for i, question in enumerate(progress.bar(questions, desc="reuse",
+                                            unit="question")):
     prompt = document + question
     cold_s, cold = best_of(rconf.repeats, lambda: timed_cold(
         ctx, prompt, capacity, rconf.max_new_tokens))

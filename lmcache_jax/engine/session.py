@@ -90,7 +90,11 @@ def resume(lm: LoadedModel, session: Session, turns: list[list[int]], *,
            max_new_tokens: int, sampling: Sampling = Sampling(),
            key: jax.Array | None = None, policy: CachePolicy = KeepAll(),
            prefill_chunk: int = 512) -> tuple[Generation, Session]:
-  """Feeds each sequence's pending token and next ``turns[b]``, then decodes."""
+  """Feeds each sequence's pending token and next ``turns[b]``, then decodes.
+
+  The pending token is the answer's last: its end-of-turn token when it
+  finished on one, so a turn cut from a chat template must not open with
+  that token again (``<|im_end|>`` would be fed twice)."""
   feeds = [[p] + t for p, t in zip(session.pending, turns)]
   check_prompts(feeds, lm.cfg.vocab_size)
   need = max(len(s) + len(f) for s, f in zip(session.tokens, feeds)) + max_new_tokens
