@@ -76,23 +76,25 @@ def write_stacked(stacked: LayerKV, layer: jax.Array, k: jax.Array,
                   slots: jax.Array) -> LayerKV:
   """``write_slots`` into layer ``layer`` of a stacked cache.
 
-  Dense payloads are scattered straight into the stacked arrays (in place
-  under a donated or carried buffer: no copy of the layer); packed payloads
-  are re-encoded per layer, so their layer is sliced, written and put back.
+  Scattered straight into the stacked arrays (in place under a donated or
+  carried buffer: no copy of the layer). Packed payloads scatter their
+  per-token codes the same way; their small leaves (exact copies, slot map)
+  and per-channel key parts go through a copy of the layer
+  (``quant.payload.write``).
   """
-  if is_quantized(stacked):
-    written = write_slots(layer_of(stacked, layer), k, v, token_positions,
-                          slots)
-    return jax.tree.map(
-        lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, layer, 0),
-        stacked, written)
   batch, _, num_kv, _ = k.shape
   b = jnp.arange(batch)[:, None, None]
   h = jnp.arange(num_kv)[None, :, None]
   pos = jnp.broadcast_to(token_positions[:, None, :], slots.shape)
   put = lambda a, x: a.at[layer, b, h, slots].set(  # noqa: E731
       x.astype(a.dtype), mode="drop")
-  return LayerKV(keys=put(stacked.keys, jnp.swapaxes(k, 1, 2)),
-                 values=put(stacked.values, jnp.swapaxes(v, 1, 2)),
+  if is_quantized(stacked):
+    write = lambda p, x: qpayload.write(  # noqa: E731
+        p, jnp.swapaxes(x, 1, 2), token_positions, slots, layer=layer)
+    keys, values = write(stacked.keys, k), write(stacked.values, v)
+  else:
+    keys = put(stacked.keys, jnp.swapaxes(k, 1, 2))
+    values = put(stacked.values, jnp.swapaxes(v, 1, 2))
+  return LayerKV(keys=keys, values=values,
                  positions=put(stacked.positions, pos),
                  scores=put(stacked.scores, jnp.zeros(slots.shape)))

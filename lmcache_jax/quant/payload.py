@@ -215,8 +215,49 @@ def part_rows(heads: jax.Array, num_kv: int) -> jax.Array:
   return jnp.where(h >= 0, h, num_kv)
 
 
+def _at(a: jax.Array, layer: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+
+
+def in_place(part: Packed) -> bool:
+  """Whether a stacked part's slot leaves are read and written where they
+  lie (per-token codes) rather than through a copy of the layer."""
+  return not part.per_channel
+
+
+def layer_view(payload: QuantizedKV, layer: jax.Array, *,
+               codes_in_place: bool = False) -> QuantizedKV:
+  """Layer ``layer`` of a stacked payload. With ``codes_in_place`` the slot
+  leaves of per-token parts stay stacked [L, ...], for kernels and scatters
+  that index the layer themselves: slicing them would copy the layer's
+  codes, the bulk of the cache."""
+  def part_view(part: Packed) -> Packed:
+    keep = codes_in_place and in_place(part)
+    names = ("heads",) + (() if keep else part.slot_leaves)
+    return part.replace(**{n: _at(getattr(part, n), layer) for n in names})
+
+  rest = jax.tree.map(lambda a: _at(a, layer), payload.replace(parts=()))
+  return rest.replace(parts=tuple(part_view(p) for p in payload.parts))
+
+
+def _put_layer(stacked: QuantizedKV, written: QuantizedKV,
+               layer: jax.Array) -> QuantizedKV:
+  """``stacked`` with layer ``layer`` replaced by ``written`` (a
+  ``layer_view(..., codes_in_place=True)`` after ``write``)."""
+  put = lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, layer, 0)  # noqa: E731
+  parts = []
+  for old, new in zip(stacked.parts, written.parts):
+    if in_place(old):
+      parts.append(new.replace(heads=old.heads))
+    else:
+      parts.append(old.replace(**{n: put(getattr(old, n), getattr(new, n))
+                                  for n in old.slot_leaves}))
+  rest = jax.tree.map(put, stacked.replace(parts=()), written.replace(parts=()))
+  return rest.replace(parts=tuple(parts))
+
+
 def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
-          slots: jax.Array) -> QuantizedKV:
+          slots: jax.Array, layer: jax.Array | None = None) -> QuantizedKV:
   """One layer: stores x [B, K, T, Hd] of tokens at positions [B, T] in slots [B, K, T].
 
   Slots out of range are dropped. Sink tokens (position < sinks) and the
@@ -224,7 +265,21 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
   copies of the same slots are released first, since the slot now holds
   another token. Per-channel key parts are written as the module docstring
   says (sealing groups from the copies held before the step).
+
+  ``layer``: ``payload`` is stacked over layers and this layer is written;
+  per-token codes are scattered in place, the rest (copies, per-channel
+  parts) through a copy of the layer's leaves.
   """
+  if layer is not None:
+    view = layer_view(payload, layer, codes_in_place=True)
+    return _put_layer(payload, _write_layer(view, x, token_positions, slots,
+                                            layer), layer)
+  return _write_layer(payload, x, token_positions, slots, None)
+
+
+def _write_layer(payload: QuantizedKV, x, token_positions, slots, layer):
+  """``write`` into one layer's view; ``layer`` (or None) prefixes the
+  scatter index of the per-token parts whose codes are still stacked."""
   batch, num_kv, steps, _ = x.shape
   capacity = payload.parts[0].data.shape[-2]
   b = jnp.arange(batch)[:, None, None]
@@ -257,8 +312,9 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
           values, index, new["scale"], new["zero"], part.fmt.bits,
           part.group_size)
     r = jnp.arange(part.heads.shape[-2])[None, :, None]
+    index = (b, r, sr) if layer is None else (layer, b, r, sr)
     parts.append(part.replace(**{
-        name: getattr(part, name).at[b, r, sr].set(
+        name: getattr(part, name).at[index].set(
             new[name].astype(getattr(part, name).dtype), mode="drop")
         for name in part.slot_leaves}))
   if entry is not None:
