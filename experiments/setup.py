@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging as std_logging
 import pathlib
 
 import jax.numpy as jnp
@@ -271,8 +273,9 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   """
   get = quant_config.get
   if get("plan", ""):
-    plan = QuantPlan.load(get("plan"), lm.cfg)
-    print(f"loaded quant plan {get('plan')}: {plan.describe()}")
+    with _quiet_orbax():
+      plan = QuantPlan.load(get("plan"), lm.cfg)
+    show_plan(plan, f"loaded quant plan {get('plan')}: ")
     return plan
   bits = float(get("kv_bits", 16))
   if bits >= 16:
@@ -296,7 +299,38 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   # a policy with its own copy_bits (kivi: a full-precision residual) keeps it
   plan = plan.replace(copy_bits=int(getattr(policy, "copy_bits", None)
                                     or get("copy_bits", 16)))
-  print(plan.describe())
+  show_plan(plan)
   if get("save_plan", ""):
-    print(f"saved quant plan to {plan.save(get('save_plan'))}")
+    with _quiet_orbax():
+      path = plan.save(get("save_plan"))
+    print(f"saved quant plan to {path}")
   return plan
+
+
+def verbose() -> bool:
+  """Whether the run asked for detail: DEBUG logging (``experiments.run
+  -v=1``; absl's default verbosity 0 is INFO)."""
+  return std_logging.getLogger(__name__).isEnabledFor(std_logging.DEBUG)
+
+
+def show_plan(plan: QuantPlan, prefix: str = "") -> None:
+  """Prints the plan's one-line summary (formats counted, average bits,
+  knobs); its per-layer, per-head formats too when ``verbose``."""
+  summary, _, detail = plan.describe().partition("\n")
+  print(prefix + summary)
+  if verbose() and detail:
+    print(detail)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """orbax-checkpoint logs every step of a save or load at INFO (through
+  absl's logger); those lines show only when ``verbose``."""
+  logger = std_logging.getLogger("absl")
+  level = logger.level
+  if not verbose():
+    logger.setLevel(max(level, std_logging.WARNING))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
