@@ -177,6 +177,8 @@ def test_compact_refuses_a_capacity_below_the_live_slots(models):
   for bad in (0, -3, 2.5, True):
     with pytest.raises(ValueError, match="positive whole number"):
       compact(cache, bad)
+  with pytest.raises(ValueError, match="compact only shrinks"):
+    compact(cache, cache.capacity + 1)
   assert compactable(cache) and compact(cache, cache.capacity) is cache
 
 

@@ -35,15 +35,19 @@ def compact(cache: KVCache, capacity: int) -> KVCache:
   input is not modified (the caller drops it to free its memory); a capacity
   equal to the cache's returns the cache itself.
 
-  Raises ValueError when ``capacity`` is not a positive whole number, some
-  row holds more live slots than ``capacity``, or a packed leaf is indexed
-  by groups of slots rather than by slot (such a group cannot be split).
+  Raises ValueError when ``capacity`` is not a positive whole number or is
+  above the cache's, some row holds more live slots than ``capacity``, or a
+  packed leaf is indexed by groups of slots rather than by slot (such a
+  group cannot be split: ``compactable``).
   """
   if (isinstance(capacity, bool)
       or not isinstance(capacity, (int, np.integer)) or capacity <= 0):
     raise ValueError(f"compact: capacity must be a positive whole number of "
                      f"slots, got {capacity!r}")
   capacity = int(capacity)
+  if capacity > cache.capacity:
+    raise ValueError(f"compact: capacity {capacity} exceeds the cache's "
+                     f"{cache.capacity} slots; compact only shrinks a cache")
   grouped = _grouped_leaf(cache)
   if grouped is not None:
     raise ValueError(f"compact: {grouped} (one per group of slots); only "
