@@ -16,8 +16,10 @@ attends, choosing the implementation by phase, cache format and backend:
   prefill  packed  any       ``packed_prefill``: each query reads its sinks
                              and latest ``residual`` tokens exact and older
                              ones as stored, as decoding would
-  decode   packed  any       ``slots``: the fused int kernel (the dequantized
-                             layer when the plan keeps outliers)
+  decode   packed  any       ``packed``: the fused int kernel reading the
+                             layer's codes in place (the dequantized layer
+                             when the plan keeps outliers or keys per
+                             channel, KIVI)
   any step that must report attention mass to the policy: the mass comes
   from a separate blocked pass over the written layer, for the queries the
   policy asks about (``Request.mass_queries``)
@@ -38,12 +40,14 @@ from lmcache_jax.attention.blocked import (block_size_for, blocked_attend,
                                            blocked_mass)
 from lmcache_jax.attention.layer import (LayerKV, is_quantized, layer_of,
                                          matmul_precision, write_stacked)
+from lmcache_jax.attention.packed import attend_packed_decode
 from lmcache_jax.attention.packed_prefill import attend_packed_prefill
 from lmcache_jax.attention.slots import attend_slots
 from lmcache_jax.cache.step import Step
 from lmcache_jax.kernels import backend
 from lmcache_jax.kernels.stacked_decode import (block_for,
                                                 stacked_decode_attention)
+from lmcache_jax.quant import payload as qpayload
 
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -80,6 +84,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, stacked: LayerKV,
     out, mass = attend_packed_prefill(q, k, v, before,
                                       layer_of(stacked, layer), step,
                                       with_mass)
+    return out, stacked, mass
+  if q.shape[1] == 1 and is_quantized(stacked) and not (
+      qpayload.has_outliers(stacked.keys) or qpayload.has_outliers(stacked.values)):
+    stacked = write_stacked(stacked, layer, k, v, positions, slots)
+    out, mass = attend_packed_decode(q, stacked, positions, step.query_weights,
+                                     with_mass, layer_index=layer)
     return out, stacked, mass
   if q.shape[1] == 1 and (is_quantized(stacked)
                           or not _decode_kernel(q, stacked, with_mass)):

@@ -25,9 +25,19 @@ from lmcache_jax.quant import transform
 
 
 def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
-                          with_mass: bool):
+                          with_mass: bool, layer_index=None):
   """One query per sequence: fused kernel per format part, plus the exact
-  copies (sinks, recent window) attended densely, merged by log-sum-exp."""
+  copies (sinks, recent window) attended densely, merged by log-sum-exp.
+
+  ``layer_index``: ``layer`` is the whole stacked cache and this layer is
+  read; the kernel reads its per-token codes where they lie.
+  """
+  if layer_index is not None:
+    stacked, at = layer, layer_index
+    view = lambda p: qpayload.layer_view(p, at, codes_in_place=True)  # noqa: E731
+    layer = LayerKV(view(stacked.keys), view(stacked.values),
+                    jax.lax.dynamic_index_in_dim(stacked.positions, at,
+                                                 keepdims=False), None)
   batch, _, num_heads, head_dim = q.shape
   keys, values = layer.keys, layer.values
   num_kv = keys.num_kv_heads
@@ -35,6 +45,10 @@ def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
   qg = q[:, 0].reshape(batch, num_kv, num_heads // num_kv, head_dim)
   q_pos = query_positions[:, 0]
   if qpayload.per_channel(keys):
+    if layer_index is not None:
+      layer = layer._replace(
+          keys=qpayload.layer_view(stacked.keys, layer_index),
+          values=qpayload.layer_view(stacked.values, layer_index))
     return _attend_dequantized(qg, layer, q_pos, query_weights, with_mass,
                                q.dtype)
   # Slots with an exact copy are read from the copy, not the packed codes.
@@ -50,7 +64,7 @@ def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
     q_stored = transform.rotate(q_stored)
   q_stored = q_stored.astype(q.dtype)   # bf16 tensor-core dots on the GPU
   out, lse, logits = _attend_parts(q_stored, q_pos, packed_pos, keys, values,
-                                   with_mass)
+                                   with_mass, layer_index)
   if values.rotate:
     out = transform.unrotate(out)
   if keys.channel_shift is not None:
@@ -99,9 +113,11 @@ def _attend_dequantized(qg, layer: LayerKV, q_pos, query_weights,
   return out.reshape(batch, 1, num_kv * group, head_dim).astype(dtype), mass
 
 
-def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits):
+def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits,
+                  layer_index=None):
   """The fused kernel over each format part of the packed payloads: out,
-  lse [B, K, G] and (with_logits) logits [B, K, G, S] over packed slots."""
+  lse [B, K, G] and (with_logits) logits [B, K, G, S] over packed slots
+  (codes stacked over layers and read at ``layer_index`` when given)."""
   num_kv = keys.num_kv_heads
   capacity = packed_pos.shape[-1]
   b = jnp.arange(q_stored.shape[0])[:, None]
@@ -119,7 +135,7 @@ def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits):
     o, l, s = decode_attention(
         take(q_stored), q_pos, take(packed_pos), kp.data, kp.scale, kp.zero,
         vp.data, vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size,
-        with_logits=with_logits)
+        with_logits=with_logits, layer=layer_index)
     s = s.dense() if with_logits else None
     if identity:
       out, lse, logits = o, l, s

@@ -403,12 +403,36 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     start += widths[j]
 
 
+class _AtLayer:
+  """A stacked [L, ...] ref read at one layer, indexed like that layer's ref."""
+
+  def __init__(self, ref, layer):
+    self.ref, self.layer = ref, layer
+    self.dtype = ref.dtype
+    self.shape = ref.shape[1:]
+
+  def __getitem__(self, index):
+    index = index if isinstance(index, tuple) else (index,)
+    return self.ref[(self.layer, *index)]
+
+
+def _layered_kernel(layer_ref, q_ref, qpos_ref, pos_ref, *refs, **options):
+  """``_lanes_kernel`` over the codes, scales and zeros of layer
+  ``layer_ref[0]`` of stacked arrays, read where they lie."""
+  layer = layer_ref[0]
+  packed = [_AtLayer(ref, layer) for ref in refs[:6]]
+  _lanes_kernel(q_ref, qpos_ref, pos_ref, *packed, *refs[6:], **options)
+
+
 def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
            rows_out: int, slots: int, head_dim: int, data_width: int,
            fmt: Format, group_size: int, block_s: int, split: int,
-           num_warps: int, num_stages: int, interpret: bool):
+           num_warps: int, num_stages: int, interpret: bool,
+           num_layers: int | None = None):
   """The pallas_call: ``num_rows`` product rows (query copies), ``heads``
-  rows of softmax state; ``rows_out`` = 0 leaves out the logits output."""
+  rows of softmax state; ``rows_out`` = 0 leaves out the logits output.
+  ``num_layers``: the codes, scales and zeros are stacked [L, ...] and the
+  layer index comes first among the inputs."""
   splits = slots // split
   width = head_dim * len(fmt.planes)   # the query and acc: one Hd per plane
   per_slot = lambda b, r, j: (b, r, j, 0)
@@ -420,17 +444,22 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
       jax.ShapeDtypeStruct((batch, rows, rows_out, slots), jnp.float16),
       jax.ShapeDtypeStruct((batch, rows, rows_out, slots // block_s),
                            jnp.float32)][:2 * bool(rows_out)]
-  packed = [pl.BlockSpec((None, None, split, data_width), per_slot),
-            pl.BlockSpec((None, None, split, head_dim // group_size),
-                         per_slot),
-            pl.BlockSpec((None, None, split, head_dim // group_size),
-                         per_slot)]
+  widths = (data_width, head_dim // group_size, head_dim // group_size)
+  if num_layers is None:
+    packed = [pl.BlockSpec((None, None, split, w), per_slot) for w in widths]
+    kernel, first = _lanes_kernel, []
+  else:
+    packed = [pl.BlockSpec((num_layers, None, None, split, w),
+                           lambda b, r, j: (0, b, r, j, 0)) for w in widths]
+    kernel = _layered_kernel
+    first = [pl.BlockSpec((1,), lambda b, r, j: (0,))]
   return pl.pallas_call(
-      functools.partial(_lanes_kernel, fmt=fmt, group_size=group_size,
+      functools.partial(kernel, fmt=fmt, group_size=group_size,
                         block_s=block_s, real_heads=real_heads,
                         ptx=not interpret),
       grid=(batch, rows, splits),
-      in_specs=[pl.BlockSpec((None, None, num_rows, width),
+      in_specs=[*first,
+                pl.BlockSpec((None, None, num_rows, width),
                              lambda b, r, j: (b, r, 0, 0)),
                 pl.BlockSpec((None, 1), lambda b, r, j: (b, 0)),
                 pl.BlockSpec((None, None, split), lambda b, r, j: (b, r, j)),
@@ -512,6 +541,22 @@ def dense_decode_attention(q, keys, values, visible):
   return out, lse, logits
 
 
+def _divisible_tiling(slots: int, block_s: int, split_s: int
+                      ) -> tuple[int, int] | None:
+  """(block, split) with power-of-two blocks of at most ``block_s`` slots
+  (16 at least) and splits of at most ``split_s`` that both divide
+  ``slots``; None when no block of 16 or more does."""
+  block = floor_pow2(block_s)
+  while block >= 16 and slots % block:
+    block //= 2
+  if block < 16:
+    return None
+  blocks = slots // block
+  per_split = max(d for d in range(1, max(1, split_s // block) + 1)
+                  if blocks % d == 0)
+  return block, block * per_split
+
+
 def _as_lanes(words, lane: int):
   """uint32 [..., W] → uint16 or uint8 [..., 32W/lane]: lane k of a word =
   its bits lane·k.."""
@@ -529,7 +574,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      block_s: int | None = None, split_s: int = 512,
                      num_warps: int | None = None, num_stages: int = 3,
                      with_logits: bool = True,
-                     interpret: bool | None = None):
+                     interpret: bool | None = None, layer=None):
   """Attention of one query per sequence over packed keys and values.
 
   Args:
@@ -550,6 +595,9 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     with_logits: also return every slot's logit (for the attention mass);
       without, the kernel skips writing them.
     interpret: Pallas interpret mode (CPU tests).
+    layer: int32 scalar, or None. Given, the codes, scales and zeros are
+      stacked over layers ([L, B, R, S, ...]) and layer ``layer`` is read in
+      place (slicing it out would copy the bulk of the cache every step).
 
   Returns:
     out [B, R, G, Hd] float32, softmax-normalised over this cache's visible
@@ -563,6 +611,14 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   slots = slot_pos.shape[-1]
   fmt.check(head_dim, group_size)
   backend = choose("decode_attention", interpret, fmt)
+  stacked = layer is not None
+  if stacked and (backend == "reference" or _divisible_tiling(
+      slots, block_s or default_tiling(fmt)[0], split_s) is None):
+    at = lambda a: (None if a is None else  # noqa: E731  (fp8: no zeros)
+                    jax.lax.dynamic_index_in_dim(a, layer, keepdims=False))
+    k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
+        at, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
+    stacked = False
   if backend == "reference":
     out, lse, logits = decode_attention_reference(
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
@@ -571,8 +627,12 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
       logits = BlockLogits(logits, jnp.zeros((*logits.shape[:-1], 1)), slots)
     return out, lse, logits
   default_block, default_warps = default_tiling(fmt)
-  block = min(floor_pow2(block_s or default_block), next_pow2(slots))
-  split = min(max(block, split_s // block * block), -(-slots // block) * block)
+  if stacked:   # tiles that divide the slots: no padded copy of the layer
+    block, split = _divisible_tiling(slots, block_s or default_block, split_s)
+  else:
+    block = min(floor_pow2(block_s or default_block), next_pow2(slots))
+    split = min(max(block, split_s // block * block),
+                -(-slots // block) * block)
   padded = -(-slots // split) * split
   groups = head_dim // group_size
   # Product rows: per channel group a block of n rows holding the query
@@ -597,7 +657,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   lane = lane_bits(fmt, head_dim)
   k_words, v_words = _as_lanes(k_words, lane), _as_lanes(v_words, lane)
   if padded != slots:
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - slots), (0, 0)))  # noqa: E731
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
         pad, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
     slot_pos = jnp.pad(slot_pos, ((0, 0), (0, 0), (0, padded - slots)),
@@ -605,7 +665,9 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   acc, m, l, *logits = _build(
       batch, rows, num_rows, n, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
-      num_warps or default_warps, num_stages, backend == "interpret")(
+      num_warps or default_warps, num_stages, backend == "interpret",
+      k_words.shape[0] if stacked else None)(
+          *([jnp.asarray(layer, jnp.int32).reshape(1)] if stacked else []),
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
           k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)
