@@ -23,8 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from lmcache_jax import progress
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
 from lmcache_jax.data import shakespeare
@@ -151,9 +151,9 @@ class Model:
     chunk = self._chunk(policy, chunk)
     cache = self.new_cache(1, policy.cache_capacity(num_tokens, chunk), plan)
     total = 0.0
-    for start in tqdm(range(0, num_tokens, chunk), desc="perplexity",
-                      unit="pass", leave=False,
-                      disable=None if num_tokens > 8 * chunk else True):
+    for start in progress.bar(range(0, num_tokens, chunk), desc="perplexity",
+                              unit="pass",
+                              disable=None if num_tokens > 8 * chunk else True):
       real = min(chunk, num_tokens - start)
       piece = np.zeros((2, chunk), np.int32)
       piece[:, :real] = tokens[start:start + real], tokens[start + 1:

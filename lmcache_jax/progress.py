@@ -2,12 +2,12 @@
 
 A bar is ``tqdm.auto``'s, as the perplexity task draws it: a text bar on
 stderr (a widget in a notebook) that leaves no line behind, hidden when
-stderr is not a terminal (tqdm's ``disable=None``). Bars and status lines
-also stay hidden while the ``lmcache_jax`` logger is quieter than INFO, so
-the logging level is the quiet switch: ``python -m experiments.run`` runs at
-INFO (absl's ``--verbosity=0``) and ``--verbosity=-1`` silences them; plain
-Python starts at WARNING, so a script or notebook shows them after
-``logging.getLogger("lmcache_jax").setLevel(logging.INFO)``.
+stderr is not a terminal (tqdm's ``disable=None``). Once logging is
+configured, bars and status lines also stay hidden while the
+``lmcache_jax`` logger is quieter than INFO, so the logging level is the
+quiet switch: ``python -m experiments.run`` runs at INFO (absl's
+``--verbosity=0``) and ``--verbosity=-1`` silences them. A script or
+notebook that configures no logging shows them, as tqdm would.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ LOGGER = "lmcache_jax"
 
 
 def enabled() -> bool:
-  """Whether progress is shown at all: the ``lmcache_jax`` logger is at INFO
-  or more verbose."""
-  return logging.getLogger(LOGGER).isEnabledFor(logging.INFO)
+  """Whether progress is shown at all: logging is not configured (the root
+  logger has no handler), or the ``lmcache_jax`` logger is at INFO or more
+  verbose."""
+  return (not logging.getLogger().handlers
+          or logging.getLogger(LOGGER).isEnabledFor(logging.INFO))
 
 
 def bar(iterable=None, **kwargs) -> tqdm:

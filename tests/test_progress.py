@@ -28,6 +28,13 @@ def test_quieter_than_info_hides_bars_and_status(level, capsys):
   assert capsys.readouterr().err == ""
 
 
+def test_unconfigured_logging_shows_progress(level, monkeypatch):
+  """A notebook or script that sets up no logging sees bars, as with tqdm."""
+  level(logging.WARNING)
+  monkeypatch.setattr(logging.getLogger(), "handlers", [])
+  assert progress.enabled()
+
+
 def test_info_shows_status_and_leaves_bars_to_the_terminal(level, capsys):
   level(logging.INFO)
   assert progress.enabled()

@@ -12,12 +12,12 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from experiments import setup
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
+from lmcache_jax import progress
 from lmcache_jax.cache.policy import KeepAll
 from lmcache_jax.engine import steps
 
@@ -33,8 +33,8 @@ def stream_nll(ctx: RunContext, tokens: np.ndarray, chunk: int):
   cache = ctx.new_cache(1, ctx.capacity_for(n, chunk))
   nll = []
   # A bar only where it helps: a terminal and more than a few passes.
-  for start in tqdm(range(0, n, chunk), desc="perplexity", unit="pass",
-                    leave=False, disable=None if n > 8 * chunk else True):
+  for start in progress.bar(range(0, n, chunk), desc="perplexity",
+                            unit="pass", disable=None if n > 8 * chunk else True):
     piece = inputs[start:start + chunk]
     real = len(piece)
     padded = np.zeros(chunk, np.int32)
