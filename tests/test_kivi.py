@@ -10,16 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config, tiny_weights
+from conftest import tiny_config
+# the tiny model (fixture), text and loops of test_quant_prefill (same CFG)
+from test_quant_prefill import TOKENS, chunked_nll, decode_nll, lm  # noqa: F401
 from lmcache_jax import attention
 from lmcache_jax.attention.slots import dense_attend
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.policy import KeepAll
-from lmcache_jax.engine import steps
-from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.kernels import backend
-from lmcache_jax.models.llama import from_weights
-from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.numerics import schemes
 from lmcache_jax.numerics.formats import FORMATS
 from lmcache_jax.quant import payload as qpayload
@@ -220,43 +218,6 @@ def test_decode_attention_equals_attention_over_the_reference(formats, sinks,
 
 
 # -- a chunked prefill computes what a decode loop computes -----------------
-
-TOKENS = np.random.default_rng(4).integers(2, CFG.vocab_size, 23).astype(
-    np.int32)
-
-
-@pytest.fixture(scope="module")
-def lm():
-  return LoadedModel.from_module(from_weights(CFG, tiny_weights(CFG),
-                                              jnp.float32))
-
-
-def decode_nll(lm, plan):
-  cache = init_cache(CFG, 1, 32, jnp.float32, quant=plan)
-  nll = []
-  for t, token in enumerate(TOKENS[:-1]):
-    _, logits, cache = steps.decode_step(
-        lm.graphdef, lm.params, cache, jnp.array([token]), jnp.ones(1, bool),
-        jax.random.key(0), policy=KeepAll(), sampling=Sampling())
-    nll.append(-jax.nn.log_softmax(logits[0])[TOKENS[t + 1]])
-  return np.array(nll), cache
-
-
-def chunked_nll(lm, plan, chunk):
-  cache = init_cache(CFG, 1, 32, jnp.float32, quant=plan)
-  nll = []
-  for start in range(0, len(TOKENS) - 1, chunk):
-    piece = np.zeros(chunk, np.int32)
-    target = np.zeros(chunk, np.int32)
-    real = len(TOKENS[start:start + chunk][:len(TOKENS) - 1 - start])
-    piece[:real] = TOKENS[start:start + real]
-    target[:real] = TOKENS[start + 1:start + 1 + real]
-    out, cache = steps.forward_nll(
-        lm.graphdef, lm.params, cache, jnp.asarray(piece[None]),
-        jnp.array([real]), jnp.asarray(target[None]), policy=KeepAll())
-    nll.append(np.asarray(out[0, :real]))
-  return np.concatenate(nll), cache
-
 
 @pytest.mark.parametrize("formats,residual,sinks,copy_bits,chunks", [
     (None, 8, 0, 16, (3, 8, 22)), (MIXED, 12, 2, 16, (5,)),
