@@ -611,14 +611,15 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   slots = slot_pos.shape[-1]
   fmt.check(head_dim, group_size)
   backend = choose("decode_attention", interpret, fmt)
-  stacked = layer is not None
-  if stacked and (backend == "reference" or _divisible_tiling(
-      slots, block_s or default_tiling(fmt)[0], split_s) is None):
+  default_block, default_warps = default_tiling(fmt)
+  tiling = (None if layer is None or backend == "reference" else
+            _divisible_tiling(slots, block_s or default_block, split_s))
+  stacked = tiling is not None
+  if layer is not None and not stacked:   # read the layer sliced out
     at = lambda a: (None if a is None else  # noqa: E731  (fp8: no zeros)
                     jax.lax.dynamic_index_in_dim(a, layer, keepdims=False))
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
         at, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
-    stacked = False
   if backend == "reference":
     out, lse, logits = decode_attention_reference(
         q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words, v_scale,
@@ -626,9 +627,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     if with_logits:   # exact: offsets from a max of 0
       logits = BlockLogits(logits, jnp.zeros((*logits.shape[:-1], 1)), slots)
     return out, lse, logits
-  default_block, default_warps = default_tiling(fmt)
   if stacked:   # tiles that divide the slots: no padded copy of the layer
-    block, split = _divisible_tiling(slots, block_s or default_block, split_s)
+    block, split = tiling
   else:
     block = min(floor_pow2(block_s or default_block), next_pow2(slots))
     split = min(max(block, split_s // block * block),
