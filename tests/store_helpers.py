@@ -72,17 +72,19 @@ def quantized_like_cache(capacity=32, group=4):
   """A quantized payload whose scales and zeros are shared by ``group`` slots."""
   base = init_cache(tiny_config(), 1, capacity, jnp.float32)
   rng = np.random.default_rng(3)
-  lead = base.keys.shape[:3]
+  lead = base.keys.shape[:3]                              # [L, B, K]
+  pool = (lead[1], lead[0] * lead[2])                     # [B, P = L·K]
 
   def payload():
     part = Packed(
-        data=jnp.asarray(rng.integers(0, 2**32, lead + (capacity, 2)), jnp.uint32),
-        scale=jnp.asarray(rng.standard_normal(lead + (capacity // group, 1)),
+        data=jnp.asarray(rng.integers(0, 2**32, pool + (capacity, 2)), jnp.uint32),
+        scale=jnp.asarray(rng.standard_normal(pool + (capacity // group, 1)),
                           jnp.float16),
-        zero=jnp.asarray(rng.integers(0, 256, lead + (capacity // group, 1)),
+        zero=jnp.asarray(rng.integers(0, 256, pool + (capacity // group, 1)),
                          jnp.uint8),
         heads=jnp.broadcast_to(jnp.arange(lead[2])[None, None, :, None],
                                lead + (1,)),
+        first=jnp.arange(lead[0], dtype=jnp.int32) * lead[2],
         fmt=get_format("int4"), group_size=8)
     return QuantizedKV(parts=(part,), exact=jnp.zeros(lead + (0, 8)),
                        exact_slots=jnp.zeros(lead + (0,), jnp.int32),

@@ -91,18 +91,20 @@ def test_decode_attention_matches_reference(name, batch, rows, heads, slots,
   np.testing.assert_allclose(np.asarray(want[1]), lse, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,slots,block,split", [
-    ("int4", 96, 64, 64),    # 64 does not divide 96: blocks of 32
-    ("int8", 48, 16, 32),    # splits of 16 (32 does not divide 48)
-    ("int4", 40, 16, 32)])   # no block of 16 divides 40: the layer is sliced
-def test_decode_attention_reads_a_stacked_layer_in_place(name, slots, block,
-                                                         split):
-  """Codes stacked over layers, read at a layer index: the reference over
-  that layer, with tiles chosen to divide the slots."""
-  fmt, group, head_dim = FORMATS[name], 32, 64
+@pytest.mark.parametrize("name,slots,block,split,first", [
+    ("int4", 96, 64, 64, 1),    # 64 does not divide 96: blocks of 32
+    ("int8", 48, 16, 32, 3),    # splits of 16 (32 does not divide 48)
+    ("int4", 40, 16, 32, 2),    # no block of 16 divides 40: rows taken out
+    ("int4", 64, 32, 32, 4)])   # row 1 lies past the pool: its last row
+def test_decode_attention_reads_pool_rows_in_place(name, slots, block, split,
+                                                   first):
+  """Codes in a row pool [B, P, S, ...], the rows read from ``first_row``:
+  the reference over those rows (clipped into the pool), with tiles chosen
+  to divide the slots."""
+  fmt, group, head_dim, pool = FORMATS[name], 32, 64, 5
   rng = np.random.default_rng(slots)
-  kq = _packed(rng, fmt, (3, 2, 2, slots, head_dim), group)
-  vq = _packed(rng, fmt, (3, 2, 2, slots, head_dim), group)
+  kq = _packed(rng, fmt, (2, pool, slots, head_dim), group)
+  vq = _packed(rng, fmt, (2, pool, slots, head_dim), group)
   q = jnp.asarray(rng.standard_normal((2, 2, 3, head_dim)), jnp.float32)
   q_pos = jnp.asarray([slots - 1, slots // 2], jnp.int32)
   slot_pos = np.tile(np.arange(slots, dtype=np.int32), (2, 2, 1))
@@ -110,10 +112,11 @@ def test_decode_attention_reads_a_stacked_layer_in_place(name, slots, block,
   slot_pos = jnp.asarray(slot_pos)
   got = da.decode_attention(q, q_pos, slot_pos, *kq, *vq, fmt=fmt,
                             group_size=group, block_s=block, split_s=split,
-                            interpret=True, layer=jnp.int32(1))
+                            interpret=True, first_row=jnp.int32(first))
+  rows = np.minimum(first + np.arange(2), pool - 1)
   want = da.decode_attention_reference(
-      q, q_pos, slot_pos, *(a[1] for a in kq), *(a[1] for a in vq), fmt=fmt,
-      group_size=group)
+      q, q_pos, slot_pos, *(a[:, rows] for a in kq),
+      *(a[:, rows] for a in vq), fmt=fmt, group_size=group)
   assert_matches_reference(got, want, rtol=1e-5, atol=1e-5)
   assert da._divisible_tiling(96, 64, 64) == (32, 32)
   assert da._divisible_tiling(40, 16, 32) is None

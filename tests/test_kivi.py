@@ -78,9 +78,8 @@ def ref_keys(keys, bits, residual, sinks, group=GROUP):
 # -- helpers ----------------------------------------------------------------
 
 def layer_of(cache, l):
-  take = lambda t: jax.tree.map(lambda a: a[l], t)  # noqa: E731
-  return attention.LayerKV(take(cache.keys), take(cache.values),
-                           cache.positions[l], cache.scores[l])
+  return attention.layer_of(attention.LayerKV(
+      cache.keys, cache.values, cache.positions, cache.scores), jnp.int32(l))
 
 
 _write = jax.jit(attention.write_slots)
@@ -238,7 +237,7 @@ def test_chunked_prefill_equals_decode_loop(lm, formats, residual, sinks,
                                  np.asarray(b.scale, np.float32),
                                  rtol=2e-3, atol=1e-6)
   # 22 tokens: groups 0 and 1 full and sealed, group 2 held by the copies
-  sealed = np.asarray(decoded.keys.parts[0].sealed)[:, 0, 0]
+  sealed = np.asarray(decoded.keys.parts[0].sealed)[0]          # [P, S/G]
   assert sealed[:, :2].all() and not sealed[:, 2:].any()
 
 
@@ -374,11 +373,11 @@ def test_store_round_trip_of_kivi_chunks(lm, tmp_path):
     for a, b in zip(getattr(loaded, name).parts, getattr(cache, name).parts):
       for leaf in a.slot_leaves:
         got, want = np.asarray(getattr(a, leaf)), np.asarray(getattr(b, leaf))
-        n = 16 * got.shape[3] // 32
-        np.testing.assert_array_equal(got[:, :, :, :n], want[:, :, :, :n],
+        n = 16 * got.shape[2] // 32
+        np.testing.assert_array_equal(got[:, :, :n], want[:, :, :n],
                                       err_msg=f"{name}.{leaf}")
-        assert not got[:, :, :, n:].any()
-  assert np.asarray(loaded.keys.parts[0].sealed)[:, 0, :, :2].all()
+        assert not got[:, :, n:].any()
+  assert np.asarray(loaded.keys.parts[0].sealed)[0, :, :2].all()
   np.testing.assert_array_equal(np.asarray(loaded.positions[:, 0, :, :16]),
                                 np.broadcast_to(np.arange(16), (3, 3, 16)))
   for name in ("keys", "values"):
@@ -386,10 +385,10 @@ def test_store_round_trip_of_kivi_chunks(lm, tmp_path):
     slots = np.asarray(kv.exact_slots)[:, 0]                    # [L, K, E]
     assert sorted(slots[0, 0]) == [0, 1, 8, 9, 10, 11, 12, 13, 14, 15]
     for l in range(3):
-      one = jax.tree.map(lambda a: a[l], kv)
+      one = qpayload.layer_view(kv, l)
       exact = np.asarray(_dequantize(one, jnp.float32))[0, :, :16]
       codes = np.asarray(_dequantize(
-          jax.tree.map(lambda a: a[l], getattr(cache, name)), jnp.float32,
+          qpayload.layer_view(getattr(cache, name), l), jnp.float32,
           exact=False))[0, :, :16]
       np.testing.assert_allclose(exact, codes, rtol=0, atol=1e-6)
   # The rest of the prompt after the loaded prefix computes what it computes

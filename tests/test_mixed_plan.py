@@ -1,5 +1,5 @@
-"""Plans whose layers hold different widths (padding rows in the payload)
-through prefill, decode with eviction, and the prefix store."""
+"""Plans whose layers hold different widths (row pools shared by the
+layers) through prefill, decode with eviction, and the prefix store."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.models.loaded import LoadedModel
+from lmcache_jax.quant import payload as qpayload
 from lmcache_jax.quant.plan import QuantPlan
 from lmcache_jax.store import DiskTier, KVStore, Layout
 from lmcache_jax.store.keys import model_fingerprint
@@ -24,13 +25,13 @@ from policies.replacement.lru import LRU
 from store_helpers import tokens_for
 
 CFG = tiny_config(head_dim=32, num_heads=6, num_kv_heads=3, hidden_size=64)
-# every width, a different mix in every layer: int2 1 row, int3 1, int4 2,
-# int8 2 (6 rows for 3 heads)
-PADDED = (("int2", "int3", "int4"), ("int8", "int8", "int2"),
+# every width, a different mix in every layer: pools of int2 2 rows, int3 2,
+# int4 3, int8 2 (one per head stored in the width)
+MIXED = (("int2", "int3", "int4"), ("int8", "int8", "int2"),
           ("int4", "int4", "int3"))
-# 8-bit formats only, also padded (int8 3 rows, fp8 2): near-lossless, so a
+# 8-bit formats only, also mixed (int8 6 rows, fp8 3): near-lossless, so a
 # run can be held against the dense one
-PADDED_8BIT = (("int8", "int8", "int8"), ("fp8", "int8", "fp8"),
+MIXED_8BIT = (("int8", "int8", "int8"), ("fp8", "int8", "fp8"),
                ("int8", "fp8", "int8"))
 
 
@@ -45,20 +46,26 @@ def lm():
                                               jnp.float32))
 
 
-def test_padded_plans_allocate_a_row_per_head_and_format():
-  cache = init_cache(CFG, 1, 16, jnp.float32, quant=plan(PADDED))
-  heads = {part.fmt.name: np.asarray(part.heads[:, 0, :, 0])
-           for part in cache.keys.parts}
+def test_mixed_plans_pool_one_row_per_head_and_format():
+  cache = init_cache(CFG, 2, 16, jnp.float32, quant=plan(MIXED))
+  parts = {part.fmt.name: part for part in cache.keys.parts}
+  heads = {name: np.asarray(p.heads[:, 0, :, 0]) for name, p in parts.items()}
   np.testing.assert_array_equal(heads["int2"], [[0], [2], [-1]])
   np.testing.assert_array_equal(heads["int4"], [[2, -1], [-1, -1], [0, 1]])
   np.testing.assert_array_equal(heads["int8"], [[-1, -1], [0, 1], [-1, -1]])
-  assert calibration.rows_of(PADDED) == {
-      name: rows.shape[1] for name, rows in heads.items()}
+  np.testing.assert_array_equal(parts["int4"].first, [0, 1, 1])
+  np.testing.assert_array_equal(parts["int2"].first, [0, 1, 2])
+  assert calibration.rows_of(MIXED) == {
+      name: p.data.shape[1] for name, p in parts.items()}
+  for name, part in parts.items():
+    layer, head = (np.asarray(a) for a in qpayload.pool_sources(part))
+    assert [MIXED[l][h] for l, h in zip(layer, head)] == [name] * len(layer)
+    assert len(set(zip(layer, head))) == len(layer)
 
 
 @pytest.mark.parametrize("name", ["sliding_window", "h2o"])
-def test_padded_plan_tracks_dense_under_eviction(lm, name):
-  """Decoding far past the budget, evicting every step, an 8-bit padded plan
+def test_mixed_plan_tracks_dense_under_eviction(lm, name):
+  """Decoding far past the budget, evicting every step, an 8-bit mixed plan
   reads every head from its own row: its logits are no further from the
   dense cache's than those of a plan storing every head in the noisier of
   its two formats (a head read from another head's row would be)."""
@@ -71,19 +78,19 @@ def test_padded_plan_tracks_dense_under_eviction(lm, name):
     return generate(lm, prompts, max_new_tokens=12, policy=policy,
                     prefill_chunk=4, stop_tokens=(), **kw)
 
-  dense, padded = run(None), run(PADDED_8BIT)
+  dense, mixed = run(None), run(MIXED_8BIT)
   gap = lambda r: np.abs(r.prompt_logits - dense.prompt_logits).max()  # noqa: E731
   noisiest = max(gap(run(((f,) * 3,) * 3)) for f in ("int8", "fp8"))
-  assert 0 < gap(padded) <= noisiest
-  np.testing.assert_array_equal(np.asarray(padded.cache.live_slots()), 8)
+  assert 0 < gap(mixed) <= noisiest
+  np.testing.assert_array_equal(np.asarray(mixed.cache.live_slots()), 8)
   if name == "sliding_window":   # positions alone decide what it keeps
-    np.testing.assert_array_equal(padded.cache.positions,
+    np.testing.assert_array_equal(mixed.cache.positions,
                                   dense.cache.positions)
 
 
-def test_padded_plan_decodes_with_eviction(lm):
+def test_mixed_plan_decodes_with_eviction(lm):
   policy = EVICTION.make("h2o", budget=8, evict_every=1)
-  quant = plan(PADDED, residual=2, sinks=1, copy_bits=8, rotate=True)
+  quant = plan(MIXED, residual=2, sinks=1, copy_bits=8, rotate=True)
   result = generate(lm, [tokens_for(7, 19)], max_new_tokens=20, policy=policy,
                     prefill_chunk=4, stop_tokens=(), sampling=Sampling(1.0),
                     key=jax.random.key(0),
@@ -94,11 +101,11 @@ def test_padded_plan_decodes_with_eviction(lm):
   assert np.all(np.isfinite(result.prompt_logits))
 
 
-def test_padded_plan_through_the_store(lm, tmp_path):
-  """Chunks of a padded plan's cache are stored and loaded back exactly (no
+def test_mixed_plan_through_the_store(lm, tmp_path):
+  """Chunks of a mixed plan's cache are stored and loaded back exactly (no
   exact copies: a loaded prefix reads its sinks and window as stored, by
   design, docs/store.md)."""
-  quant = plan(PADDED, rotate=True)
+  quant = plan(MIXED, rotate=True)
   new_cache = lambda b, s: init_cache(CFG, b, s, jnp.float32, quant=quant)  # noqa: E731
   shapes = dict(capacity=96, prefill_chunk=8)
   prompt = tokens_for(8, 41)

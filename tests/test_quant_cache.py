@@ -56,9 +56,8 @@ def lm():
 
 
 def layer_of(cache, l):
-  take = lambda t: jax.tree.map(lambda a: a[l], t)
-  return attention.LayerKV(take(cache.keys), take(cache.values),
-                           cache.positions[l], cache.scores[l])
+  return attention.layer_of(attention.LayerKV(
+      cache.keys, cache.values, cache.positions, cache.scores), jnp.int32(l))
 
 
 def write(layer, rng, positions, slot_ids):
@@ -218,25 +217,26 @@ def test_int8_model_decode_tracks_full_precision(lm):
 def test_bytes_count_codes_scales_and_exact_copies():
   cache = init_cache(CFG, 2, 64, jnp.bfloat16, quant=plan(MIXED, residual=8, sinks=2))
   L, B, K, S, Hd = 3, 2, 3, 64, 32
-  # per layer: two int4 rows and one int8 row, except layer 2 (int2 + 2x int4)
-  # -> parts int2 (1 row), int4 (2 rows), int8 (1 row)
-  codes = sum(rows * S * Hd * bits // 8 for bits, rows in ((2, 1), (4, 2), (8, 1)))
-  scales = 4 * S * (2 + 1) * (Hd // 32)           # 4 rows, f16 scale + u8 zero
-  heads = 4 * 4                                   # int32 per row
+  # pools of one row per (layer, head): int2 1 row, int4 6, int8 2; a layer
+  # reads up to 1, 2 and 1 of them (its head maps) from its first rows
+  codes = sum(rows * S * Hd * bits // 8 for bits, rows in ((2, 1), (4, 6), (8, 2)))
+  scales = 9 * S * (2 + 1) * (Hd // 32)           # f16 scale + u8 zero per row
+  heads = L * B * (1 + 2 + 1) * 4                 # int32 per (layer, sequence, row)
+  first = 3 * L * 4                               # int32 per (part, layer)
   exact = K * 10 * Hd * 2 + K * 10 * 4            # copies (bf16) + slot map
-  per_lb = 2 * (codes + scales + heads + exact)   # keys and values
-  per_lb += K * Hd * 4                            # key channel scales (f32)
-  assert cache.payload_nbytes == L * B * per_lb
+  per_lb = 2 * exact + K * Hd * 4                 # + key channel scales (f32)
+  fixed = 2 * (B * (codes + scales) + heads + first)   # keys and values
+  assert cache.payload_nbytes == L * B * per_lb + fixed
   # int8 copies: one byte per channel plus an f16 scale and u8 zero per group
   int8_copies = init_cache(CFG, 2, 64, jnp.bfloat16, quant=plan(
       MIXED, residual=8, sinks=2, copy_bits=8))
   per_lb += 2 * (K * 10 * (Hd + 3 * (Hd // 32)) - K * 10 * Hd * 2)
-  assert int8_copies.payload_nbytes == L * B * per_lb
+  assert int8_copies.payload_nbytes == L * B * per_lb + fixed
   # two outliers per vector: a uint8 channel and a float16 delta each
   with_outliers = init_cache(CFG, 2, 64, jnp.bfloat16, quant=plan(
       MIXED, residual=8, sinks=2, copy_bits=8, outliers=2))
-  per_lb += 2 * 4 * S * 2 * 3
-  assert with_outliers.payload_nbytes == L * B * per_lb
+  fixed += 2 * B * 9 * S * 2 * 3
+  assert with_outliers.payload_nbytes == L * B * per_lb + fixed
   dense = init_cache(CFG, 2, 64, jnp.bfloat16)
   assert dense.payload_nbytes == 2 * L * B * K * S * Hd * 2
 

@@ -29,8 +29,8 @@ def calibrate(ctx: RunContext) -> dict:
   stamp = time.strftime("%Y%m%d-%H%M%S")
   path = plan.save(pathlib.Path(config.output_dir) /
                    f"plan-{plan.policy}-{plan.average_bits():g}bits-{stamp}")
-  # what a bf16-storage cache of `context` slots allocates for it, padding
-  # rows included (the bytes the allocator's budget is charged on)
+  # what a bf16-storage cache of `context` slots allocates for it (the bytes
+  # the allocator's budget is charged on)
   nbytes = calibration.cache_bytes(ctx.lm.cfg, plan, config.context)(
       plan.formats)
   rows = calibration.rows_of(plan.formats)

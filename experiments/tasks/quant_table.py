@@ -23,7 +23,7 @@ copies, the default of ``--kv_bits``).
 Tokens go through a full cache ``quant.eval_chunk`` at a time (a speed knob
 only: a quantized prefill reads the cache as decoding does). KV bytes are
 the payload a bfloat16-storage cache of that plan allocates for ``context``
-tokens (codes, scales, zeros, padding rows, exact copies and maps), whatever
+tokens (codes, scales, zeros, exact copies and maps), whatever
 the compute dtype of the run.
 """
 

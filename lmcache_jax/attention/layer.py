@@ -67,8 +67,13 @@ def write_slots(layer: LayerKV, k: jax.Array, v: jax.Array,
 
 def layer_of(stacked: LayerKV, layer: jax.Array) -> LayerKV:
   """Layer ``layer`` (a traced index) of a stacked cache."""
-  return jax.tree.map(
-      lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), stacked)
+  def take(kv):
+    if kv is None:
+      return None
+    if isinstance(kv, qpayload.QuantizedKV):
+      return qpayload.layer_view(kv, layer)
+    return jax.lax.dynamic_index_in_dim(kv, layer, keepdims=False)
+  return LayerKV(*map(take, stacked))
 
 
 def write_stacked(stacked: LayerKV, layer: jax.Array, k: jax.Array,

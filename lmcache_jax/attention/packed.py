@@ -30,7 +30,7 @@ def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
   copies (sinks, recent window) attended densely, merged by log-sum-exp.
 
   ``layer_index``: ``layer`` is the whole stacked cache and this layer is
-  read; the kernel reads its per-token codes where they lie.
+  read; the kernel reads its per-token codes where they lie in their pools.
   """
   if layer_index is not None:
     stacked, at = layer, layer_index
@@ -64,7 +64,7 @@ def attend_packed_decode(q, layer: LayerKV, query_positions, query_weights,
     q_stored = transform.rotate(q_stored)
   q_stored = q_stored.astype(q.dtype)   # bf16 tensor-core dots on the GPU
   out, lse, logits = _attend_parts(q_stored, q_pos, packed_pos, keys, values,
-                                   with_mass, layer_index)
+                                   with_mass, pooled=layer_index is not None)
   if values.rotate:
     out = transform.unrotate(out)
   if keys.channel_shift is not None:
@@ -114,10 +114,11 @@ def _attend_dequantized(qg, layer: LayerKV, q_pos, query_weights,
 
 
 def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits,
-                  layer_index=None):
+                  pooled: bool = False):
   """The fused kernel over each format part of the packed payloads: out,
   lse [B, K, G] and (with_logits) logits [B, K, G, S] over packed slots
-  (codes stacked over layers and read at ``layer_index`` when given)."""
+  (``pooled``: each part's codes are its whole row pool, read from the
+  view's ``first`` row)."""
   num_kv = keys.num_kv_heads
   capacity = packed_pos.shape[-1]
   b = jnp.arange(q_stored.shape[0])[:, None]
@@ -135,7 +136,7 @@ def _attend_parts(q_stored, q_pos, packed_pos, keys, values, with_logits,
     o, l, s = decode_attention(
         take(q_stored), q_pos, take(packed_pos), kp.data, kp.scale, kp.zero,
         vp.data, vp.scale, vp.zero, fmt=kp.fmt, group_size=kp.group_size,
-        with_logits=with_logits, layer=layer_index)
+        with_logits=with_logits, first_row=kp.first if pooled else None)
     s = s.dense() if with_logits else None
     if identity:
       out, lse, logits = o, l, s

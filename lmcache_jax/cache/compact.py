@@ -8,7 +8,7 @@ plus the room it asks for. Attention masks by position, never by slot index,
 so attending over the copy gives what attending over the original gives.
 
 Per-slot state moves with its slot: dense keys and values, or the packed
-codes, scales, zeros and outliers of a quantized payload (slot axis 3, rows
+codes, scales, zeros and outliers of a quantized payload (its row pools
 mapped to kv heads by ``heads``), positions and the policy's scores. Exact
 copies of a quantized payload are indexed by entry, not slot: they stay
 where they are and ``exact_slots`` is remapped (a copy of a slot that holds
@@ -77,7 +77,7 @@ def _grouped_leaf(cache: KVCache) -> str | None:
       continue
     for part in kv.parts:
       for name in part.slot_leaves:
-        entries = getattr(part, name).shape[3]
+        entries = getattr(part, name).shape[qpayload.POOL_SLOT_AXIS]
         if entries != cache.capacity:
           return (f"the {part.fmt.name} payload's {name!r} holds {entries} "
                   f"entries for {cache.capacity} slots")
@@ -97,29 +97,26 @@ def _compact_jit(cache: KVCache, *, capacity: int) -> KVCache:
       scores=jnp.take_along_axis(cache.scores, kept, axis=-1))
 
 
-def _take_slots(x: jax.Array, kept: jax.Array) -> jax.Array:
-  """x [L, B, R, S, ...] gathered along the slot axis by kept [L, B, R, C]."""
+def _take_slots(x: jax.Array, kept: jax.Array, axis: int = 3) -> jax.Array:
+  """x gathered along its slot axis ``axis`` by kept (x's shape up to that
+  axis, then C)."""
   index = kept.reshape(*kept.shape, *([1] * (x.ndim - kept.ndim)))
-  return jnp.take_along_axis(x, index, axis=3)
+  return jnp.take_along_axis(x, index, axis=axis)
 
 
 def _take_payload(kv, kept: jax.Array, order: jax.Array, live: jax.Array):
   """A dense [L, B, K, S, Hd] array or a ``QuantizedKV`` moved to ``kept``."""
   if isinstance(kv, jax.Array):
     return _take_slots(kv, kept)
-  num_kv = kv.num_kv_heads
   parts = []
   for part in kv.parts:
-    if qpayload.identity_rows(kv, part):
-      row_kept = kept
-    else:
-      # row r of the part holds kv head heads[r]; padding rows (-1) hold
-      # nothing, so any slots serve them
-      rows = jnp.minimum(qpayload.part_rows(part.heads, num_kv), num_kv - 1)
-      row_kept = jnp.take_along_axis(kept, rows[..., None], axis=2)
-    parts.append(part.replace(**{name: _take_slots(getattr(part, name),
-                                                   row_kept)
-                                 for name in part.slot_leaves}))
+    # each pool row takes the slots of the (layer, kv head) it holds
+    layer, head = qpayload.pool_sources(part)
+    row_kept = jnp.swapaxes(kept[layer, :, head], 0, 1)         # [B, P, C]
+    parts.append(part.replace(**{
+        name: _take_slots(getattr(part, name), row_kept,
+                          qpayload.POOL_SLOT_AXIS)
+        for name in part.slot_leaves}))
   exact_slots = kv.exact_slots
   if exact_slots.shape[-1]:
     # new slot of each old slot: its rank among the row's live slots, or -1

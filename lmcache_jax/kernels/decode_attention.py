@@ -403,24 +403,26 @@ def _lanes_kernel(q_ref, qpos_ref, pos_ref, kb_ref, ks_ref, kz_ref, vb_ref,
     start += widths[j]
 
 
-class _AtLayer:
-  """A stacked [L, ...] ref read at one layer, indexed like that layer's ref."""
+class _AtRow:
+  """A pool ref [P, ...] read at one row, indexed like that row's ref."""
 
-  def __init__(self, ref, layer):
-    self.ref, self.layer = ref, layer
+  def __init__(self, ref, row):
+    self.ref, self.row = ref, row
     self.dtype = ref.dtype
     self.shape = ref.shape[1:]
 
   def __getitem__(self, index):
     index = index if isinstance(index, tuple) else (index,)
-    return self.ref[(self.layer, *index)]
+    return self.ref[(self.row, *index)]
 
 
-def _layered_kernel(layer_ref, q_ref, qpos_ref, pos_ref, *refs, **options):
-  """``_lanes_kernel`` over the codes, scales and zeros of layer
-  ``layer_ref[0]`` of stacked arrays, read where they lie."""
-  layer = layer_ref[0]
-  packed = [_AtLayer(ref, layer) for ref in refs[:6]]
+def _pooled_kernel(first_ref, q_ref, qpos_ref, pos_ref, *refs, **options):
+  """``_lanes_kernel`` over the codes, scales and zeros of pool row
+  ``first_ref[0]`` + this program's row, read where they lie (clamped into
+  the pool: a row past the layer's own is masked by the caller)."""
+  pool = refs[0].shape[0]
+  row = jnp.minimum(first_ref[0] + pl.program_id(1), pool - 1)
+  packed = [_AtRow(ref, row) for ref in refs[:6]]
   _lanes_kernel(q_ref, qpos_ref, pos_ref, *packed, *refs[6:], **options)
 
 
@@ -428,11 +430,11 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
            rows_out: int, slots: int, head_dim: int, data_width: int,
            fmt: Format, group_size: int, block_s: int, split: int,
            num_warps: int, num_stages: int, interpret: bool,
-           num_layers: int | None = None):
+           pool: int | None = None):
   """The pallas_call: ``num_rows`` product rows (query copies), ``heads``
   rows of softmax state; ``rows_out`` = 0 leaves out the logits output.
-  ``num_layers``: the codes, scales and zeros are stacked [L, ...] and the
-  layer index comes first among the inputs."""
+  ``pool``: the codes, scales and zeros are a pool of that many rows
+  [B, P, ...] and the first row read comes first among the inputs."""
   splits = slots // split
   width = head_dim * len(fmt.planes)   # the query and acc: one Hd per plane
   per_slot = lambda b, r, j: (b, r, j, 0)
@@ -445,13 +447,13 @@ def _build(batch: int, rows: int, num_rows: int, heads: int, real_heads: int,
       jax.ShapeDtypeStruct((batch, rows, rows_out, slots // block_s),
                            jnp.float32)][:2 * bool(rows_out)]
   widths = (data_width, head_dim // group_size, head_dim // group_size)
-  if num_layers is None:
+  if pool is None:
     packed = [pl.BlockSpec((None, None, split, w), per_slot) for w in widths]
     kernel, first = _lanes_kernel, []
   else:
-    packed = [pl.BlockSpec((num_layers, None, None, split, w),
-                           lambda b, r, j: (0, b, r, j, 0)) for w in widths]
-    kernel = _layered_kernel
+    packed = [pl.BlockSpec((None, pool, split, w),
+                           lambda b, r, j: (b, 0, j, 0)) for w in widths]
+    kernel = _pooled_kernel
     first = [pl.BlockSpec((1,), lambda b, r, j: (0,))]
   return pl.pallas_call(
       functools.partial(kernel, fmt=fmt, group_size=group_size,
@@ -574,7 +576,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
                      block_s: int | None = None, split_s: int = 512,
                      num_warps: int | None = None, num_stages: int = 3,
                      with_logits: bool = True,
-                     interpret: bool | None = None, layer=None):
+                     interpret: bool | None = None, first_row=None):
   """Attention of one query per sequence over packed keys and values.
 
   Args:
@@ -595,9 +597,10 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     with_logits: also return every slot's logit (for the attention mass);
       without, the kernel skips writing them.
     interpret: Pallas interpret mode (CPU tests).
-    layer: int32 scalar, or None. Given, the codes, scales and zeros are
-      stacked over layers ([L, B, R, S, ...]) and layer ``layer`` is read in
-      place (slicing it out would copy the bulk of the cache every step).
+    first_row: int32 scalar, or None. Given, the codes, scales and zeros
+      are a row pool [B, P, S, ...] (``quant.payload``) and row r reads pool
+      row ``first_row`` + r in place (taking the rows out would copy the
+      bulk of the cache every step); rows past the pool read its last.
 
   Returns:
     out [B, R, G, Hd] float32, softmax-normalised over this cache's visible
@@ -612,12 +615,13 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
   fmt.check(head_dim, group_size)
   backend = choose("decode_attention", interpret, fmt)
   default_block, default_warps = default_tiling(fmt)
-  tiling = (None if layer is None or backend == "reference" else
+  tiling = (None if first_row is None or backend == "reference" else
             _divisible_tiling(slots, block_s or default_block, split_s))
-  stacked = tiling is not None
-  if layer is not None and not stacked:   # read the layer sliced out
+  pooled = tiling is not None
+  if first_row is not None and not pooled:   # read the rows taken out
     at = lambda a: (None if a is None else  # noqa: E731  (fp8: no zeros)
-                    jax.lax.dynamic_index_in_dim(a, layer, keepdims=False))
+                    jnp.take(a, first_row + jnp.arange(rows), axis=1,
+                             mode="clip"))
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = map(
         at, (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
   if backend == "reference":
@@ -627,7 +631,7 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
     if with_logits:   # exact: offsets from a max of 0
       logits = BlockLogits(logits, jnp.zeros((*logits.shape[:-1], 1)), slots)
     return out, lse, logits
-  if stacked:   # tiles that divide the slots: no padded copy of the layer
+  if pooled:   # tiles that divide the slots: no padded copy of the layer
     block, split = tiling
   else:
     block = min(floor_pow2(block_s or default_block), next_pow2(slots))
@@ -666,8 +670,8 @@ def decode_attention(q, q_pos, slot_pos, k_words, k_scale, k_zero, v_words,
       batch, rows, num_rows, n, heads, rows_out, padded, head_dim,
       k_words.shape[-1], fmt, group_size, block, split,
       num_warps or default_warps, num_stages, backend == "interpret",
-      k_words.shape[0] if stacked else None)(
-          *([jnp.asarray(layer, jnp.int32).reshape(1)] if stacked else []),
+      k_words.shape[1] if pooled else None)(
+          *([jnp.asarray(first_row, jnp.int32).reshape(1)] if pooled else []),
           q, q_pos.astype(jnp.int32)[:, None], slot_pos.astype(jnp.int32),
           k_words, k_scale, k_zero, v_words, v_scale, v_zero)
   out, lse = _merge(acc, m, l)

@@ -1,21 +1,26 @@
 """The quantized key or value payload of the cache, and how tokens enter it.
 
-Layout (every leaf keeps the cache's slot axis at index 3):
+Layout:
 
-  Packed (one per distinct format of the plan):
-    data    [L, B, R, S, W]     uint32 packed codes (int) or float8 [.., Hd]
-    scale   [L, B, R, S, Hd/g]  float16 per token and channel group
-    zero    [L, B, R, S, Hd/g]  uint8 zero codes (``numerics.formats``; None
+  Packed (one per distinct format of the plan): a pool of P rows, each the
+  codes of one (layer, kv head) stored in that format, every layer's rows
+  side by side (slot axis at index 2, ``POOL_SLOT_AXIS``):
+    data    [B, P, S, W]        uint32 packed codes (int) or float8 [.., Hd]
+    scale   [B, P, S, Hd/g]     float16 per token and channel group
+    zero    [B, P, S, Hd/g]     uint8 zero codes (``numerics.formats``; None
                                 for fp8)
       keys of a ``key_layout="channel"`` plan (KIVI; ``token_group`` G > 1):
-    scale   [L, B, R, S/G, Hd]  float16 per group of G slots and channel
-    zero    [L, B, R, S/G, Hd]  float16 grid minimum there (a min/max grid)
-    sealed  [L, B, R, S/G]      bool: the group's grid is set
-    heads   [L, B, R, 1]        int32 kv head held by each row (-1: padding)
-    outlier_index [L, B, R, S, n] uint8 channels kept exact (the plan's
-                                  ``outliers`` n; None when 0 or fp8)
-    outlier_delta [L, B, R, S, n] float16 exact minus coded value there
-  QuantizedKV:
+    scale   [B, P, S/G, Hd]     float16 per group of G slots and channel
+    zero    [B, P, S/G, Hd]     float16 grid minimum there (a min/max grid)
+    sealed  [B, P, S/G]         bool: the group's grid is set
+    outlier_index [B, P, S, n]  uint8 channels kept exact (the plan's
+                                ``outliers`` n; None when 0 or fp8)
+    outlier_delta [B, P, S, n]  float16 exact minus coded value there
+    heads   [L, B, R, 1]        int32 kv head held by row r of layer l
+                                (-1: that layer stores fewer heads here)
+    first   [L]                 int32 pool row of each layer's row 0: row r
+                                of layer l is pool row first[l] + r
+  QuantizedKV (slot axis at index 3):
     parts          tuple of Packed
     exact          [L, B, K, E, Hd]  copies of sink and recent tokens (E =
                                      sinks + residual) in the cache dtype,
@@ -33,8 +38,12 @@ plan, every head vector is multiplied by the Hadamard matrix H
 (``quant.transform``); reads undo both. Exact copies hold the vectors as
 written.
 
-R rows per part: the most heads any layer stores in that format, so a plan
-mixing formats per (layer, head) allocates each format once, not per head.
+A format's pool holds exactly the (layer, head) pairs the plan stores in
+it, so a plan's bytes are the sum of its heads' bytes whatever its mix per
+layer: widths can move between layers at equal bytes. A layer is read as R
+rows (the most heads any layer stores in the format) from its ``first``
+row; rows past its own (heads -1) belong to the next layer or lie past the
+pool, and every read and write masks them.
 Values, and keys by default, are quantized per token (groups of channels),
 so any single slot can be rewritten after an eviction. ``exact`` is indexed
 by entry, not slot: ``exact_slots`` maps entries to slots.
@@ -81,12 +90,17 @@ if TYPE_CHECKING:
   from lmcache_jax.arch.config import ModelConfig
 
 
+# Where a pool's slot leaves keep the slot axis ([B, P, S, ...]).
+POOL_SLOT_AXIS = 2
+
+
 @struct.dataclass
 class Packed:
   data: jax.Array
   scale: jax.Array
   zero: jax.Array | None
   heads: jax.Array
+  first: jax.Array
   fmt: Format = struct.field(pytree_node=False)
   group_size: int = struct.field(pytree_node=False)
   outlier_index: jax.Array | None = None
@@ -139,7 +153,6 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
         f"cache capacity {capacity} is not a multiple of the plan's key_group "
         f"{plan.key_group} (per-channel key groups cover whole groups of "
         f"slots); use e.g. {-(-capacity // plan.key_group) * plan.key_group}")
-  lead = (cfg.num_layers, batch_size)
   hd = cfg.head_dim
   groups = hd // plan.group_size
   parts = []
@@ -151,17 +164,21 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
     heads = np.full((cfg.num_layers, rows), -1, np.int32)
     for layer, h in enumerate(per_layer):
       heads[layer, :len(h)] = h
-    shape = (*lead, rows, capacity)
-    head_rows = jnp.broadcast_to(jnp.asarray(heads)[:, None, :, None],
-                                 (*lead, rows, 1))
+    counts = [len(h) for h in per_layer]
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    shape = (batch_size, sum(counts), capacity)
+    pool = dict(heads=jnp.broadcast_to(
+                    jnp.asarray(heads)[:, None, :, None],
+                    (cfg.num_layers, batch_size, rows, 1)),
+                first=jnp.asarray(first), fmt=fmt)
     if keys and plan.key_layout == "channel":
-      per_group = (*lead, rows, capacity // plan.key_group)
+      per_group = (*shape[:2], capacity // plan.key_group)
       parts.append(Packed(
           data=fmt.empty(shape, hd),
           scale=jnp.zeros((*per_group, hd), jnp.float16),
           zero=jnp.zeros((*per_group, hd), jnp.float16),
-          sealed=jnp.zeros(per_group, bool), heads=head_rows, fmt=fmt,
-          group_size=1, token_group=plan.key_group))
+          sealed=jnp.zeros(per_group, bool), group_size=1,
+          token_group=plan.key_group, **pool))
       continue
     outliers = {}
     zero = jnp.zeros((*shape, groups), jnp.uint8) if fmt.has_zero else None
@@ -170,8 +187,10 @@ def empty(cfg: ModelConfig, plan: QuantPlan, batch_size: int, capacity: int,
           outlier_index=jnp.zeros((*shape, plan.outliers), jnp.uint8),
           outlier_delta=jnp.zeros((*shape, plan.outliers), jnp.float16))
     parts.append(Packed(
-        data=fmt.empty(shape, hd), scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
-        heads=head_rows, fmt=fmt, group_size=plan.group_size, **outliers))
+        data=fmt.empty(shape, hd),
+        scale=jnp.zeros((*shape, groups), jnp.float16), zero=zero,
+        group_size=plan.group_size, **pool, **outliers))
+  lead = (cfg.num_layers, batch_size)
   num_exact = plan.sinks + plan.residual
   kv = (*lead, cfg.num_kv_heads)
   per_head = lambda a: jnp.broadcast_to(
@@ -220,21 +239,53 @@ def _at(a: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 def in_place(part: Packed) -> bool:
-  """Whether a stacked part's slot leaves are read and written where they
-  lie (per-token codes) rather than through a copy of the layer."""
+  """Whether a pool's slot leaves are read and written where they lie
+  (per-token codes) rather than through a copy of the layer's rows."""
   return not part.per_channel
+
+
+def pool_rows(part: Packed) -> jax.Array:
+  """[R] pool row of each row of a layer view (its ``first`` + r), the pool
+  size P where the layer has no such row (out of range: dropped by
+  scatters, clipped by reads)."""
+  rows = part.first + jnp.arange(part.heads.shape[-2])
+  pool = part.data.shape[1]
+  return jnp.where(part.heads[0, :, 0] >= 0, rows, pool)
+
+
+def pool_sources(part: Packed) -> tuple[jax.Array, jax.Array]:
+  """(layer [P], kv head [P]) each pool row holds."""
+  heads = part.heads[:, 0, :, 0]                                 # [L, R]
+  num_layers, rows = heads.shape
+  pool = part.data.shape[1]
+  at = jnp.where(heads >= 0, part.first[:, None] + jnp.arange(rows), pool)
+  layer = jnp.zeros(pool, jnp.int32).at[at].set(
+      jnp.broadcast_to(jnp.arange(num_layers)[:, None], at.shape),
+      mode="drop")
+  return layer, jnp.zeros(pool, jnp.int32).at[at].set(heads, mode="drop")
+
+
+def _take_rows(a: jax.Array, rows: jax.Array) -> jax.Array:
+  return jnp.take(a, rows, axis=1, mode="clip")
 
 
 def layer_view(payload: QuantizedKV, layer: jax.Array, *,
                codes_in_place: bool = False) -> QuantizedKV:
-  """Layer ``layer`` of a stacked payload. With ``codes_in_place`` the slot
-  leaves of per-token parts stay stacked [L, ...], for kernels and scatters
-  that index the layer themselves: slicing them would copy the layer's
+  """Layer ``layer`` of a payload: its copies and maps [B, K, ...], and per
+  part its R rows [B, R, S, ...] (``heads`` [B, R, 1], ``first`` a scalar).
+
+  With ``codes_in_place`` the slot leaves of per-token parts stay the whole
+  pool [B, P, S, ...], for kernels and scatters that index the layer's rows
+  themselves (from ``first``): taking them out would copy the layer's
   codes, the bulk of the cache."""
   def part_view(part: Packed) -> Packed:
-    keep = codes_in_place and in_place(part)
-    names = ("heads",) + (() if keep else part.slot_leaves)
-    return part.replace(**{n: _at(getattr(part, n), layer) for n in names})
+    view = part.replace(heads=_at(part.heads, layer),
+                        first=_at(part.first, layer))
+    if codes_in_place and in_place(part):
+      return view
+    rows = pool_rows(view)
+    return view.replace(**{n: _take_rows(getattr(part, n), rows)
+                           for n in part.slot_leaves})
 
   rest = jax.tree.map(lambda a: _at(a, layer), payload.replace(parts=()))
   return rest.replace(parts=tuple(part_view(p) for p in payload.parts))
@@ -247,11 +298,14 @@ def _put_layer(stacked: QuantizedKV, written: QuantizedKV,
   put = lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, layer, 0)  # noqa: E731
   parts = []
   for old, new in zip(stacked.parts, written.parts):
+    kept = dict(heads=old.heads, first=old.first)
     if in_place(old):
-      parts.append(new.replace(heads=old.heads))
-    else:
-      parts.append(old.replace(**{n: put(getattr(old, n), getattr(new, n))
-                                  for n in old.slot_leaves}))
+      parts.append(new.replace(**kept))
+      continue
+    rows = pool_rows(new)
+    parts.append(old.replace(**{
+        n: getattr(old, n).at[:, rows].set(getattr(new, n), mode="drop")
+        for n in old.slot_leaves}))
   rest = jax.tree.map(put, stacked.replace(parts=()), written.replace(parts=()))
   return rest.replace(parts=tuple(parts))
 
@@ -266,22 +320,23 @@ def write(payload: QuantizedKV, x: jax.Array, token_positions: jax.Array,
   another token. Per-channel key parts are written as the module docstring
   says (sealing groups from the copies held before the step).
 
-  ``layer``: ``payload`` is stacked over layers and this layer is written;
-  per-token codes are scattered in place, the rest (copies, per-channel
-  parts) through a copy of the layer's leaves.
+  ``payload`` is a ``layer_view`` without ``layer``; with it, the whole
+  payload, of which this layer is written: per-token codes are scattered
+  into their pools in place, the rest (copies, per-channel parts) through a
+  copy of the layer's leaves.
   """
   if layer is not None:
     view = layer_view(payload, layer, codes_in_place=True)
-    return _put_layer(payload, _write_layer(view, x, token_positions, slots,
-                                            layer), layer)
-  return _write_layer(payload, x, token_positions, slots, None)
+    return _put_layer(payload, _write_layer(view, x, token_positions, slots),
+                      layer)
+  return _write_layer(payload, x, token_positions, slots)
 
 
-def _write_layer(payload: QuantizedKV, x, token_positions, slots, layer):
-  """``write`` into one layer's view; ``layer`` (or None) prefixes the
-  scatter index of the per-token parts whose codes are still stacked."""
+def _write_layer(payload: QuantizedKV, x, token_positions, slots):
+  """``write`` into one layer's view (per-token codes in their rows or,
+  from ``layer_view(..., codes_in_place=True)``, in the whole pool)."""
   batch, num_kv, steps, _ = x.shape
-  capacity = payload.parts[0].data.shape[-2]
+  capacity = payload.parts[0].data.shape[POOL_SLOT_AXIS]
   b = jnp.arange(batch)[:, None, None]
   valid = (token_positions >= 0)[:, None, :] & (slots < capacity)   # [B, K, T]
   entry, exact_slots = _copy_entries(payload, token_positions, slots, valid)
@@ -311,8 +366,8 @@ def _write_layer(payload: QuantizedKV, x, token_positions, slots, layer):
       new["outlier_delta"] = schemes.outlier_deltas(
           values, index, new["scale"], new["zero"], part.fmt.bits,
           part.group_size)
-    r = jnp.arange(part.heads.shape[-2])[None, :, None]
-    index = (b, r, sr) if layer is None else (layer, b, r, sr)
+    r = _leaf_rows(part)[None, :, None]
+    index = (b, r, sr)
     parts.append(part.replace(**{
         name: getattr(part, name).at[index].set(
             new[name].astype(getattr(part, name).dtype), mode="drop")
@@ -326,6 +381,13 @@ def _write_layer(payload: QuantizedKV, x, token_positions, slots, layer):
                               exact_scale=put(payload.exact_scale, scale),
                               exact_zero=put(payload.exact_zero, zero))
   return payload.replace(parts=tuple(parts), exact_slots=exact_slots)
+
+
+def _leaf_rows(part: Packed) -> jax.Array:
+  """[R] where a layer view's rows lie in its slot leaves: pool rows when
+  the leaves are the whole pool (``codes_in_place``), else 0..R-1."""
+  rows = part.heads.shape[-2]
+  return pool_rows(part) if part.data.shape[1] != rows else jnp.arange(rows)
 
 
 def _copy_entries(payload: QuantizedKV, token_positions, slots, valid):
@@ -546,16 +608,37 @@ def dequantize(payload: QuantizedKV, dtype, *, exact: bool = True) -> jax.Array:
   return out.astype(dtype)
 
 
+def dequantize_layers(payload: QuantizedKV, dtype, *,
+                      exact: bool = True) -> jax.Array:
+  """Every layer's dense [L, B, K, S, Hd] (``dequantize`` of each
+  ``layer_view``)."""
+  return jax.vmap(lambda l: dequantize(layer_view(payload, l), dtype,
+                                       exact=exact))(
+      jnp.arange(payload.exact.shape[0]))
+
+
+def _sequence(payload: QuantizedKV, row: jax.Array) -> QuantizedKV:
+  """The payload of sequence ``row`` alone (batch 1)."""
+  take = lambda axis: lambda a: jax.lax.dynamic_slice_in_dim(  # noqa: E731
+      a, row, 1, axis=axis)
+  parts = tuple(part.replace(
+      heads=take(1)(part.heads),
+      **{n: take(0)(getattr(part, n)) for n in part.slot_leaves})
+      for part in payload.parts)
+  rest = jax.tree.map(take(1), payload.replace(parts=()))
+  return rest.replace(parts=parts)
+
 
 def prefix_copies(payload: QuantizedKV, row: jax.Array,
                   n: jax.Array) -> QuantizedKV:
-  """A stacked payload [L, B, ...] whose sequence ``row`` holds the copies a
-  prefix of ``n`` tokens in slots 0..n-1 (slot = position) has after a
-  prefill: its sinks and its ``residual`` latest tokens, in the entries
-  ``write`` gives them, read from their codes (a store holds codes only)."""
-  one = jax.tree.map(
-      lambda a: jax.lax.dynamic_index_in_dim(a, row, axis=1, keepdims=False),
-      payload)                          # layers in the place of sequences
+  """A payload whose sequence ``row`` holds the copies a prefix of ``n``
+  tokens in slots 0..n-1 (slot = position) has after a prefill: its sinks
+  and its ``residual`` latest tokens, in the entries ``write`` gives them,
+  read from their codes (a store holds codes only)."""
+  one = _sequence(payload, row)
+  dense = dequantize_layers(one, jnp.float32, exact=False)[:, 0]  # [L, K, S, Hd]
+  # layers in the place of sequences: [L, K, ...] copies, maps, key scales
+  one = jax.tree.map(lambda a: a[:, 0], one.replace(parts=()))
   entry = jnp.arange(payload.exact.shape[-2])
   latest = (n - 1) - jnp.mod(n - 1 - (entry - payload.sinks),
                              max(payload.residual, 1))
@@ -563,7 +646,6 @@ def prefix_copies(payload: QuantizedKV, row: jax.Array,
   keep = (pos >= 0) & (pos < n) & ((entry < payload.sinks)
                                    | (pos >= payload.sinks))
   slots = jnp.broadcast_to(jnp.where(keep, pos, -1), one.exact_slots.shape)
-  dense = dequantize(one, jnp.float32, exact=False)          # [L, K, S, Hd]
   code, scale, zero = _encode_copies(
       one, jnp.take(dense, jnp.maximum(slots[0, 0], 0), axis=-2))
   put = lambda dst, src: (None if dst is None else            # noqa: E731

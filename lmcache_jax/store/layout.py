@@ -1,14 +1,16 @@
-"""The cache payload as the store sees it: slot arrays with the slot axis at 3.
+"""The cache payload as the store sees it: slot arrays, one sequence at a time.
 
 A cache's keys and values may be dense arrays or quantized payloads
 (``quant.payload.QuantizedKV``: packed codes, scales, zeros and any outlier
-entries per slot).
-Every slot array is [L, B, R, S', ...] with S' = S / g, g >= 1 the slots one
-stored entry covers (g = the key group of per-channel keys, KIVI: their
-scales, minima and sealed flags). A chunk of ``c`` tokens is, per slot
-array, the [L, R, c / g, ...] slice of one sequence, so a quantized cache
-stores and moves its packed bytes. A payload's other leaves (which rows hold
-which heads, the keys' channel scales) follow from its quant plan: they are
+entries per slot, in one row pool per format).
+Every slot array has a batch axis, then a row axis, then its slot axis
+S' = S / g, g >= 1 the slots one stored entry covers (g = the key group of
+per-channel keys, KIVI: their scales, minima and sealed flags): dense keys
+and values are [L, B, K, S, Hd], a payload's pools [B, P, S', ...]. A chunk
+of ``c`` tokens is, per slot array, its slice of one sequence and c / g
+entries ([L, K, c, Hd], [P, c / g, ...]), so a quantized cache stores and
+moves its packed bytes. A payload's other leaves (which rows hold which
+heads, the keys' channel scales) follow from its quant plan: they are
 hashed into the layout's fingerprint, never stored.
 
 Exact copies (sinks, recent window) belong to the latest tokens, not to a
@@ -36,14 +38,16 @@ from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.quant import payload as qpayload
 from lmcache_jax.quant.payload import QuantizedKV
 
-SLOT_AXIS = 3
-
-
 def slot_arrays(kv) -> list[jax.Array]:
   """The arrays of a payload indexed by slot (in a fixed order)."""
   if not isinstance(kv, QuantizedKV):
     return [kv]
   return [getattr(p, name) for p in kv.parts for name in p.slot_leaves]
+
+
+def batch_axis(kv) -> int:
+  """The batch axis of ``kv``'s slot arrays (their rows and slots follow)."""
+  return 0 if isinstance(kv, QuantizedKV) else 1
 
 
 def with_slot_arrays(kv, arrays: list[jax.Array]):
@@ -66,11 +70,18 @@ def _plan_digest(kv) -> str:
                + [kv.channel_scale, kv.channel_shift]):
     if leaf is not None:
       h.update(np.asarray(leaf[:, :1]).tobytes())
+  for part in kv.parts:
+    h.update(np.asarray(part.first).tobytes())
   return h.hexdigest()
 
 
 def _all_slot_arrays(cache: KVCache) -> list[jax.Array]:
   return slot_arrays(cache.keys) + slot_arrays(cache.values)
+
+
+def _all_batch_axes(cache: KVCache) -> tuple[int, ...]:
+  return tuple(batch_axis(kv) for kv in (cache.keys, cache.values)
+               for _ in slot_arrays(kv))
 
 
 def _replace_slot_arrays(cache: KVCache, arrays: list[jax.Array]) -> KVCache:
@@ -83,7 +94,13 @@ def _replace_slot_arrays(cache: KVCache, arrays: list[jax.Array]) -> KVCache:
 class LeafSpec:
   dtype: str
   group: int                 # slots per stored entry along the slot axis
-  trailing: tuple[int, ...]  # rows (axis 2), then the shape after the slot axis
+  batch_axis: int            # the rows and then the slot axis follow it
+  lead: tuple[int, ...]      # the shape before the batch axis
+  rows: int                  # rows (heads, or a pool's rows)
+  tail: tuple[int, ...]      # the shape after the slot axis
+
+  def chunk_shape(self, chunk_size: int) -> tuple[int, ...]:
+    return (*self.lead, self.rows, chunk_size // self.group, *self.tail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,19 +114,21 @@ class Layout:
   @classmethod
   def of(cls, cache: KVCache) -> "Layout":
     capacity = cache.capacity
+    batch = cache.positions.shape[1]
     specs = []
-    for leaf in _all_slot_arrays(cache):
-      if leaf.ndim < 4 or leaf.shape[:2] != cache.positions.shape[:2]:
+    for leaf, axis in zip(_all_slot_arrays(cache), _all_batch_axes(cache)):
+      if leaf.ndim < axis + 3 or leaf.shape[axis] != batch:
         raise ValueError(
-            f"a cache payload leaf of shape {leaf.shape} does not start with "
-            f"[L, B] = {cache.positions.shape[:2]}; the store needs the slot "
-            f"axis at index {SLOT_AXIS}")
-      slots = leaf.shape[SLOT_AXIS]
+            f"a cache payload leaf of shape {leaf.shape} has no batch axis "
+            f"of {batch} sequences at index {axis} followed by rows and slots")
+      slots = leaf.shape[axis + 2]
       if slots == 0 or capacity % slots:
         raise ValueError(f"a payload leaf holds {slots} entries along the slot "
                          f"axis, which does not divide the capacity {capacity}")
       specs.append(LeafSpec(str(jnp.dtype(leaf.dtype)), capacity // slots,
-                            (leaf.shape[2],) + tuple(leaf.shape[SLOT_AXIS + 1:])))
+                            axis, tuple(leaf.shape[:axis]),
+                            leaf.shape[axis + 1],
+                            tuple(leaf.shape[axis + 3:])))
     return cls((_plan_digest(cache.keys), _plan_digest(cache.values)),
                tuple(specs), cache.num_layers, cache.num_kv_heads)
 
@@ -130,24 +149,29 @@ class Layout:
 
   def chunk_shapes(self, chunk_size: int) -> list[tuple[tuple[int, ...], str]]:
     """(shape, dtype) of each leaf of one chunk."""
-    return [((self.num_layers, s.trailing[0], chunk_size // s.group)
-             + s.trailing[1:], s.dtype) for s in self.leaves]
+    return [(s.chunk_shape(chunk_size), s.dtype) for s in self.leaves]
 
   def chunk_nbytes(self, chunk_size: int) -> int:
     return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                for shape, dtype in self.chunk_shapes(chunk_size))
 
 
-Chunk = tuple  # one array per payload leaf, [L, K, c / g, ...]
+Chunk = tuple  # one array per payload leaf: its slice of one sequence
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "groups"))
-def _slice_chunk(leaves, row, start, *, chunk_size, groups):
+def _chunk_begin(leaf, axis: int, row, start, group: int) -> tuple:
+  return ((0,) * axis + (row, 0, start // group)
+          + (0,) * (leaf.ndim - axis - 3))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "groups", "axes"))
+def _slice_chunk(leaves, row, start, *, chunk_size, groups, axes):
   out = []
-  for leaf, g in zip(leaves, groups):
-    sizes = (leaf.shape[0], 1, leaf.shape[2], chunk_size // g) + leaf.shape[4:]
-    begin = (0, row, 0, start // g) + (0,) * (leaf.ndim - 4)
-    out.append(jax.lax.dynamic_slice(leaf, begin, sizes)[:, 0])
+  for leaf, g, axis in zip(leaves, groups, axes):
+    sizes = list(leaf.shape)
+    sizes[axis], sizes[axis + 2] = 1, chunk_size // g
+    out.append(jnp.squeeze(jax.lax.dynamic_slice(
+        leaf, _chunk_begin(leaf, axis, row, start, g), sizes), axis))
   return tuple(out)
 
 
@@ -156,16 +180,18 @@ def slice_chunk(cache: KVCache, layout: Layout, row: int, start: int,
   """The chunk of tokens [start, start + chunk_size) of sequence ``row``."""
   return _slice_chunk(_all_slot_arrays(cache), jnp.int32(row), jnp.int32(start),
                       chunk_size=chunk_size,
-                      groups=tuple(s.group for s in layout.leaves))
+                      groups=tuple(s.group for s in layout.leaves),
+                      axes=tuple(s.batch_axis for s in layout.leaves))
 
 
-@functools.partial(jax.jit, static_argnames=("groups",), donate_argnums=(0,))
-def _put_chunk(leaves, chunk, row, start, *, groups):
+@functools.partial(jax.jit, static_argnames=("groups", "axes"),
+                   donate_argnums=(0,))
+def _put_chunk(leaves, chunk, row, start, *, groups, axes):
   out = []
-  for leaf, part, g in zip(leaves, chunk, groups):
-    begin = (0, row, 0, start // g) + (0,) * (leaf.ndim - 4)
+  for leaf, part, g, axis in zip(leaves, chunk, groups, axes):
     out.append(jax.lax.dynamic_update_slice(
-        leaf, part[:, None].astype(leaf.dtype), begin))
+        leaf, jnp.expand_dims(part, axis).astype(leaf.dtype),
+        _chunk_begin(leaf, axis, row, start, g)))
   return out
 
 
@@ -182,9 +208,11 @@ def write_chunks(cache: KVCache, layout: Layout, row: int, first: int,
   (payload only; the cache is donated)."""
   leaves = _all_slot_arrays(cache)
   groups = tuple(s.group for s in layout.leaves)
+  axes = tuple(s.batch_axis for s in layout.leaves)
   for i, chunk in enumerate(chunks):
     leaves = _put_chunk(leaves, tuple(chunk), jnp.int32(row),
-                        jnp.int32((first + i) * chunk_size), groups=groups)
+                        jnp.int32((first + i) * chunk_size), groups=groups,
+                        axes=axes)
   return _replace_slot_arrays(cache, leaves)
 
 
@@ -202,7 +230,7 @@ def mark_prefix(cache: KVCache, row: int, n: int) -> KVCache:
   cache = cache.replace(positions=positions, lengths=lengths)
   for name in ("keys", "values"):
     kv = getattr(cache, name)
-    if isinstance(kv, QuantizedKV) and kv.exact.shape[SLOT_AXIS]:
+    if isinstance(kv, QuantizedKV) and kv.exact.shape[-2]:
       cache = cache.replace(**{name: _rebuild_copies(kv, jnp.int32(row),
                                                      jnp.int32(n))})
   return cache

@@ -34,6 +34,6 @@ class KNorm(EvictionPolicy):
     del mass, step
     keys = cache.keys
     if not isinstance(keys, jax.Array):   # quantized payload: score what is read
-      keys = jax.vmap(lambda layer: payload.dequantize(layer, jnp.float32))(keys)
+      keys = payload.dequantize_layers(keys, jnp.float32)
     keys = keys.astype(jnp.float32)
     return -jnp.sqrt(jnp.sum(keys * keys, axis=-1))
