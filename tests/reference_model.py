@@ -38,14 +38,22 @@ def _rope(x, positions, theta, scaling, linear_factor):
   return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def reference_logits(cfg, weights, tokens):
-  """Logits [T, V] float64 of one sequence ``tokens`` [T]."""
+def reference_logits(cfg, weights, tokens, key_delta=None, value_delta=None,
+                     exact_within=0, sinks=0):
+  """Logits [T, V] float64 of one sequence ``tokens`` [T].
+
+  ``key_delta``/``value_delta`` [L, T, K, Hd] (optional) are added to the
+  keys (after RoPE) and values a query reads of tokens at least
+  ``exact_within`` before it, other than the first ``sinks``: a cache whose
+  stored entries carry those errors."""
   w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
   t = len(tokens)
   pos = np.arange(t)
   x = w["embed"][np.asarray(tokens)]
   nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   causal = np.tril(np.ones((t, t), bool))
+  dist = pos[:, None] - pos[None, :]
+  far = (dist >= exact_within) & (pos[None, :] >= sinks)
   for i in range(cfg.num_layers):
     h = _rms_norm(x, w["layers.attn_norm"][i], cfg.norm_eps)
     q = h @ w["layers.q"][i]
@@ -60,14 +68,18 @@ def reference_logits(cfg, weights, tokens):
     k = _rope(k.reshape(t, nkv, hd), pos, cfg.rope_theta, cfg.rope_scaling,
               cfg.rope_linear_factor)
     v = v.reshape(t, nkv, hd)
+    dk = 0.0 if key_delta is None else np.asarray(key_delta[i], np.float64)
+    dv = 0.0 if value_delta is None else np.asarray(value_delta[i], np.float64)
+    k_far, v_far = k + dk, v + dv
     heads = []
     for head in range(nh):
       kv = head // (nh // nkv)
-      s = q[:, head] @ k[:, kv].T / np.sqrt(hd)
-      s = np.where(causal, s, -np.inf)
+      s = np.where(far, q[:, head] @ k_far[:, kv].T, q[:, head] @ k[:, kv].T)
+      s = np.where(causal, s / np.sqrt(hd), -np.inf)
       p = np.exp(s - s.max(-1, keepdims=True))
       p /= p.sum(-1, keepdims=True)
-      heads.append(p @ v[:, kv])
+      heads.append(np.where(far, 0.0, p) @ v[:, kv]
+                   + np.where(far, p, 0.0) @ v_far[:, kv])
     x = x + np.concatenate(heads, axis=-1) @ w["layers.o"][i]
     h = _rms_norm(x, w["layers.mlp_norm"][i], cfg.norm_eps)
     g = h @ w["layers.gate"][i]

@@ -78,8 +78,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int,
   """An empty cache of ``capacity`` slots per (layer, sequence, kv head).
 
   ``quant``: a ``lmcache_jax.quant.QuantPlan``; keys and values then become
-  packed payloads (``lmcache_jax.quant.payload.QuantizedKV``) whose leaves
-  keep the slot axis at index 3. None = dense ``dtype`` arrays.
+  packed payloads (``lmcache_jax.quant.payload.QuantizedKV``: per format a
+  pool of rows [B, P, S, ...], one per (layer, head) stored in it). None =
+  dense ``dtype`` arrays.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from lmcache_jax.engine import calibration
 from lmcache_jax.quant.plan import QuantPlan
-from policies.calibration.sensitivity import head_errors
+from policies.calibration.sensitivity import divergence_costs
 from policies.registry import CALIBRATION
 
 
@@ -66,8 +66,10 @@ class KVQuant:
     storage = dataclasses.replace(storage,
                                   outliers=self.outliers(cfg.head_dim))
     scales = channel_scales(acts.keys, self.quantile)
-    errors = head_errors(acts, cfg.group_size, group_size, residual, scales,
-                         storage)
+    costs = divergence_costs(lm, acts, group_size=group_size,
+                             residual=residual,
+                             sinks=max(sinks, self.sink_tokens),
+                             key_scale=scales, storage=storage)
     template = QuantPlan.uniform(cfg, "int4", group_size=group_size,
                                  residual=residual,
                                  sinks=max(sinks, self.sink_tokens),
@@ -75,4 +77,4 @@ class KVQuant:
                                  rotate=storage.rotate,
                                  key_shift=storage.key_shift,
                                  outliers=storage.outliers)
-    return calibration.plan_for(cfg, errors, bits, template)
+    return calibration.plan_for(cfg, costs, bits, template)
