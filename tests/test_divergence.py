@@ -69,6 +69,19 @@ def test_head_divergence_is_each_head_alone(lm):
     assert kl[layer, head, 0] == pytest.approx(want, rel=1e-3)
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_divergence_needs_a_far_read(lm, sinks):
+  errors = 0.3 * np.random.default_rng(8).standard_normal(
+      (1, CFG.num_layers, CFG.num_kv_heads, len(TOKENS), CFG.head_dim))
+  # the last scored query (position T - 2) reads token `sinks` beyond a
+  # window of T - 2 - sinks tokens, and nothing beyond one token more
+  edge = len(TOKENS) - 2 - sinks
+  kl = lambda residual: head_divergence(lm, TOKENS, errors, errors,
+                                        residual=residual, sinks=sinks)
+  assert kl(edge).max() > 1e-6
+  np.testing.assert_array_equal(kl(edge + 1), 0.0)
+
+
 def test_errors_must_cover_the_tokens(lm):
   errors = np.zeros((1, CFG.num_layers, CFG.num_kv_heads, 5, CFG.head_dim))
   with pytest.raises(ValueError, match="got 20 tokens, errors for 5"):

@@ -146,11 +146,13 @@ def head_divergence(lm: LoadedModel, tokens, key_errors: np.ndarray,
   if len(tokens) < 2 or steps != len(tokens):
     raise ValueError(f"head_divergence needs errors for each of at least 2 "
                      f"tokens; got {len(tokens)} tokens, errors for {steps}")
+  out = np.zeros((num_layers, num_kv, widths))
+  if len(tokens) - 2 - residual < sinks:
+    return out   # no scored query (the last predicts nothing) reads far
   params = jax.tree.map(lambda a: a.astype(jnp.float32), lm.params)
   inputs, exact = _inputs(lm.graphdef, params, jnp.asarray(tokens))
   # one error per (head, width): that head's, every other head exact
   alone = np.eye(num_kv, dtype=bool)[:, None, :, None, None]   # [K, 1, K, 1, 1]
-  out = np.zeros((num_layers, num_kv, widths))
   for l in progress.bar(range(num_layers), desc="head divergence",
                         unit="layer"):
     def per_head(errors):   # [W, K, T, Hd] -> [K·W, T, K, Hd]
