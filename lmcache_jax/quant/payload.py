@@ -385,7 +385,9 @@ def _write_layer(payload: QuantizedKV, x, token_positions, slots):
 
 def _leaf_rows(part: Packed) -> jax.Array:
   """[R] where a layer view's rows lie in its slot leaves: pool rows when
-  the leaves are the whole pool (``codes_in_place``), else 0..R-1."""
+  the leaves are the whole pool (``codes_in_place``), else 0..R-1. With a
+  pool of exactly R rows the two cannot be told apart and need not be: one
+  layer then holds the whole pool from row 0, so both give the same rows."""
   rows = part.heads.shape[-2]
   return pool_rows(part) if part.data.shape[1] != rows else jnp.arange(rows)
 
