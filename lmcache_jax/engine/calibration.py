@@ -115,8 +115,9 @@ def cache_bytes(cfg, template: QuantPlan, capacity: int | None = None,
                 dtype=jnp.bfloat16) -> Callable[[Formats], int]:
   """formats [L][K] -> bytes of the key and value payload that
   ``init_cache(cfg, 1, capacity, dtype, quant=template with these formats)``
-  allocates: codes, scales, zero codes, outliers, exact copies and maps (``KVCache.payload_nbytes``, read from ``jax.eval_shape``, so
-  nothing is allocated). ``capacity`` defaults to the model's context."""
+  allocates: codes, scales, zero codes, outliers, exact copies and maps
+  (``KVCache.payload_nbytes``, read from ``jax.eval_shape``, so nothing is
+  allocated). ``capacity`` defaults to the model's context."""
   capacity = capacity or cfg.max_context
 
   def nbytes(formats: Formats) -> int:
