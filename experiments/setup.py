@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging as std_logging
 import pathlib
@@ -17,6 +16,7 @@ from lmcache_jax.data import shakespeare
 from lmcache_jax.engine import calibration
 from lmcache_jax.models.presets import get_preset
 from lmcache_jax.quant import QuantPlan
+from lmcache_jax.quant.plan import PLAN_FILE
 from lmcache_jax.store import (DeviceTier, DiskTier, HostTier, KVStore, Layout,
                                load_cipher, model_fingerprint)
 from experiments.texts import load_eval_text
@@ -169,6 +169,11 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
           + ", or 16 for an unquantized cache")
   if config.quant.plan and not pathlib.Path(config.quant.plan).exists():
     raise FileNotFoundError(f"--quant_plan {config.quant.plan!r} does not exist")
+  saved = pathlib.Path(config.quant.save_plan or ".") / PLAN_FILE
+  if config.quant.save_plan and saved.exists() and not config.quant.overwrite_plan:
+    raise ValueError(f"--config.quant.save_plan: {saved} already holds a quant "
+                     f"plan; save to another directory, or add "
+                     f"--config.quant.overwrite_plan=True to replace it")
   length = prompt_tokens(config)
   if config.policy.name != "list":
     make_policy(config.policy, length or 1 << 30)
@@ -266,15 +271,15 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   ``sinks`` (0), ``copy_bits`` (16; 8 holds the sink and recent copies as
   int8 codes), ``rotate`` (True: Hadamard-rotate head vectors),
   ``center_keys`` (True: subtract each key channel's mean on the
-  calibration text) and ``save_plan`` (path to save the chosen plan).
+  calibration text), ``save_plan`` (directory to save the chosen plan
+  into) and ``overwrite_plan`` (False: a plan already there is an error).
   ``calibration_tokens`` is real text (token ids) for centering and for
   policies that measure; None reads ``calibration_text`` (see
   ``calibration_text_tokens``).
   """
   get = quant_config.get
   if get("plan", ""):
-    with _quiet_orbax():
-      plan = QuantPlan.load(get("plan"), lm.cfg)
+    plan = QuantPlan.load(get("plan"), lm.cfg)
     show_plan(plan, f"loaded quant plan {get('plan')}: ")
     return plan
   bits = float(get("kv_bits", 16))
@@ -301,8 +306,7 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
                                     or get("copy_bits", 16)))
   show_plan(plan)
   if get("save_plan", ""):
-    with _quiet_orbax():
-      path = plan.save(get("save_plan"))
+    path = plan.save(get("save_plan"), overwrite=bool(get("overwrite_plan")))
     print(f"saved quant plan to {path}")
   return plan
 
@@ -321,16 +325,3 @@ def show_plan(plan: QuantPlan, prefix: str = "") -> None:
   if verbose() and detail:
     print(detail)
 
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """orbax-checkpoint logs every step of a save or load at INFO (through
-  absl's logger); those lines show only when ``verbose``."""
-  logger = std_logging.getLogger("absl")
-  level = logger.level
-  if not verbose():
-    logger.setLevel(max(level, std_logging.WARNING))
-  try:
-    yield
-  finally:
-    logger.setLevel(level)

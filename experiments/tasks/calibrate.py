@@ -3,7 +3,7 @@
   python -m experiments.run --task=calibrate --kv_bits=3 --calibration=sensitivity
   python -m experiments.run --quant_plan=runs/plan-sensitivity-3bits-<time>
 
-The plan is saved with orbax-checkpoint under ``output_dir``; the run
+The plan is saved (``QuantPlan.save``) under ``output_dir``; the run
 harness has already built it (``experiments.setup.quant_plan`` prints what it chose).
 """
 

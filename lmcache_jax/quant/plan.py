@@ -1,9 +1,9 @@
 """A quant plan: the storage format of every (layer, kv head), and its knobs.
 
 Calibration policies produce plans; ``init_cache(..., quant=plan)`` allocates
-the packed cache they describe. Plans are saved and loaded with
-orbax-checkpoint, so a calibration run's choice can be reused
-(``--quant_plan=PATH``).
+the packed cache they describe. Plans are saved as JSON (formats by name)
+beside an ``.npz`` of their arrays, so a calibration run's choice can be
+reused (``--quant_plan=PATH``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 
 import collections
 import dataclasses
+import hashlib
+import io
+import json
+import os
 import pathlib
+import tempfile
 
 import numpy as np
 
@@ -22,8 +27,6 @@ from lmcache_jax.numerics.formats import FORMATS, get_format
 if TYPE_CHECKING:
   from lmcache_jax.arch.config import ModelConfig
 
-_NAMES = tuple(FORMATS)  # stable ids for saving
-
 # Tokens kept exact by default: the first 4 (sinks) and each query's 32
 # latest (the residual window), as int8 copies; with them a uniform 4-bit
 # plan stays within 1% of bf16 perplexity (docs/quantization.md).
@@ -31,6 +34,13 @@ EXACT_TOKENS = {"residual": 32, "sinks": 4, "copy_bits": 8}
 
 # How keys are grouped: per token over channels, or per channel over slots.
 KEY_LAYOUTS = ("token", "channel")
+
+# A saved plan (``QuantPlan.save``): the record, with formats by name and the
+# knobs below, and the arrays it names by digest.
+PLAN_FILE = "quant_plan.json"
+ARRAYS_FILE = "quant_plan.npz"
+_KNOBS = ("group_size", "residual", "sinks", "policy", "rotate", "copy_bits",
+          "outliers", "key_layout", "key_group")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -213,53 +223,87 @@ class QuantPlan:
             f"residual {self.residual}, sinks {self.sinks}{extras}\n"
             f"  per layer (heads): {per_layer}")
 
-  def save(self, path) -> pathlib.Path:
-    """Writes the plan as an orbax checkpoint directory (replacing one)."""
-    import orbax.checkpoint as ocp
+  def save(self, path, *, overwrite: bool = False) -> pathlib.Path:
+    """Writes the plan into directory ``path`` (created if missing) as
+    ``quant_plan.json`` (formats by name, knobs) and ``quant_plan.npz`` (the
+    key scales and shifts); returns ``path``. Nothing else there is touched:
+    each file is written beside its final name and renamed over it. A plan
+    already there is replaced only when ``overwrite``."""
     path = pathlib.Path(path).absolute()
-    tree = {
-        "formats": np.array([[_NAMES.index(f) for f in row]
-                             for row in self.formats], np.int32),
-        "key_scale": self.key_scale.astype(np.float32),
-        "group_size": np.int32(self.group_size),
-        "residual": np.int32(self.residual),
-        "sinks": np.int32(self.sinks),
-        "policy": np.frombuffer((self.policy or "-").encode(), np.uint8),
-        "rotate": np.int32(self.rotate),
-        "copy_bits": np.int32(self.copy_bits),
-        "outliers": np.int32(self.outliers),
-        "key_layout": np.int32(KEY_LAYOUTS.index(self.key_layout)),
-        "key_group": np.int32(self.key_group),
-    }
+    record = path / PLAN_FILE
+    if path.exists() and not path.is_dir():
+      raise ValueError(f"cannot save a quant plan into {path}: it is a file, "
+                       f"not a directory")
+    if record.exists() and not overwrite:
+      raise ValueError(f"{record} already holds a quant plan; save to another "
+                       f"directory, or pass overwrite=True to replace it")
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {"key_scale": self.key_scale.astype(np.float32)}
     if self.key_shift is not None:
-      tree["key_shift"] = self.key_shift.astype(np.float32)
-    ocp.PyTreeCheckpointer().save(path, tree, force=True)
+      arrays["key_shift"] = self.key_shift.astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    blob = buffer.getvalue()
+    fields = {"formats": [list(row) for row in self.formats],
+              **{name: _plain(getattr(self, name)) for name in _KNOBS},
+              "arrays_sha256": hashlib.sha256(blob).hexdigest()}
+    _write_atomically(path / ARRAYS_FILE, blob)   # first: the record names it
+    _write_atomically(record, (json.dumps(fields, indent=1) + "\n").encode())
     return path
 
   @classmethod
   def load(cls, path, cfg: ModelConfig | None = None) -> "QuantPlan":
     """Reads a plan saved by ``save``; checks it against ``cfg`` if given."""
-    import orbax.checkpoint as ocp
     path = pathlib.Path(path).absolute()
-    if not path.is_dir():
-      raise ValueError(f"no quant plan at {path} (expected a directory "
-                       f"written by QuantPlan.save)")
-    tree = ocp.PyTreeCheckpointer().restore(path)
-    ids = np.asarray(tree["formats"])
-    if ids.min() < 0 or ids.max() >= len(_NAMES):
-      raise ValueError(f"quant plan {path} has unknown format ids {ids}")
-    policy = bytes(np.asarray(tree["policy"], np.uint8)).decode()
-    shift = tree.get("key_shift")
-    plan = cls(tuple(tuple(_NAMES[i] for i in row) for row in ids),
-               np.asarray(tree["key_scale"], np.float32),
-               int(tree["group_size"]), int(tree["residual"]),
-               int(tree["sinks"]), "" if policy == "-" else policy,
-               bool(tree.get("rotate", 0)),
-               None if shift is None else np.asarray(shift, np.float32),
-               int(tree.get("copy_bits", 16)), int(tree.get("outliers", 0)),
-               KEY_LAYOUTS[int(tree.get("key_layout", 0))],
-               int(tree.get("key_group", 32)))
+    record = path / PLAN_FILE
+    if not record.is_file():
+      raise ValueError(f"no quant plan at {path} (expected {PLAN_FILE} written "
+                       f"by QuantPlan.save)")
+    try:
+      fields = json.loads(record.read_text())
+      blob = (path / ARRAYS_FILE).read_bytes()
+    except (OSError, ValueError) as e:
+      raise ValueError(f"quant plan {path} is unreadable: {e}") from None
+    missing = sorted({"formats", "arrays_sha256", *_KNOBS} - set(fields))
+    if missing:
+      raise ValueError(f"quant plan {record} lacks {', '.join(missing)}")
+    if hashlib.sha256(blob).hexdigest() != fields["arrays_sha256"]:
+      raise ValueError(f"{path / ARRAYS_FILE} is not the one {record} was "
+                       f"saved with (an interrupted save?); save the plan again")
+    with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+      shift = arrays["key_shift"] if "key_shift" in arrays else None
+      plan = cls(tuple(tuple(row) for row in fields["formats"]),
+                 np.asarray(arrays["key_scale"], np.float32),
+                 key_shift=shift, **{k: fields[k] for k in _KNOBS})
     if cfg is not None:
       plan.check(cfg)
     return plan
 
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to a new file beside ``path``, flushed to disk, and
+  renames it over ``path``: a reader sees the old file or the new one. Only
+  that new file is ever removed (when the write fails)."""
+  fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                              suffix=".tmp")
+  temp = pathlib.Path(name)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temp, path)
+  except BaseException:
+    temp.unlink(missing_ok=True)
+    raise
+  directory = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(directory)   # the rename itself survives a crash
+  finally:
+    os.close(directory)
+
+
+def _plain(value):
+  """A numpy scalar as the Python value JSON writes."""
+  return value.item() if isinstance(value, np.generic) else value
