@@ -10,13 +10,15 @@ from hypothesis import given, settings, strategies as st
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.store import codec
 from lmcache_jax.store.crypto import Cipher
-from lmcache_jax.store.keys import chunk_keys, namespace
+from lmcache_jax.store.keys import chunk_keys, model_fingerprint, namespace
 from lmcache_jax.store.layout import (Layout, insert_prefix, slice_chunk,
                                       slot_arrays, with_slot_arrays)
 from lmcache_jax.store.tier import MemoryTier
 from lmcache_jax.store.tiers import DiskTier, HostTier
 from policies.registry import REPLACEMENT
-from conftest import tiny_config
+from lmcache_jax.models.llama import from_weights
+from lmcache_jax.models.loaded import LoadedModel
+from conftest import tiny_config, tiny_weights
 from store_helpers import (CHUNK, assert_prefix_is, filled_cache, make_store,
                            quantized_like_cache, tokens_for)
 
@@ -31,6 +33,27 @@ def test_key_chain_depends_on_the_whole_prefix():
   assert ka[0] == kb[0] and all(x != y for x, y in zip(ka[1:], kb[1:]))
   assert chunk_keys(a, CHUNK, namespace(b"other model", b"layout"))[0] != ka[0]
   assert chunk_keys(a[:17], CHUNK, root) == ka[:2]
+
+
+def tiny_lm(weights, dtype=jnp.float32):
+  return LoadedModel.from_module(from_weights(tiny_config(), weights, dtype))
+
+
+def test_fingerprint_covers_the_last_element_of_every_weight():
+  """A one-ulp change to the last element of the last layer of any weight
+  changes the fingerprint; equal weights loaded twice keep it."""
+  weights = tiny_weights(tiny_config())
+  base = model_fingerprint(tiny_lm(weights))
+  assert model_fingerprint(tiny_lm(dict(weights))) == base
+  unchanged = []
+  for name, array in weights.items():
+    changed = array.copy()
+    last = changed.reshape(-1)
+    last[-1] = np.nextafter(last[-1], np.float32(np.inf))
+    if model_fingerprint(tiny_lm({**weights, name: changed})) == base:
+      unchanged.append(name)
+  assert unchanged == []
+  assert model_fingerprint(tiny_lm(weights, jnp.bfloat16)) != base
 
 
 # (rule, operations, expected victim); "i k" inserts, "t k" touches.
