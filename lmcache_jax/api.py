@@ -114,9 +114,9 @@ class Model:
                        "respond to")
     tokenizer = self.tokenizer
     if chat and tokenizer.chat_template:
-      prompt = tokenizer.apply_chat_template([{"role": "user",
-                                               "content": prompt}])
-    ids = tokenizer.encode(prompt)
+      ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    else:
+      ids = tokenizer.encode(prompt)
     plan = self._quant(kv_bits, quant)
     if getattr(policy, "budget", 0) >= len(ids) + max_new_tokens:
       policy = KeepAll()  # the budget holds everything: nothing to evict

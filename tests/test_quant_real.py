@@ -66,10 +66,17 @@ def test_quant_spread_windows_and_summary():
     spread.parse_settings("32:4")
 
   class Tokens:
-    def encode(self, text):
-      return list(range(100))
+    """100 ids for any text; BOS (-1) first when `bos`."""
+    def __init__(self, bos=False):
+      self.bos = bos
+
+    def encode(self, text, add_bos=None):
+      first = [-1] if self.bos and add_bos is not False else []
+      return first + (list(range(100)) if text else [])
 
   assert list(spread.window_tokens(Tokens(), "hamlet@10", 5)) == list(range(10, 16))
+  assert list(spread.window_tokens(Tokens(bos=True), "hamlet@10", 5)) == [
+      -1, *range(10, 15)]
   with pytest.raises(ValueError, match="play@offset"):
     spread.window_tokens(Tokens(), "hamlet", 5)
   with pytest.raises(ValueError, match="needs 106 tokens; hamlet has 100"):

@@ -25,8 +25,9 @@ _TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in "
 class ByteTokenizer:
   """Text as UTF-8 bytes: ids fit the 256-entry vocabulary of the test model."""
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
-    del add_bos
+  def encode(self, text: str, add_bos: bool = False,
+             special: bool = True) -> list[int]:
+    del add_bos, special
     return list(text.encode("utf-8"))
 
 

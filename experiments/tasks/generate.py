@@ -18,10 +18,9 @@ def prompt_ids(gconf, tokenizer) -> list[int]:
   and the model has one."""
   if not gconf.prompt.strip():
     raise ValueError("--prompt is empty: give the model something to respond to")
-  prompt = gconf.prompt
   if gconf.chat and tokenizer.chat_template:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-  return tokenizer.encode(prompt)
+    return tokenizer.encode_chat([{"role": "user", "content": gconf.prompt}])
+  return tokenizer.encode(gconf.prompt)
 
 
 @TASKS.register("generate")

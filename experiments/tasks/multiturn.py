@@ -28,8 +28,10 @@ def next_prompt(ctx: RunContext, history: list[int], turn: int,
   the answer. The first message continues the user message that holds the
   passage; a later one opens a new user turn with the template's piece."""
   _, user_end, turn_end = chat_pieces(ctx.lm.tokenizer)
-  return history + encode(ctx, ("\n\n" if turn == 0 else turn_end) + message
-                          + user_end)
+  opens = ([] if turn == 0 else encode(ctx, turn_end, add_bos=False))
+  plain = ("\n\n" if turn == 0 else "") + message
+  return (history + opens + encode(ctx, plain, add_bos=False, special=False)
+          + encode(ctx, user_end, add_bos=False))
 
 
 def after_answer(prompt: list[int], answer: list[int],
@@ -50,7 +52,8 @@ def multiturn(ctx: RunContext) -> dict:
   text = load_eval_text(ctx.config.text, ctx.config.text_file)
   # The passage opens the first user message; each answer closes its turn.
   opening, _, _ = chat_pieces(ctx.lm.tokenizer)
-  history = encode(ctx, opening) + encode(ctx, text)[:mconf.context_tokens]
+  history = encode(ctx, opening) + encode(
+      ctx, text, add_bos=False, special=False)[:mconf.context_tokens]
   capacity = (len(history) + len(mconf.messages) * mconf.max_new_tokens
               + sum(len(next_prompt(ctx, [], i, m))
                     for i, m in enumerate(mconf.messages)))

@@ -41,17 +41,20 @@ SETTINGS = ((0, 16), (16, 8), (32, 16), (32, 8), (64, 8))
 
 
 def window_tokens(tokenizer, spec: str, length: int) -> np.ndarray:
-  """``length`` + 1 token ids of ``play@offset``."""
+  """``length`` + 1 token ids of ``play@offset``, as a sequence starts: BOS
+  first when the model asks for it."""
   play, _, offset = spec.partition("@")
   if not offset.isdigit():
     raise ValueError(f"window {spec!r} must be play@offset (a token offset), "
                      f"e.g. hamlet@2048")
   start = int(offset)
-  tokens = np.asarray(tokenizer.encode(shakespeare.load_text(play)), np.int32)
+  tokens = tokenizer.encode(shakespeare.load_text(play), add_bos=False)
   if start + length + 1 > len(tokens):
     raise ValueError(f"window {spec!r} needs {start + length + 1} tokens; "
                      f"{play} has {len(tokens)}")
-  return tokens[start:start + length + 1]
+  bos = tokenizer.encode("")
+  return np.asarray(bos + tokens[start:start + length + 1 - len(bos)],
+                    np.int32)
 
 
 def parse_settings(text: str) -> tuple[tuple[int, int], ...]:

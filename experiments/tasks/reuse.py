@@ -81,12 +81,13 @@ def chat_pieces(tokenizer) -> tuple[str, str, str]:
   return opening, user_end, turn
 
 
-def encode(ctx, text):
+def encode(ctx, text, **options):
+  """``text``'s ids (``options``: those of ``Tokenizer.encode``)."""
   tokenizer = ctx.lm.tokenizer
   if tokenizer is None:
     raise ValueError(f"model {ctx.config.model!r} has no tokenizer; these "
                      f"tasks need one (use a .gguf file or the default model)")
-  return tokenizer.encode(text)
+  return tokenizer.encode(text, **options)
 
 
 @TASKS.register("reuse")
@@ -95,14 +96,17 @@ def reuse(ctx: RunContext) -> dict:
   rconf = ctx.config.reuse
   store = task_store(ctx)
   text = load_eval_text(ctx.config.text, ctx.config.text_file)
-  document = encode(ctx, text)[:rconf.doc_tokens]
+  # The text and questions are plain text; the chat's pieces hold its
+  # control tokens, and the opening the BOS the model asks for.
+  document = encode(ctx, text, add_bos=False, special=False)[:rconf.doc_tokens]
   if len(document) < rconf.doc_tokens:
     raise ValueError(f"the text holds {len(document)} tokens, fewer than "
                      f"reuse.doc_tokens={rconf.doc_tokens}")
   # One user message: the document (the shared prefix), then the question.
   opening, user_end, _ = chat_pieces(ctx.lm.tokenizer)
   document = encode(ctx, opening) + document
-  questions = [encode(ctx, f"\n\nAnswer in one sentence: {q}{user_end}")
+  questions = [encode(ctx, f"\n\nAnswer in one sentence: {q}", add_bos=False,
+                      special=False) + encode(ctx, user_end, add_bos=False)
                for q in rconf.questions]
   capacity = (len(document) + max(len(q) for q in questions)
               + rconf.max_new_tokens)

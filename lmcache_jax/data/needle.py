@@ -51,12 +51,13 @@ def needle(tokenizer: Tokenizer, text: str, length: int, depth: float,
     i += 1
     if i - start > 10 * len(lines):
       raise ValueError("the haystack text is too short for this length")
-  haystack = tokenizer.encode("".join(window))
-  needle_ids = tokenizer.encode(NEEDLE.format(word=word))
+  haystack = tokenizer.encode("".join(window), add_bos=False)
+  needle_ids = tokenizer.encode(NEEDLE.format(word=word), add_bos=False)
   # Place at a line boundary: find it in the haystack first, then assemble
-  # with that exact depth.
-  room = length - len(needle_ids) - sum(len(tokenizer.encode(s))
-                                        for s in (INTRO, QUESTION, CUE))
+  # with that exact depth. The intro starts the sequence (BOS included).
+  room = (length - len(needle_ids) - len(tokenizer.encode(INTRO))
+          - sum(len(tokenizer.encode(s, add_bos=False))
+                for s in (QUESTION, CUE)))
   if room < 1:
     raise ValueError(f"a prompt of {length} tokens is too short for the "
                      f"needle and question; ask for more tokens")

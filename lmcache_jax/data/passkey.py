@@ -25,7 +25,9 @@ CUE = " The pass key is"
 
 
 class Tokenizer(Protocol):
-  def encode(self, text: str) -> list[int]: ...
+  """``encode(text)`` starts a sequence (BOS first if the model asks for it);
+  ``encode(text, add_bos=False)`` continues one."""
+  def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
   def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -62,10 +64,12 @@ def assemble(tokenizer: Tokenizer, length: int, depth: float, haystack:
              cue: str) -> tuple[list[int], list[int], int]:
   """[intro][haystack before][needle][haystack after][question] + cue ids.
 
+  The intro starts the sequence (with BOS when the model asks for it).
   ``haystack`` must hold enough tokens; it is cut so the total is ``length``.
   """
-  head, tail, cue_ids = (tokenizer.encode(intro), tokenizer.encode(question),
-                         tokenizer.encode(cue))
+  head, tail, cue_ids = (tokenizer.encode(intro),
+                         tokenizer.encode(question, add_bos=False),
+                         tokenizer.encode(cue, add_bos=False))
   fixed = len(head) + len(needle) + len(tail) + len(cue_ids)
   check_request(length, depth, fixed)
   room = length - fixed
@@ -83,9 +87,9 @@ def passkey(tokenizer: Tokenizer, length: int, depth: float,
     raise ValueError(f"digits must be >= 1, got {digits}")
   rng = np.random.default_rng(seed)
   key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
-  filler = tokenizer.encode(FILLER)
+  filler = tokenizer.encode(FILLER, add_bos=False)
   haystack = filler * (length // max(len(filler), 1) + 1)
-  needle = tokenizer.encode(NEEDLE.format(key=key))
+  needle = tokenizer.encode(NEEDLE.format(key=key), add_bos=False)
   prompt, cue, start = assemble(tokenizer, length, depth, haystack, needle,
                                 INTRO, QUESTION, CUE)
   return Sample(prompt, cue, key, start)

@@ -6,6 +6,20 @@ the pre-tokenizer (`tokenizer.ggml.pre`) and the chat template. We assemble the
 same byte-level BPE with the `tokenizers` library. The pre-tokenizer is the part
 a GGUF names but does not spell out; `_PRE_TOKENIZERS` spells out those we
 support, following llama.cpp's `llama-vocab.cpp`.
+
+Two rules hold for every model:
+
+* BOS. `encode` puts the BOS token first exactly when the model's tokenizer
+  config asks for it: the GGUF key `tokenizer.ggml.add_bos_token` (absent:
+  no BOS, llama.cpp's default for byte-level BPE), or in a Hugging Face folder
+  `add_bos_token` of `tokenizer_config.json`, else whether the post-processor
+  of `tokenizer.json` puts BOS first. Text that already starts with the BOS
+  token (a chat template that writes `bos_token`) is not given a second one.
+  Llama-2/3 and Mistral ask for it; SmolLM2 and Qwen2 do not.
+* Special tokens. `encode_chat` makes control tokens only of the chat
+  template's own pieces: `<|im_start|>` written inside a message is plain
+  text, so no message can open a turn of another role. `encode(text,
+  special=False)` does the same for any text from a user.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import gguf
@@ -67,7 +82,8 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
 class Tokenizer:
   """Byte-level BPE text <-> ids, plus the model's chat template.
 
-  Build with `Tokenizer.from_gguf(path)`.
+  Build with `Tokenizer.from_gguf(path)` or `Tokenizer.from_hf_dir(path)`.
+  `add_bos`: whether the model expects BOS first (the module's BOS rule).
   """
 
   backend: tokenizers.Tokenizer
@@ -76,6 +92,12 @@ class Tokenizer:
   pad_id: int | None
   eos_ids: tuple[int, ...]
   chat_template: str | None
+  add_bos: bool = False
+
+  def __post_init__(self):
+    if self.add_bos and self.bos_id is None:
+      raise ValueError("the tokenizer config asks to add BOS but defines no "
+                       "BOS token")
 
   @classmethod
   def from_gguf(cls, source: str | os.PathLike | gguf.GGUFReader) -> Tokenizer:
@@ -137,12 +159,15 @@ class Tokenizer:
     return cls(backend=backend, bos_id=token_id("bos_token_id"),
                eos_id=token_id("eos_token_id"),
                pad_id=token_id("padding_token_id"), eos_ids=eos_ids,
-               chat_template=_field(reader, "tokenizer.chat_template"))
+               chat_template=_field(reader, "tokenizer.chat_template"),
+               add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token",
+                                   False)))
 
   @classmethod
   def from_hf_dir(cls, directory: str | os.PathLike) -> Tokenizer:
     """Reads ``tokenizer.json`` (and ``tokenizer_config.json`` for the chat
-    template and the bos/eos tokens) of a Hugging Face model directory."""
+    template, the bos/eos tokens and ``add_bos_token``) of a Hugging Face
+    model directory."""
     directory = pathlib.Path(directory)
     backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     config_file = directory / "tokenizer_config.json"
@@ -158,30 +183,92 @@ class Tokenizer:
     eos_ids = [token_id("eos_token")]
     eos_ids += [vocab[t] for t in _END_OF_GENERATION if t in vocab]
     eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
-    return cls(backend=backend, bos_id=token_id("bos_token"),
+    bos_id = token_id("bos_token")
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+      add_bos = _post_processor_puts_first(backend, bos_id)
+    return cls(backend=backend, bos_id=bos_id,
                eos_id=token_id("eos_token"), pad_id=token_id("pad_token"),
-               eos_ids=eos_ids, chat_template=config.get("chat_template"))
+               eos_ids=eos_ids, chat_template=config.get("chat_template"),
+               add_bos=bool(add_bos))
 
   @property
   def vocab_size(self) -> int:
     """Number of ids, the rows of the embedding table."""
     return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
-    """Ids of `text`; special tokens written in it (`<|im_start|>`) stay whole.
+  def encode(self, text: str, add_bos: bool | None = None, *,
+             special: bool = True) -> list[int]:
+    """Ids of `text`.
 
-    Empty text gives [] (or [bos] with `add_bos`); callers decide if that is
-    an error.
+    Args:
+      add_bos: put BOS first. None follows the model (`self.add_bos`), unless
+        `text` already starts with the BOS token; True or False force it.
+      special: read control tokens written in `text` (`<|im_start|>`) as
+        their ids. False encodes them as plain text, as text from a user
+        must be.
+
+    Empty text gives [] (or [bos]); callers decide if that is an error.
     """
     if not isinstance(text, str):
       raise TypeError(f"text must be a str, got {type(text).__name__}")
-    ids = (self.backend.encode(text, add_special_tokens=False).ids
-           if text else [])
-    if add_bos:
-      if self.bos_id is None:
-        raise ValueError("add_bos=True, but the GGUF defines no bos_token_id")
-      ids = [self.bos_id, *ids]
-    return ids
+    backend = self.backend if special else self._plain
+    ids = backend.encode(text, add_special_tokens=False).ids if text else []
+    return self._with_bos(ids, add_bos)
+
+  def encode_chat(self, messages: Sequence[Mapping[str, str]],
+                  add_generation_prompt: bool = True) -> list[int]:
+    """Ids of a conversation in the model's chat template.
+
+    Only the template's own pieces become control tokens: one written in a
+    message's content is encoded as plain text. BOS as `encode` with
+    `add_bos=None`.
+    """
+    _check_messages(messages)
+    mark = _unused_char([m["content"] for m in messages])
+    written: list[str] = []
+
+    def hide(match: re.Match) -> str:
+      written.append(match.group())
+      return f"{mark}{len(written) - 1}{mark}"
+
+    hidden = [{**m, "content": self._special_pattern.sub(hide, m["content"])}
+              for m in messages]
+    rendered = self.apply_chat_template(hidden, add_generation_prompt)
+    ids = []
+    # The capturing split alternates text (even places) and control tokens.
+    for i, piece in enumerate(self._special_pattern.split(rendered)):
+      if i % 2:
+        ids.append(self.backend.token_to_id(piece))
+      elif piece:
+        text = re.sub(f"{mark}(\\d+){mark}", lambda m: written[int(m[1])],
+                      piece)
+        ids += self._plain.encode(text, add_special_tokens=False).ids
+    return self._with_bos(ids, None)
+
+  def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
+    if add_bos is None:
+      add_bos = self.add_bos and ids[:1] != [self.bos_id]
+    if not add_bos:
+      return ids
+    if self.bos_id is None:
+      raise ValueError("add_bos=True, but the tokenizer defines no BOS token")
+    return [self.bos_id, *ids]
+
+  @functools.cached_property
+  def _plain(self) -> tokenizers.Tokenizer:
+    """The backend with control tokens read as plain text."""
+    plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+    plain.encode_special_tokens = True
+    return plain
+
+  @functools.cached_property
+  def _special_pattern(self) -> re.Pattern:
+    """Matches any control token, the longest first; one capturing group."""
+    specials = sorted((t.content for t in
+                       self.backend.get_added_tokens_decoder().values()
+                       if t.special), key=len, reverse=True)
+    return re.compile(f"({'|'.join(map(re.escape, specials)) or '(?!)'})")
 
   def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
     """Text of `ids`; `skip_special` drops control tokens like `<|im_end|>`."""
@@ -196,19 +283,16 @@ class Tokenizer:
                           add_generation_prompt: bool = True) -> str:
     """A conversation rendered by the model's own template (sandboxed).
 
+    The text shows the prompt; for its ids use `encode_chat`, which keeps
+    control tokens written in the messages plain.
+
     Args:
       messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
       add_generation_prompt: end with the header of the assistant's turn.
     """
     if self.chat_template is None:
       raise ValueError("the GGUF has no tokenizer.chat_template")
-    for i, message in enumerate(messages):
-      if (not isinstance(message, Mapping)
-          or not isinstance(message.get("role"), str)
-          or not isinstance(message.get("content"), str)):
-        raise ValueError(
-            f"messages[{i}] is {message!r}; each message must be a dict with "
-            "str 'role' and 'content'")
+    _check_messages(messages)
     return _compile(self.chat_template).render(
         messages=[dict(m) for m in messages],
         add_generation_prompt=add_generation_prompt,
@@ -216,6 +300,29 @@ class Tokenizer:
 
   def _text(self, token_id: int | None) -> str:
     return "" if token_id is None else self.backend.id_to_token(token_id)
+
+
+def _post_processor_puts_first(backend: tokenizers.Tokenizer,
+                               bos_id: int | None) -> bool:
+  """Whether `tokenizer.json`'s post-processor starts a sequence with BOS."""
+  return (bos_id is not None
+          and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id])
+
+
+def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
+  for i, message in enumerate(messages):
+    if (not isinstance(message, Mapping)
+        or not isinstance(message.get("role"), str)
+        or not isinstance(message.get("content"), str)):
+      raise ValueError(
+          f"messages[{i}] is {message!r}; each message must be a dict with "
+          "str 'role' and 'content'")
+
+
+def _unused_char(texts: Sequence[str]) -> str:
+  """A private-use character that none of `texts` holds."""
+  return next(c for c in map(chr, range(0xE000, 0xF900))
+              if not any(c in text for text in texts))
 
 
 def _raise_exception(message: str):
