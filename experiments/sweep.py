@@ -27,7 +27,6 @@ failing ones are listed in ``errors.json`` and the report (exit status 1).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import json
 import pathlib
@@ -100,9 +99,10 @@ Cell = tuple[ml_collections.ConfigDict, str]  # (resolved run config, variant)
 def grid(config: ml_collections.ConfigDict) -> tuple[list[Cell], list[dict]]:
   """The sweep's cells, and the cells that cannot run.
 
-  A cannot-run entry is ``{"cell": label, "error": message}``: an unknown task
-  or policy, a budget the context cannot hold, or quantization this checkout
-  does not provide.
+  A cannot-run entry is ``{"cell": label, "error": message}``: whatever a
+  run refuses before its model loads (``setup.check``), such as an unknown
+  task or policy, a budget the prompt cannot hold, or bits no calibration
+  provides.
   """
   sweep = config.sweep
   base = ml_collections.ConfigDict(config.to_dict())
@@ -125,10 +125,8 @@ def grid(config: ml_collections.ConfigDict) -> tuple[list[Cell], list[dict]]:
       cell.policy.name, cell.policy.budget = policy, float(budget)
       cell.quant.kv_bits, cell.quant.calibration = float(bits), calibration
       _apply_variant(cell, variant)
-      setup.make_policy(cell.policy, cell.context)
-      if bits < 16:
-        _check_quant()
-    except (ValueError, ImportError) as e:
+      setup.check(cell, TASKS.names(), model=False)
+    except (ValueError, FileNotFoundError) as e:
       if name not in {i["cell"] for i in invalid}:
         invalid.append({"cell": name, "error": str(e)})
       continue
@@ -145,16 +143,6 @@ def identity(cell: ml_collections.ConfigDict) -> dict:
   task's defaults does not orphan finished cells."""
   others = set(TASKS.names()) - {cell.task}
   return {k: v for k, v in cell.to_dict().items() if k not in others}
-
-
-def _check_quant() -> None:
-  try:
-    quant = importlib.import_module("lmcache_jax.quant")
-  except ImportError as e:
-    raise ImportError(f"kv_bits < 16 needs the lmcache_jax.quant package: {e}") from None
-  if not hasattr(quant, "from_config"):
-    raise ImportError("kv_bits < 16 needs lmcache_jax.quant.from_config, which "
-                      "this checkout does not have yet")
 
 
 def _record(cell: dict, cell_results: dict, variant: str) -> dict:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_weights
 from configs import default
-from experiments import results, sweep
+from experiments import results, setup, sweep
 from experiments import run as run_lib
 from lmcache_jax.models import LoadedModel
 from lmcache_jax.models.llama import from_weights
@@ -22,18 +25,31 @@ _TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in "
          "the mind to suffer the slings and arrows of outrageous fortune. ") * 3
 
 
+REPO = pathlib.Path(__file__).parent.parent
+# Every sweep config shipped, as found on disk: a new one is tested too.
+SHIPPED_SWEEPS = sorted(p.stem for p in (REPO / "configs" / "sweeps").glob("*.py")
+                        if not p.name.startswith("_"))
+
+
 class ByteTokenizer:
-  """Text as UTF-8 bytes: ids fit the 256-entry vocabulary of the test model."""
+  """Text as UTF-8 bytes: ids fit the 256-entry vocabulary of the test model.
+  No chat template: the reuse tasks cue with plain Question/Answer lines."""
+  chat_template = None
 
   def encode(self, text: str, add_bos: bool = False,
              special: bool = True) -> list[int]:
     del add_bos, special
     return list(text.encode("utf-8"))
 
+  def decode(self, ids, skip_special: bool = False) -> str:
+    del skip_special
+    return bytes(ids).decode("utf-8", errors="replace")
+
 
 @pytest.fixture(scope="module")
 def byte_lm():
-  cfg = tiny_config(vocab_size=256, max_context=512)
+  # head_dim 32: the smallest that every packed format (int2 included) holds
+  cfg = tiny_config(vocab_size=256, max_context=512, head_dim=32)
   model = from_weights(cfg, tiny_weights(cfg), jnp.float32)
   return LoadedModel.from_module(model, ByteTokenizer(), "tiny-bytes")
 
@@ -194,22 +210,84 @@ def test_report_only_runs_nothing(tmp_path, byte_lm, monkeypatch):
   assert report.records == [] and len(report.stale) == 1
 
 
-@pytest.mark.parametrize("name", ["eviction", "quantization",
-                                  "eviction_x_quantization", "reuse"])
+def shipped_sweep(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  return importlib.import_module(f"configs.sweeps.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", SHIPPED_SWEEPS)
 def test_shipped_sweep_configs_load(name):
-  module = __import__(f"configs.sweeps.{name}", fromlist=["get_config"])
+  module = importlib.import_module(f"configs.sweeps.{name}")
   for arg in (None, "runlocal"):
     config = module.get_config(arg)
     assert config.sweep.name == name and config.sweep.tasks
     assert f"configs/sweeps/{name}.py" in module.__doc__
 
 
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("name", SHIPPED_SWEEPS)
+def test_shipped_sweep_builds_its_whole_grid(name, arg):
+  """Every cell of every shipped sweep passes the checks a run makes before
+  its model loads; each value of each axis has a cell."""
+  config = shipped_sweep(name, arg)
+  cells, invalid = sweep.grid(config)
+  assert invalid == []
+  axes = config.sweep
+  assert {c.task for c, _ in cells} == set(axes.tasks)
+  assert {c.policy.name for c, _ in cells} == set(axes.policies)
+  assert {c.quant.kv_bits for c, _ in cells} == set(axes.kv_bits)
+  assert {v for _, v in cells} == set(axes.variants or ("",))
+
+
+def at_test_size(config, tmp_path, lm) -> ml_collections.ConfigDict:
+  """``config``'s sweep shrunk to run in seconds on ``lm`` (the byte-level
+  model): its lowest bits, its first policy that takes a budget (at 16
+  tokens), its first variant, every task and calibration, on a short text."""
+  text_file = tmp_path / "text.txt"
+  text_file.write_text(_TEXT)
+  config.update(dict(model="tiny-bytes", dtype="float32", context=64,
+                     text_file=str(text_file),
+                     output_dir=str(tmp_path / "sweep")))
+  config.perplexity.update(dict(num_tokens=0, chunk=16))
+  config.passkey.update(dict(lengths=(256,), depths=(0.5,), trials=1,
+                             chunk=32, max_new_tokens=2))
+  config.store.update(dict(dir=str(tmp_path / "store"), chunk_size=16))
+  config.reuse.update(dict(doc_tokens=48, questions=config.reuse.questions[:1],
+                           repeats=1, max_new_tokens=2))
+  config.multiturn.update(dict(context_tokens=48, repeats=1, max_new_tokens=2,
+                               messages=config.multiturn.messages[:2]))
+  config.quant.update(dict(group_size=lm.cfg.head_dim, calibration_tokens=64))
+  axes = config.sweep
+  axes.policies = (next((p for p in axes.policies if setup.takes_budget(p)),
+                        axes.policies[0]),)
+  axes.budgets = (16.0,) if axes.budgets else ()
+  axes.kv_bits = (min(axes.kv_bits),)
+  axes.variants = tuple(axes.variants)[:1]
+  return config
+
+
+@pytest.mark.parametrize("name", SHIPPED_SWEEPS)
+def test_shipped_sweep_runs_its_lowest_bits_cells(name, tmp_path, byte_lm):
+  """Each shipped sweep, shrunk, runs end to end: a quantized cell of each
+  sweep that has one (the eviction sweep is full precision only)."""
+  config = at_test_size(shipped_sweep(name), tmp_path, byte_lm)
+  report = sweep.run_sweep(config, byte_lm, progress=False)
+  calibrations = len(config.sweep.calibrations or ("",))
+  assert report.errors == []
+  assert report.ran == len(config.sweep.tasks) * (
+      calibrations if config.sweep.kv_bits[0] < 16 else 1)
+  bits = config.sweep.kv_bits[0]
+  for cell_file in (tmp_path / "sweep" / "cells").glob("*.json"):
+    cell_results = json.loads(cell_file.read_text())["results"]
+    assert cell_results["kv_bits"] == pytest.approx(bits, abs=0.01)  # the plan's
+    assert all(np.isfinite(cell_results[m]) for m in ("ppl", "accuracy", "speedup")
+               if cell_results.get(m) is not None)
+
+
 def test_cli_refuses_axis_flags_and_names_missing_cells(tmp_path):
   def cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "experiments.sweep", *args], capture_output=True,
-        text=True, timeout=120, cwd=str(__import__("pathlib").Path(
-            __file__).parent.parent))
+        text=True, timeout=120, cwd=str(REPO))
   refused = cli("--config=configs/sweeps/eviction.py", "--policy=h2o")
   assert refused.returncode != 0
   assert "--config.sweep.policies" in refused.stderr
