@@ -61,18 +61,35 @@ def takes_budget(spec: str) -> bool:
 def make_policy(policy_config: ml_collections.ConfigDict, prompt_tokens: int,
                 limit: int | None = None) -> CachePolicy:
   """The eviction policy named in the config, with its budget resolved
-  against ``prompt_tokens`` (at most ``limit`` tokens, default the prompt);
-  a policy that takes a budget and got none gets ``DEFAULT_BUDGET`` tokens
-  (at most the prompt)."""
-  name, _ = parse_spec(policy_config.name)
+  against ``prompt_tokens`` (at most ``limit`` tokens, default the prompt).
+  The budget is the one given, in the spec (``snapkv(budget=64)``) or as
+  ``--budget`` (two different ones are an error); a policy that takes a
+  budget and got none gets ``DEFAULT_BUDGET`` tokens (at most the prompt)."""
+  name, kwargs = parse_spec(policy_config.name)
   if not takes_budget(name):
     if policy_config.budget:
       raise ValueError(f"policy {name!r} keeps every token and takes no "
                        f"--budget (got {policy_config.budget})")
     return EVICTION.make(policy_config.name)
-  budget = (resolve_budget(policy_config.budget, prompt_tokens, limit)
-            if policy_config.budget else min(DEFAULT_BUDGET, prompt_tokens))
-  return EVICTION.make(policy_config.name, budget=budget)
+  given = _given_budget(policy_config.name, kwargs.pop("budget", None),
+                        policy_config.budget)
+  budget = (resolve_budget(given, prompt_tokens, limit) if given is not None
+            else min(DEFAULT_BUDGET, prompt_tokens))
+  return EVICTION.make(name, budget=budget, **kwargs)
+
+
+def _given_budget(spec: str, in_spec, flag: float) -> float | None:
+  """The budget given in the policy spec or as ``--budget`` (0 = not given);
+  None if neither."""
+  if in_spec is None:
+    return flag or None
+  if isinstance(in_spec, bool) or not isinstance(in_spec, (int, float)):
+    raise ValueError(f"--policy={spec!r}: budget must be a number (tokens, or "
+                     f"a fraction of the prompt below 1), got {in_spec!r}")
+  if flag and float(in_spec) != flag:
+    raise ValueError(f"two budgets: --policy={spec!r} says {in_spec:g} and "
+                     f"--budget says {flag:g}; give one")
+  return float(in_spec)
 
 
 def working_chunk(policy: CachePolicy, chunk: int) -> int:

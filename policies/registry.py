@@ -66,9 +66,16 @@ class Registry:
     """Builds a policy from ``"name"`` or ``"name(key=value, ...)"`` plus overrides.
 
     Overrides whose value is None are ignored, so unset flags keep defaults.
+    A parameter given both in ``spec`` and as an override must have the same
+    value in both: two different values are an error naming both.
     """
     name, kwargs = parse_spec(spec)
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in sorted(set(kwargs) & set(overrides)):
+      if kwargs[key] != overrides[key]:
+        raise ValueError(f"{spec!r} sets {key}={kwargs[key]!r}, and "
+                         f"{key}={overrides[key]!r} is also given; give one")
+    kwargs.update(overrides)
     valid = self.parameters(name)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:

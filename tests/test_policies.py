@@ -186,6 +186,14 @@ def test_bad_input_is_a_clear_error(spec, match):
     EVICTION.make(spec)
 
 
+def test_a_parameter_given_twice_must_agree():
+  assert EVICTION.make("snapkv(budget=64)", budget=64).budget == 64
+  assert EVICTION.make("snapkv(budget=64)", budget=None).budget == 64
+  with pytest.raises(ValueError, match=r"'snapkv\(budget=64\)' sets budget=64, "
+                     r"and budget=128 is also given; give one"):
+    EVICTION.make("snapkv(budget=64)", budget=128)
+
+
 def test_budget_larger_than_the_context_is_an_error():
   with pytest.raises(ValueError, match="larger than the context"):
     EVICTION.make("h2o", budget=512).cache_capacity(300, 64)

@@ -19,6 +19,7 @@ from lmcache_jax.engine import generate
 from lmcache_jax.models import LoadedModel
 from lmcache_jax.models.llama import from_weights
 from configs import default
+from policies.registry import EVICTION
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -137,6 +138,7 @@ class _ByteTokenizer:
     (["--context=999999"], "positions for (8192)"),
     (["--kv_bits=5"], "use 2, 3, 4 or 8"),
     (["--task=generate", "--prompt= "], "--prompt is empty"),
+    (["--policy=snapkv(budget=64)", "--budget=128"], "two budgets"),
 ])
 def test_cli_errors_are_one_line(args, message):
   """Each fails in seconds, before any model loads, in one line."""
@@ -164,6 +166,26 @@ def test_budget_defaults_and_fraction_of_the_prompt():
   sink = make(256.0, 4096)
   assert setup.working_chunk(sink, 256) == 64
   assert sink.cache_capacity(4096, setup.working_chunk(sink, 256)) == 256 + 64
+
+
+@pytest.mark.parametrize("spec,flag,built", [
+    ("snapkv(budget=64)", 0.0, "snapkv(budget=64)"),    # not the default 256
+    ("snapkv(budget=64, window=8)", 64.0, "snapkv(budget=64, window=8)"),
+    ("snapkv(window=8)", 64.0, "snapkv(budget=64, window=8)"),
+    ("attention_sink(budget=0.125)", 0.0, "attention_sink(budget=512)"),
+])
+def test_budget_in_the_policy_spec_wins_over_the_default(spec, flag, built):
+  policy = setup.make_policy(
+      ml_collections.ConfigDict({"name": spec, "budget": flag}), 4096)
+  assert policy == EVICTION.make(built)
+
+
+def test_two_different_budgets_are_an_error_naming_both():
+  config = ml_collections.ConfigDict({"name": "snapkv(budget=64)",
+                                      "budget": 128.0})
+  with pytest.raises(ValueError, match=r"two budgets: --policy='snapkv\(budget"
+                     r"=64\)' says 64 and --budget says 128; give one"):
+    setup.make_policy(config, 4096)
 
 
 def test_cli_lists_policies():
