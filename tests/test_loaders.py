@@ -95,7 +95,8 @@ def _llama_cpp_permute(w, n_head, n_head_kv):
 
 
 def _write_gguf(path, cfg, canonical, *, arch="llama", types=None,
-                drop=(), replace=None, extra_tensors=None, rope_scaling=None):
+                drop=(), replace=None, extra_tensors=None, rope_scaling=None,
+                sliding_window=None):
   """Writes `canonical` as the converter would; returns {gguf name: type}."""
   types = types or {}
   writer = gguf.GGUFWriter(path, arch)
@@ -116,6 +117,8 @@ def _write_gguf(path, cfg, canonical, *, arch="llama", types=None,
   if rope_scaling is not None:
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(rope_scaling)
+  if sliding_window is not None:
+    writer.add_sliding_window(sliding_window)
   writer.add_tokenizer_model("gpt2")
   writer.add_token_list(_tokens(cfg))
   writer.add_bos_token_id(1)
@@ -378,13 +381,34 @@ def test_safetensors_qwen2_tied_with_biases(tmp_path):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4)
 
 
-def test_safetensors_mistral_logs_ignored_sliding_window(tmp_path, caplog):
+def test_sliding_window_becomes_max_context_and_longer_ones_are_refused(
+    tmp_path, caplog):
+  """Sliding-window attention is not implemented, so the model runs only
+  within its window: a longer full-cache context is an error, not a silent
+  run with attention the model never had."""
+  from lmcache_jax import models
+  from lmcache_jax.engine import generate
   cfg = _config()
+  assert cfg.max_context == 256
   directory = _write_hf(tmp_path / "mistral", cfg, _canonical(cfg),
-                        arch="MistralForCausalLM", sliding_window=4096)
+                        arch="MistralForCausalLM", sliding_window=64)
   with caplog.at_level(logging.WARNING):
-    load_safetensors(directory)
-  assert "sliding_window=4096 is ignored" in caplog.text
+    lm = models.load(str(directory))
+  assert lm.cfg.max_context == 64
+  assert ("sliding_window=64 is not supported, so max_context is the window, "
+          "not 256") in caplog.text
+  with pytest.raises(ValueError, match="a context of 65 tokens exceeds the "
+                     "model's maximum of 64"):
+    generate(lm, [[3] * 61], max_new_tokens=4)
+  _write_gguf(tmp_path / "m.gguf", cfg, _canonical(cfg), sliding_window=64)
+  assert load_gguf(tmp_path / "m.gguf")[0].max_context == 64
+  _write_gguf(tmp_path / "w.gguf", cfg, _canonical(cfg), sliding_window=4096)
+  assert load_gguf(tmp_path / "w.gguf")[0].max_context == 256
+  bad = _write_hf(tmp_path / "bad", cfg, _canonical(cfg),
+                  arch="MistralForCausalLM", sliding_window=0)
+  with pytest.raises(ValueError, match="sliding_window must be a positive "
+                     "int, got 0"):
+    load_safetensors(bad)
 
 
 def test_safetensors_unknown_architecture(tmp_path):

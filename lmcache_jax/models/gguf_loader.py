@@ -27,7 +27,8 @@ import numpy as np
 
 from lmcache_jax.arch import rope
 from lmcache_jax.arch.config import ModelConfig
-from lmcache_jax.models.weights import check_weights, gather_weights
+from lmcache_jax.models.weights import (check_weights, context_within_window,
+                                        gather_weights)
 
 # Architecture -> whether its Q/K rows were permuted by the converter.
 _PERMUTED = {"llama": True, "qwen2": False}
@@ -174,7 +175,9 @@ def _config(meta: _Metadata, tensors: dict, path: pathlib.Path) -> ModelConfig:
       num_heads=heads,
       num_kv_heads=int(meta.model("attention.head_count_kv", heads)),
       head_dim=head_dim,
-      max_context=int(meta.model("context_length")),
+      max_context=context_within_window(
+          int(meta.model("context_length")),
+          meta.model("attention.sliding_window", None), str(path)),
       rope_theta=theta,
       rope_scaling=scaling,
       rope_linear_factor=linear_factor,

@@ -9,7 +9,6 @@ already in the rotate-half RoPE convention, so nothing is permuted.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 from typing import Any
@@ -20,9 +19,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from lmcache_jax.arch.config import ModelConfig
-from lmcache_jax.models.weights import check_weights, gather_weights
-
-_log = logging.getLogger(__name__)
+from lmcache_jax.models.weights import (check_weights, context_within_window,
+                                        gather_weights)
 
 _ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _INDEX = "model.safetensors.index.json"
@@ -102,10 +100,8 @@ def _config(hf: dict, directory: pathlib.Path) -> ModelConfig:
                                      or hf.get("mlp_bias")):
     raise ValueError(f"{where}: attention_bias / mlp_bias add biases to "
                      "o_proj and the MLP, which this model does not have")
-  window = hf.get("sliding_window")
-  if window is not None and hf.get("use_sliding_window", True):
-    _log.warning("%s: sliding_window=%s is ignored; every layer attends to "
-                 "the whole context", where, window)
+  window = (hf.get("sliding_window") if hf.get("use_sliding_window", True)
+            else None)
   hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
   eos = hf.get("eos_token_id")
   scaling, linear = _rope_scaling(hf.get("rope_scaling"), where)
@@ -118,7 +114,8 @@ def _config(hf: dict, directory: pathlib.Path) -> ModelConfig:
       num_heads=heads,
       num_kv_heads=int(hf.get("num_key_value_heads") or heads),
       head_dim=int(hf.get("head_dim") or hidden // heads),
-      max_context=int(need("max_position_embeddings")),
+      max_context=context_within_window(
+          int(need("max_position_embeddings")), window, str(where)),
       rope_theta=float(hf.get("rope_theta", 10000.0)),
       rope_scaling=scaling,
       rope_linear_factor=linear,

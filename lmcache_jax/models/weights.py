@@ -28,11 +28,36 @@ F MLP width.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 
 from lmcache_jax.arch.config import ModelConfig
+
+_log = logging.getLogger(__name__)
+
+
+def context_within_window(positions: int, window, where: str) -> int:
+  """The longest context a model runs correctly here: its ``positions``, or
+  its sliding attention ``window`` if shorter.
+
+  Sliding-window attention is not implemented; every layer attends to the
+  whole context, which is the model's own attention up to the window. So the
+  window becomes ``ModelConfig.max_context``, and longer contexts are refused
+  where a context is requested (with the full cache).
+  """
+  if window is None:
+    return positions
+  if not isinstance(window, int) or window < 1:
+    raise ValueError(f"{where}: sliding_window must be a positive int, got "
+                     f"{window!r}")
+  if window >= positions:
+    return positions
+  _log.warning("%s: sliding_window=%d is not supported, so max_context is "
+               "the window, not %d: longer contexts are refused", where,
+               window, positions)
+  return window
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
