@@ -11,7 +11,7 @@ import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
-from lmcache_jax.engine import steps
+from lmcache_jax.engine import room, steps
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling, sample
@@ -103,6 +103,10 @@ def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
   (a prefix loaded from a store, a restored session) share the loop. Without
   ``on_token`` the whole loop runs on the device (``steps.decode_loop``);
   with it, one jitted step per token, so each token reaches the callback.
+
+  Raises ValueError before the first step where the cache has no room for
+  ``max_new_tokens - 1`` more tokens (the last is sampled, never fed) in a
+  sequence that has not stopped (``engine.room.check_decode``).
   """
   policy = policy.bind(lm.cfg).decoding()
   stop = np.array(lm.cfg.eos_token_ids if stop_tokens is None else stop_tokens,
@@ -110,6 +114,7 @@ def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
   key = jax.random.key(0) if key is None else key
   key, sub = jax.random.split(key)
   first = np.asarray(sample(prompt_logits, sub, sampling))
+  room.check_decode(cache, policy, ~np.isin(first, stop), max_new_tokens - 1)
   if on_token is None:
     new, cache = _decode_on_device(lm, cache, first, key, stop, max_new_tokens,
                                    policy, sampling)

@@ -9,7 +9,7 @@ import numpy as np
 from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.cache.step import prompt_span
-from lmcache_jax.engine import steps
+from lmcache_jax.engine import room, steps
 from lmcache_jax.models.loaded import LoadedModel
 
 
@@ -42,10 +42,13 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   otherwise the prompt streams through the cache, evicting after each chunk.
 
   Returns the logits [B, V] after each prompt's last token, and the cache.
+  Raises ValueError, before the pass that would, where a token would find no
+  slot in the cache (``engine.room``).
   """
   tokens, lengths = pad_batch(prompts)
   policy = policy.bind(lm.cfg)
-  live = np.asarray(cache.live_slots()).max(axis=(0, 2))
+  room.check_prompts(cache, policy, lengths)
+  live = room.fullest_rows(cache)
   fits = bool(np.all(live + lengths <= cache.capacity))
   chunk_policy = policy.deferring() if fits else policy
   # a deferred prompt's observation window may span its chunks
@@ -59,6 +62,8 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   for c in range(num_chunks):
     start = c * chunk
     num_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
+    if not fits:   # the prompt streams: rows fill up and evict pass by pass
+      room.check_pass(cache, chunk_policy, num_new)
     logits, cache = steps.forward(
         lm.graphdef, lm.params, cache, jnp.asarray(tokens[:, start:start + chunk]),
         jnp.asarray(num_new), span, policy=chunk_policy, logits_for="last",
