@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -87,36 +92,94 @@ def test_threads_store_and_load_overlapping_prefixes(tmp_path):
 
 def test_queued_disk_writes_are_neither_written_nor_counted_twice(tmp_path):
   """A second store() of the same tokens while the disk worker has not run
-  yet adds nothing; a refused or failed write lets a later store() retry."""
+  yet adds nothing; a chunk counts as stored once, when it is written."""
   store = make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20)
   tokens = tokens_for(7, 32)
   cache = keyed_cache(store, tokens)
   gate, calls = threading.Event(), []
   write = store._write_storage
 
-  def held_back(keys, copies):
+  def held_back(keys, copies, counted):
     calls.append(len(keys))
     gate.wait(timeout=60)
-    write(keys, copies)
+    return write(keys, copies, counted)
 
   store._write_storage = held_back
-  assert store.store(tokens, cache) == 4
-  assert store.store(tokens, cache) == 0          # queued, not yet on disk
+  assert store.store(tokens, cache) == 4          # queued, not yet written
+  assert store.store(tokens, cache) == 0          # queued once
+  assert store.stats["stored"] == 0
   gate.set()
   store.flush()
   assert calls == [4] and store.lookup(tokens) == 32
+  assert store.stats["stored"] == 4
+  store.close()
 
+
+def test_failed_disk_writes_are_not_counted_as_stored(tmp_path, caplog):
+  """store() counts only chunks written; a failed write is logged once and
+  counted in stats['write_failed'], and a later store() retries."""
+  store = make_store(host_bytes=1 << 20, disk_dir=str(tmp_path),
+                     disk_bytes=1 << 20)
   disk = store.tier("disk")
   put = disk.put
 
   def failing_put(key, value, nbytes):
-    raise OSError("disk full")
+    raise OSError(28, "No space left on device")
 
   disk.put = failing_put
-  other = tokens_for(8, 16)
-  assert store.store(other, keyed_cache(store, other), wait=True) == 2
-  assert store.lookup(other) == 0                 # the write failed (logged)
+  tokens = tokens_for(8, 16)
+  with caplog.at_level(logging.WARNING, "lmcache_jax.store"):
+    assert store.store(tokens, keyed_cache(store, tokens), wait=True) == 2
+    disk_only = make_store(disk_dir=str(tmp_path / "b"), disk_bytes=1 << 20)
+    disk_only.tier("disk").put = failing_put
+    assert disk_only.store(tokens, keyed_cache(store, tokens), wait=True) == 0
+  assert caplog.text.count("cannot write a chunk (No space left") == 2
+  assert store.stats["write_failed"] == 2 and store.stats["stored"] == 2
+  assert disk_only.stats["write_failed"] == 2 and disk_only.stats["stored"] == 0
+  assert len(disk) == 0 and disk_only.lookup(tokens) == 0
   disk.put = put
-  assert store.store(other, keyed_cache(store, other), wait=True) == 2
-  assert store.lookup(other) == 16
+  assert store.store(tokens, keyed_cache(store, tokens), wait=True) == 2
+  assert len(disk) == 2 and store.stats["stored"] == 4
   store.close()
+  disk_only.close()
+
+
+SHARER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import conftest  # noqa: F401  (imports the package the way pytest does)
+import numpy as np
+from store_helpers import assert_prefix_is, filled_cache, make_store, tokens_for
+rng = np.random.default_rng({first})
+with make_store(disk_dir={directory!r}, disk_bytes={capacity}) as store:
+  loaded = 0
+  for seed in range({first}, {first} + 40):
+    store.store(tokens_for(seed % 50, 64), filled_cache(seed % 50), wait=True)
+    other = int(rng.integers(0, 50))
+    prefix = store.load(tokens_for(other, 64))
+    assert_prefix_is(prefix, filled_cache(other))
+    loaded += prefix.num_tokens
+  print(json.dumps(dict(store.stats, loaded=loaded)))
+"""
+
+
+def test_two_processes_share_a_directory(tmp_path):
+  """Two processes store, evict and load overlapping sequences in one
+  directory at once: every load is intact, no write fails, and they leave
+  only chunks and the store's own two files behind."""
+  chunk_bytes = 2 * 3 * 2 * CHUNK * 8 * 4 + 256
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  children = [subprocess.Popen(
+      [sys.executable, "-c", SHARER.format(
+          tests=os.path.dirname(__file__), directory=str(tmp_path),
+          first=first, capacity=24 * chunk_bytes)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for first in (0, 25)]
+  results = [child.communicate(timeout=300) for child in children]
+  for child, (out, err) in zip(children, results):
+    assert child.returncode == 0, err[-2000:]
+    stats = json.loads(out)
+    assert stats.get("write_failed", 0) == 0 and stats.get("dropped", 0) == 0
+    assert stats["stored"] > 0 and stats["loaded"] > 0
+  leftovers = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".kv")
+  assert leftovers == [".lmcache.lock", "store.json"]

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax.numpy as jnp
@@ -19,7 +20,9 @@ from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.store.tiers import disk as disk_module
+from lmcache_jax.store.crypto import load_cipher
 from lmcache_jax.store.keys import model_fingerprint
+from lmcache_jax.store.layout import slice_chunk
 from conftest import tiny_config, tiny_weights
 from store_helpers import assert_prefix_is, filled_cache, make_store, tokens_for
 
@@ -127,10 +130,14 @@ def test_write_killed_midway_leaves_no_damage(tmp_path):
   child.send_signal(signal.SIGKILL)
   child.wait()
   assert len(done) >= 4, "the writer never got going"
-  # What a kill inside a write leaves: a partial temporary file.
-  (tmp_path / ".deadbeef.kv.0123.tmp").write_bytes(b"LMKV\x01partial")
+  # What a kill inside a write leaves: a partial temporary of the dead
+  # writer's tier, besides its owner file.
+  dead = next(tmp_path.glob(".lmcache-*.owner")).name[len(".lmcache-"):-6]
+  (tmp_path / f".lmcache-{dead}-{'0' * 32}.tmp").write_bytes(b"LMKV\x01partial")
+  (tmp_path / "another-program.tmp").write_bytes(b"not the store's")
   store = reopen(tmp_path)
-  assert not list(tmp_path.glob("*.tmp"))
+  assert [p.name for p in tmp_path.glob("*.tmp")] == ["another-program.tmp"]
+  assert not (tmp_path / f".lmcache-{dead}.owner").exists()
   for seed in range(done[-1] + 3):
     tokens = tokens_for(seed, 64)
     prefix = store.load(tokens)
@@ -207,3 +214,113 @@ def test_generation_completes_exactly_over_damaged_files(tmp_path):
   np.testing.assert_allclose(warm.generation.prompt_logits, cold.prompt_logits,
                              rtol=1e-5, atol=1e-5)
   assert warm.hit_tokens[0] < 48
+
+
+class PausedFile:
+  """A file whose write says it began (``writing``), then waits for
+  ``gate``: a write caught midway."""
+  writing = gate = None
+
+  def __init__(self, path, mode):
+    self._file = open(path, mode)
+
+  def write(self, data):
+    PausedFile.writing.set()
+    PausedFile.gate.wait(timeout=60)
+    return self._file.write(data)
+
+  def __getattr__(self, name):
+    return getattr(self._file, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._file.close()
+
+
+def test_a_second_tier_on_the_directory_spares_the_first_ones_writes(
+    tmp_path, monkeypatch):
+  """Opening the directory again (another process, or here another tier)
+  removes no temporary of a live tier, nor any file of another program."""
+  (tmp_path / "another-program.tmp").write_bytes(b"theirs")
+  store = make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  PausedFile.gate, PausedFile.writing = threading.Event(), threading.Event()
+  monkeypatch.setattr(disk_module, "open", PausedFile, raising=False)
+  writes = store._submit(store._write_storage, [store.keys(TOKENS)[0]],
+                         [tuple(np.asarray(a) for a in _first_chunk(store))])
+  assert PausedFile.writing.wait(timeout=30)
+  monkeypatch.undo()
+  second = make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  PausedFile.gate.set()
+  assert len(writes.result()) == 1 and store.stats["write_failed"] == 0
+  assert (tmp_path / "another-program.tmp").read_bytes() == b"theirs"
+  assert second.lookup(TOKENS) == 0 and store.lookup(TOKENS) == 8
+  store.close()
+  second.close()
+  assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(
+      ".kv")) == [".lmcache.lock", "another-program.tmp", "store.json"]
+
+
+def _first_chunk(store):
+  return slice_chunk(filled_cache(7), store.layout, 0, 0, store.chunk_size)
+
+
+def test_a_chunk_another_tier_used_since_is_not_evicted(tmp_path):
+  """A tier evicts a chunk file only if no other has written or read it
+  since this one did: the other keeps its hit."""
+  first = make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  first.store(TOKENS, filled_cache(7), wait=True)
+  size = os.path.getsize(file_of(first, tmp_path, 0))
+  first.close()
+  owner = make_store(disk_dir=str(tmp_path), disk_bytes=8 * size)
+  other = make_store(disk_dir=str(tmp_path), disk_bytes=8 * size)
+  assert other.load(TOKENS).num_tokens == 64        # reads (touches) all 8
+  owner.store(tokens_for(1, 64), filled_cache(1), wait=True)  # evicts all 8
+  assert owner.lookup(TOKENS) == 0
+  prefix = other.load(TOKENS)
+  assert prefix.num_tokens == 64 and prefix.sources == ["disk"] * 8
+  assert_prefix_is(prefix, filled_cache(7))
+  owner.close()
+  other.close()
+
+
+def test_unreadable_store_json_is_refused_and_no_chunk_is_deleted(tmp_path):
+  key_file = tmp_path / "key"
+  key_file.write_bytes(os.urandom(32))
+  directory = tmp_path / "store"
+  store = make_store(disk_dir=str(directory), disk_bytes=1 << 20,
+                     cipher=load_cipher(str(key_file)))
+  store.store(TOKENS, filled_cache(7), wait=True)
+  store.close()
+  meta = directory / "store.json"
+  meta.write_bytes(meta.read_bytes()[:20])           # torn
+  for cipher in (None, load_cipher(str(key_file))):
+    with pytest.raises(ValueError, match=f"disk store's '{meta}' is "
+                       f"unreadable .*will not guess"):
+      make_store(disk_dir=str(directory), disk_bytes=1 << 20, cipher=cipher)
+  meta.unlink()
+  with pytest.raises(ValueError, match="holds 8 chunk files but no store.json"):
+    make_store(disk_dir=str(directory), disk_bytes=1 << 20)
+  assert len(chunk_files(directory)) == 8
+
+
+def test_files_are_fsynced_before_the_rename_and_the_directory_after(
+    tmp_path, monkeypatch):
+  store = make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+  events = []
+  fsync, replace = os.fsync, os.replace
+
+  def recording_fsync(fd):
+    events.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+    fsync(fd)
+
+  def recording_replace(src, dst):
+    events.append("rename")
+    replace(src, dst)
+
+  monkeypatch.setattr(disk_module.os, "fsync", recording_fsync)
+  monkeypatch.setattr(disk_module.os, "replace", recording_replace)
+  store.store(TOKENS[:8], filled_cache(7), wait=True)
+  assert events == ["file", "rename", "dir"]
+  store.close()

@@ -72,10 +72,27 @@ def test_chunk_size_must_divide_layout():
 def test_cache_of_another_layout_is_refused():
   store = make_store(host_bytes=1 << 20)
   cache = init_cache(tiny_config(), 1, 16, jnp.bfloat16)
-  with pytest.raises(ValueError, match="layout differs"):
+  with pytest.raises(ValueError, match=r"the cache \(dense bfloat16\) has "
+                     r"another payload layout than the store's \(dense float32"):
     store.store(list(range(16)), cache)
   with pytest.raises(ValueError, match="row 3 is outside"):
     store.store(list(range(16)), filled_cache(0), row=3)
+
+
+def test_quantized_cache_in_a_dense_store_says_to_pass_the_plan():
+  """A store made without a plan, then a quantized cache (the API's
+  ``make_store(tiers)`` and ``generate(kv_bits=4)``): the error says how to
+  make the store for it."""
+  store = make_store(host_bytes=1 << 20)
+  quantized = quantized_like_cache()
+  advice = (r"\(quantized \(plan [0-9a-f]{8}\)\) has another payload layout "
+            r"than the store's \(dense float32\).*make_store\(\.\.\., "
+            r"quant=plan\) \(e\.g\. quant=model\.plan\(kv_bits\)\)")
+  with pytest.raises(ValueError, match=advice):
+    store.store(list(range(32)), quantized)
+  with pytest.raises(ValueError, match=advice):
+    store.load_into(quantized, 0, list(range(32)))
+  store.close()
 
 
 @pytest.mark.parametrize("content", [b"short", b"z" * 64, b"\0" * 33])

@@ -132,6 +132,11 @@ class Layout:
     return cls((_plan_digest(cache.keys), _plan_digest(cache.values)),
                tuple(specs), cache.num_layers, cache.num_kv_heads)
 
+  def describe(self) -> str:
+    """``dense float32``, or ``quantized (plan 1a2b3c4d)``."""
+    plan = self.plan[0]
+    return f"dense {plan}" if len(plan) < 64 else f"quantized (plan {plan[:8]})"
+
   def fingerprint(self) -> bytes:
     return hashlib.sha256(repr((self.plan, self.leaves, self.num_layers,
                                 self.num_kv_heads)).encode()).digest()
@@ -240,9 +245,19 @@ def check_fits(cache: KVCache, layout: Layout, n: int) -> None:
   if n > cache.capacity:
     raise ValueError(f"a prefix of {n} tokens does not fit a cache of "
                      f"{cache.capacity} slots")
-  if Layout.of(cache) != layout:
-    raise ValueError("the cache's payload layout differs from the store's; "
-                     "build the store for this cache's dtype and quantization")
+  check_layout(cache, layout)
+
+
+def check_layout(cache: KVCache, layout: Layout) -> None:
+  """Raises unless ``cache`` has the payload layout a store was built for."""
+  mine = Layout.of(cache)
+  if mine != layout:
+    raise ValueError(
+        f"the cache ({mine.describe()}) has another payload layout than the "
+        f"store's ({layout.describe()}); a store serves caches of one dtype "
+        f"and quantization: make it with the plan you generate with, "
+        f"make_store(..., quant=plan) (e.g. quant=model.plan(kv_bits)), or "
+        f"KVStore(Layout.of(cache), ...)")
 
 
 def insert_prefix(cache: KVCache, layout: Layout, row: int,

@@ -18,6 +18,10 @@ when read; a damaged copy is dropped and the next tier is tried.
 
 Only caches where slot == position (no eviction, the ``full`` policy) can be
 stored or loaded: a chunk is the slot range of its tokens.
+
+A store is a context manager: ``close`` (or leaving the ``with`` block)
+finishes the background writes and releases its tiers (the disk tier's
+directory lock), so a store should be closed by whoever made it.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.store import codec
 from lmcache_jax.store.crypto import Cipher
 from lmcache_jax.store.keys import chunk_keys, namespace
-from lmcache_jax.store.layout import (Chunk, Layout, check_fits, insert_prefix,
-                                      mark_prefix, slice_chunk, write_chunks)
+from lmcache_jax.store.layout import (Chunk, Layout, check_fits, check_layout,
+                                      insert_prefix, mark_prefix, slice_chunk,
+                                      write_chunks)
 from lmcache_jax.store.memory import device_sharding
 from lmcache_jax.store.tier import Tier, log
 
@@ -59,7 +64,8 @@ class KVStore:
   Args:
     layout: the payload layout of the caches it serves (``Layout.of(cache)``).
     tiers: the tiers, fastest first (e.g. ``DeviceTier``, ``HostTier``,
-      ``DiskTier``), each with its own name and replacement rule.
+      ``DiskTier``), each with its own name and replacement rule; the
+      store owns them (``close`` closes them).
     model_fingerprint: ``keys.model_fingerprint(lm)``; chunks of another
       model or dtype never match.
     chunk_size: tokens per chunk; must be a multiple of every leaf's group.
@@ -71,6 +77,11 @@ class KVStore:
     write_threads: background threads (storage writes, promotions,
       prefetch); default half the cores.
     group_bytes: chunks per batched transfer, in bytes.
+
+  ``stats`` counts ``stored`` (chunks a tier took that lacked them, now or
+  in the background), ``write_failed`` (chunk writes a tier failed; each
+  first failure of a kind is logged: a store is a cache, so a failed write
+  costs a later miss, never the request), ``dropped`` and ``hit_<tier>``.
   """
 
   def __init__(self, layout: Layout, tiers: Sequence[Tier], *,
@@ -95,8 +106,8 @@ class KVStore:
     self._target: dict[str, jax.sharding.Sharding | None] = {}
     self._rank = {tier.name: i for i, tier in enumerate(self.tiers)}
     self._memory, self._storage = [], []
+    self._check_keys(cipher)
     for tier in self.tiers:
-      tier.check_key(cipher.key_check if cipher else None)
       sharding = tier.sharding(self.device)
       (self._storage if sharding is None else self._memory).append(tier)
       sealed = cipher is not None and sharding != self._on_device
@@ -114,6 +125,25 @@ class KVStore:
     # store() is concerned, so a second store() before the worker runs
     # neither writes nor counts them again
     self._queued: set[bytes] = set()
+    self._reported: set[tuple[str, int | None]] = set()
+    self._closed = False
+
+  def _check_keys(self, cipher: Cipher | None) -> None:
+    """Each tier's check of the key; a refusal closes the tiers (the store
+    owns them) before it propagates."""
+    try:
+      for tier in self.tiers:
+        tier.check_key(cipher.key_check if cipher else None)
+    except BaseException:
+      for tier in self.tiers:
+        tier.close()
+      raise
+
+  def __enter__(self) -> "KVStore":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def tier(self, name: str) -> Tier:
     """The tier called ``name``."""
@@ -146,11 +176,14 @@ class KVStore:
 
     Chunks already in every tier are skipped. Memory tiers get their copies
     now; storage tiers are written by the background worker (``wait``
-    blocks until they are). Returns the number of chunks copied.
+    blocks until they are). Returns the number of chunks written into a
+    tier that lacked them: with ``wait``, exactly those; without, also
+    those queued for the storage tiers, whose writes may still fail. A
+    failed write is logged and counted in ``stats['write_failed']``;
+    ``stats['stored']`` counts only chunks written.
     """
-    if Layout.of(cache) != self.layout:
-      raise ValueError("the cache's payload layout differs from the store's; "
-                       "build the store for this cache's dtype and quantization")
+    self._check_open()
+    check_layout(cache, self.layout)
     if not 0 <= row < cache.batch_size:
       raise ValueError(f"row {row} is outside the batch of {cache.batch_size}")
     held = min(len(tokens), int(cache.lengths[row]))
@@ -161,12 +194,17 @@ class KVStore:
     # Last chunk first: under lru and fifo the head of a prefix, which every
     # longer prefix needs, is then the last to be evicted.
     todo.reverse()
+    written, writes = set(), []
     for group in self._groups(todo):
-      self._store_group(cache, row, group)
-    if wait:
-      self.flush()
-    self._count(stored=len(todo))
-    return len(todo)
+      now, later = self._store_group(cache, row, group)
+      written |= now
+      writes += [later] if later is not None else []
+    self._count(stored=len(written))
+    if not wait:
+      return len(todo) if writes else len(written)
+    for future in writes:
+      written |= future.result() or set()
+    return len(written)
 
   def _held_everywhere(self, key: bytes) -> bool:
     """Whether every tier holds ``key`` (a queued storage write counts)."""
@@ -181,27 +219,35 @@ class KVStore:
     size = max(1, self.group_bytes // self.chunk_nbytes)
     return [items[i:i + size] for i in range(0, len(items), size)]
 
-  def _store_group(self, cache: KVCache, row: int, todo: list) -> None:
+  def _store_group(self, cache: KVCache, row: int, todo: list):
+    """Copies a group of chunks into the memory tiers and queues the storage
+    writes. Returns the keys written now, and the future of the keys the
+    storage tiers will write (None if there is none)."""
     chunks = [slice_chunk(cache, self.layout, row, i * self.chunk_size,
                           self.chunk_size) for i, _ in todo]
     keys = [key for _, key in todo]
     copies = None  # copies off the device, for the storage tiers
+    written = set()
     for tier in self._memory:
-      made = self._put(tier, keys, chunks)
+      fresh = [key not in tier for key in keys]
+      made, took = self._put(tier, keys, chunks)
+      written |= {key for key, new, ok in zip(keys, fresh, took) if new and ok}
       if self._target[tier.name] != self._on_device:
         copies = made
-    if self._storage:
-      # The worker gets copies off the device, never device ones, so HBM is
-      # freed now.
-      copies = copies or [tuple(np.asarray(a) for a in chunk)
-                          for chunk in chunks]
-      with self._pending_lock:
-        self._queued.update(keys)
-      self._submit(self._write_storage, keys, copies)
+    if not self._storage:
+      return written, None
+    # The worker gets copies off the device, never device ones, so HBM is
+    # freed now.
+    copies = copies or [tuple(np.asarray(a) for a in chunk) for chunk in chunks]
+    with self._pending_lock:
+      self._queued.update(keys)
+    return written, self._submit(self._write_storage, keys, copies,
+                                 frozenset(written))
 
-  def _put(self, tier: Tier, keys: list[bytes], chunks: list) -> list:
+  def _put(self, tier: Tier, keys: list[bytes], chunks: list):
     """Puts chunks (arrays anywhere) into ``tier`` in its form: arrays moved
-    in one batched transfer, or encoded bytes. Returns what it put."""
+    in one batched transfer, or encoded bytes. Returns what it put, and per
+    chunk whether the tier holds it now."""
     target = self._target[tier.name]
     if target is None:
       copies = [self._encode(key, chunk) for key, chunk in zip(keys, chunks)]
@@ -212,16 +258,28 @@ class KVStore:
       copies = [tuple(moved[i * width:(i + 1) * width])
                 for i in range(len(keys))]
       sizes = [self.chunk_nbytes] * len(keys)
-    for key, copy, size in zip(keys, copies, sizes):
-      tier.put(key, copy, size)
-    return copies
+    took = [self._put_one(tier, key, copy, size)
+            for key, copy, size in zip(keys, copies, sizes)]
+    return copies, took
+
+  def _put_one(self, tier: Tier, key: bytes, value, nbytes: int) -> bool:
+    """``tier.put``; a failed write is counted and logged, and is False."""
+    try:
+      return tier.put(key, value, nbytes)
+    except OSError as e:
+      self._write_failed(tier, e)
+      return False
 
   def _encode(self, key: bytes, chunk) -> bytes:
     if isinstance(chunk, bytes):  # already encoded (a sealed memory copy)
       return chunk
     return codec.encode(key, [np.asarray(a) for a in chunk], self.cipher)
 
-  def _write_storage(self, keys: list[bytes], copies: list) -> None:
+  def _write_storage(self, keys: list[bytes], copies: list,
+                     counted: frozenset = frozenset()) -> set[bytes]:
+    """Writes chunks to the storage tiers lacking them; returns the keys
+    written to one. ``counted``: keys already counted as stored."""
+    written = set()
     try:
       blobs: dict[bytes, bytes] = {}
       for tier in self._storage:
@@ -230,10 +288,23 @@ class KVStore:
             continue
           if key not in blobs:
             blobs[key] = self._encode(key, copy)
-          tier.put(key, blobs[key], len(blobs[key]))
+          if self._put_one(tier, key, blobs[key], len(blobs[key])):
+            written.add(key)
     finally:   # written, refused or failed: a later store() decides again
       with self._pending_lock:
         self._queued.difference_update(keys)
+    self._count(stored=len(written - counted))
+    return written
+
+  def _write_failed(self, tier: Tier, error: OSError) -> None:
+    """Counts a failed write; logs the first of each tier and kind."""
+    self._count(write_failed=1)
+    with self._stats_lock:
+      first = (tier.name, error.errno) not in self._reported
+      self._reported.add((tier.name, error.errno))
+    if first:
+      log.warning("%s tier: cannot write a chunk (%s); serving from the other "
+                  "tiers", tier.name, error.strerror or error)
 
   # -- load ------------------------------------------------------------------
 
@@ -245,6 +316,7 @@ class KVStore:
     ``lookup`` said; the caller recomputes the rest. ``load_into`` streams
     into a cache instead, holding less device memory.
     """
+    self._check_open()
     keys, found, sources = self._gather(tokens, n)
     chunks = []
     for group in self._groups(list(range(len(found)))):
@@ -260,6 +332,7 @@ class KVStore:
 
     Returns the cache and the prefix (without its chunks).
     """
+    self._check_open()
     keys, found, sources = self._gather(tokens, n)
     check_fits(cache, self.layout, len(found) * self.chunk_size)
     # Committed to the device whatever the hit, so the jitted steps that
@@ -384,6 +457,7 @@ class KVStore:
     Returns a future of the number of leading chunks found intact (then in
     a memory tier, where the store has one).
     """
+    self._check_open()
     return self._submit(self._prefetch, list(tokens))
 
   def _prefetch(self, tokens: list[int]) -> int:
@@ -431,9 +505,20 @@ class KVStore:
       concurrent.futures.wait(pending)
 
   def close(self) -> None:
+    """Finishes the background work and releases the tiers; a closed store
+    refuses further use. Closing twice does nothing."""
+    if self._closed:
+      return
     self.flush()
+    self._closed = True
     self._worker.shutdown()
     self._readers.shutdown()
+    for tier in self.tiers:
+      tier.close()
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise ValueError("the store is closed; make a new one")
 
   def _count(self, **counts) -> None:
     with self._stats_lock:

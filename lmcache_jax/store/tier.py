@@ -95,8 +95,12 @@ class Tier:
     with self._lock:
       return len(self._sizes)
 
+  def close(self) -> None:
+    """Releases what the tier holds outside this process (files, locks)."""
+
   def put(self, key: bytes, value: Any, nbytes: int) -> bool:
-    """Stores ``value`` unless present; evicts to make room. False if it cannot fit.
+    """Stores ``value`` unless present; evicts to make room. False if it
+    cannot fit; a failed write raises (``OSError``) and indexes nothing.
 
     The chunk is written before it is indexed, so a reader never finds a key
     whose chunk is still on its way.
@@ -107,8 +111,7 @@ class Tier:
       if key in self._sizes:
         self.replacement.touch(key)
         return True
-    if not self._write(key, value):
-      return False
+    self._write(key, value)
     victims = []
     with self._lock:
       if key in self._sizes:
@@ -163,8 +166,8 @@ class Tier:
       self.used += nbytes
       self.replacement.insert(key)
 
-  def _write(self, key: bytes, value: Any) -> bool:
-    """Puts ``value`` where the tier keeps chunks; False if it could not."""
+  def _write(self, key: bytes, value: Any) -> None:
+    """Puts ``value`` where the tier keeps chunks; raises if it cannot."""
     raise NotImplementedError
 
   def _read(self, key: bytes) -> Any | None:
@@ -183,10 +186,9 @@ class MemoryTier(Tier):
     super().__init__(capacity, replacement)
     self._values: dict[bytes, Any] = {}
 
-  def _write(self, key: bytes, value: Any) -> bool:
+  def _write(self, key: bytes, value: Any) -> None:
     with self._lock:
       self._values[key] = value
-    return True
 
   def _read(self, key: bytes) -> Any | None:
     with self._lock:
