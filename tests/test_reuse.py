@@ -8,15 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import run as run_lib
+from experiments.tasks.reuse import timed_cold
 from lmcache_jax.engine.generate import generate
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.reuse import generate_with_store
 from lmcache_jax.models.llama import from_weights
 from lmcache_jax.store.crypto import load_cipher
+from lmcache_jax.store import Layout
 from lmcache_jax.store.keys import model_fingerprint
 from policies.replacement.lru import LRU
 from conftest import tiny_config, tiny_weights
 from store_helpers import make_store, tokens_for
+# byte_lm: a fixture, a tiny model reading text as bytes
+from test_sweep import byte_lm, sweep_config  # noqa: F401
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # One cache and chunk shape for every call keeps compilations few.
@@ -158,3 +163,29 @@ def test_quantized_cache_stores_its_packed_form(tmp_path, outliers):
 def lm_policy():
   from lmcache_jax.cache.policy import KeepAll
   return KeepAll()
+
+
+@pytest.mark.parametrize("task", ["reuse", "multiturn"])
+def test_cold_baseline_uses_the_warm_runs_cache_format(task, tmp_path, byte_lm):
+  """Under --kv_bits the cold run (no store) prefills into a quantized cache
+  too: its logits equal the warm run's, and its cache has the same layout."""
+  config = sweep_config(tmp_path).unlock()
+  del config["sweep"]
+  config.task = task
+  config.store.update(dict(tiers="host", chunk_size=16))
+  config.reuse.update(dict(doc_tokens=48, questions=config.reuse.questions[:1],
+                           repeats=1, max_new_tokens=3))
+  config.multiturn.update(dict(context_tokens=48, repeats=1, max_new_tokens=3,
+                               messages=config.multiturn.messages[:2]))
+  # int2 with nothing held exact: a dense cold run would differ at once
+  config.quant.update(dict(kv_bits=2.0, group_size=32, residual=0, sinks=0,
+                           center_keys=False))
+  results = run_lib.run(config, byte_lm)
+  assert results["kv_bits"] == 2.0
+  for turn in results["turns"]:
+    assert turn["hit_tokens"] > 0 or turn.get("turn") == 0
+    assert turn["max_logit_diff"] < 1e-4 and turn["answers_equal"]
+
+  ctx = run_lib.build_context(config, byte_lm)
+  _, cold = timed_cold(ctx, tokens_for(60, 40), capacity=64, max_new_tokens=2)
+  assert Layout.of(cold.cache) == Layout.of(ctx.new_cache(1, 64))

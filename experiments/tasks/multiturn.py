@@ -3,7 +3,8 @@
 Each turn's prompt is the whole conversation so far; the store holds the
 previous turns' KV (prompts and answers), so only the new user message is
 prefilled. Reports per turn time to first token cold (no store) vs warm,
-tokens loaded and their tier, and whether the answers equal the no-store run's.
+tokens loaded and their tier, and whether the answers (and last prompt
+logits) equal the no-store run's, both in the run's cache format.
 Pieces (cut from the model's chat template) are tokenized separately and
 concatenated, so turn n+1's prompt starts with exactly the tokens of turn n
 and its answer (less the stop token that ended it: the next turn's piece
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 from experiments.context import RunContext
 from experiments.tasks import TASKS
-from experiments.tasks.reuse import (best_of, chat_pieces, encode, precompile,
-                                     summarize, task_store, timed_cold)
+from experiments.tasks.reuse import (best_of, chat_pieces, encode, logit_diff,
+                                     precompile, summarize, task_store,
+                                     timed_cold)
 from experiments.texts import load_eval_text
 from lmcache_jax import progress
 from lmcache_jax.engine.reuse import generate_with_store
@@ -75,7 +77,8 @@ def multiturn(ctx: RunContext) -> dict:
                      ttft_cold_s=cold_s, ttft_warm_s=warm.ttft_s,
                      hit_tokens=warm.hit_tokens[0], hit_tiers=warm.sources[0],
                      answer=ctx.lm.tokenizer.decode(answer, skip_special=True),
-                     answers_equal=warm.generation.tokens == cold.tokens))
+                     answers_equal=warm.generation.tokens == cold.tokens,
+                     max_logit_diff=logit_diff(warm.generation, cold)))
     history = after_answer(prompt, answer, warm.generation.finished[0])
   # Turn 0 has nothing to reuse: the averages cover the later turns.
   summary = summarize(rows[1:] or rows, store, turns_total=len(rows))

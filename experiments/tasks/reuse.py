@@ -3,7 +3,9 @@
 Every question shares the document's KV, so after the first question it is
 loaded instead of recomputed. Reports time to first token cold (no store,
 the whole prompt prefilled) and warm (document from the store), the tier
-each hit came from, and whether the answers equal the no-store run's.
+each hit came from, and whether the answers (and last prompt logits) equal
+the no-store run's. Both runs use the run's cache format: quantized under
+``--kv_bits``.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ def task_store(ctx: RunContext):
 
 
 def timed_cold(ctx, prompt, capacity, max_new_tokens):
-  """Time to first token without a store, and the generation."""
+  """Time to first token without a store, and the generation: the whole
+  prompt prefilled into the run's cache (quantized as the warm run's is)."""
   first = []
   start = time.perf_counter()
   generation = generate(
       ctx.lm, [prompt], max_new_tokens=max_new_tokens, capacity=capacity,
       prefill_chunk=ctx.config.prefill_chunk, policy=ctx.policy,
+      new_cache=ctx.new_cache,
       on_token=lambda step, *_: first.append(time.perf_counter() - start)
       if step == 0 else None)
   return first[0], generation
@@ -134,17 +138,21 @@ def reuse(ctx: RunContext) -> dict:
                                  new_cache=ctx.new_cache, store_generated=False)
       runs.append(warm)
     warm = min(runs, key=lambda r: r.ttft_s)
-    diff = float(np.max(np.abs(np.asarray(jax.device_get(
-        warm.generation.prompt_logits), np.float32) - np.asarray(
-            jax.device_get(cold.prompt_logits), np.float32))))
     rows.append(dict(question=rconf.questions[i], ttft_cold_s=cold_s,
                      ttft_warm_s=warm.ttft_s, hit_tokens=warm.hit_tokens[0],
                      hit_tiers=warm.sources[0],
                      answer=ctx.lm.tokenizer.decode(warm.generation.tokens[0],
                                                     skip_special=True),
                      answers_equal=warm.generation.tokens == cold.tokens,
-                     max_logit_diff=diff))
+                     max_logit_diff=logit_diff(warm.generation, cold)))
   return summarize(rows, store, prompt_tokens=rconf.doc_tokens)
+
+
+def logit_diff(warm, cold) -> float:
+  """The largest difference between the two runs' last prompt logits."""
+  warm_logits, cold_logits = (np.asarray(jax.device_get(g.prompt_logits),
+                                         np.float32) for g in (warm, cold))
+  return float(np.max(np.abs(warm_logits - cold_logits)))
 
 
 def summarize(rows: list[dict], store, **extra) -> dict:
