@@ -8,7 +8,8 @@
 
 Flat flags are shortcuts for config fields; anything else is
 ``--config.<field>=value``. Results and the resolved config land in
-``<output_dir>/<time>-<task>-<model>-<policy>/``.
+``<output_dir>/<time>-<task>-<model>-<policy>/`` (``-2``, ``-3``, ... added
+to a name another run has taken).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import results as results_lib  # noqa: E402
 from experiments import setup  # noqa: E402
 from experiments.version import code_version  # noqa: E402
 from experiments.context import RunContext  # noqa: E402
@@ -171,9 +173,8 @@ def run_name(config, results: dict) -> str:
 
 def write_results(config, results: dict) -> pathlib.Path:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  label = f"{stamp}-{run_name(config, results)}"
-  run_dir = pathlib.Path(config.output_dir) / re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  run_dir = results_lib.new_folder(pathlib.Path(config.output_dir),
+                                   f"{stamp}-{run_name(config, results)}")
   (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   (run_dir / "config.json").write_text(json.dumps(
       {"config": config.to_dict(), "code_version": results["code_version"],
@@ -200,13 +201,22 @@ def run(config, lm: models.LoadedModel | None = None) -> dict:
       "text": (config.text_file or config.text
                if config.task in setup.PROSE_TASKS else None),
       "load_seconds": load_seconds,
-      **task(ctx),
+      **run_task(task, ctx),
       **environment(ctx.lm),
       "code_version": code_version(),
   }
   if "cache_capacity" in results and results["budget_tokens"]:
     results["working_slots"] = results["cache_capacity"] - results["budget_tokens"]
   return results
+
+
+def run_task(task, ctx) -> dict:
+  """The task's results; the run's store is closed after it, whatever happens."""
+  try:
+    return task(ctx)
+  finally:
+    if ctx.store is not None:
+      ctx.store.close()
 
 
 def environment(lm: models.LoadedModel) -> dict:

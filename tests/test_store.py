@@ -245,3 +245,20 @@ def test_grouped_payload_layout():
     np.testing.assert_array_equal(g[:, :, :n], w[:, :, :n])
     assert not np.asarray(g[:, :, n:]).any()
   assert int(filled.lengths[0]) == 16
+
+
+def test_a_store_is_a_context_manager_that_flushes_and_releases(tmp_path):
+  cache, tokens = filled_cache(3), tokens_for(3, 64)
+  with make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20) as store:
+    assert store.store(tokens, cache) == 8          # queued in the background
+    disk = store.tier("disk")
+    owner = tmp_path / f".lmcache-{disk.owner}.owner"
+    assert owner.exists()
+  assert len(list(tmp_path.glob("*.kv"))) == 8 and not owner.exists()
+  with pytest.raises(ValueError, match="the store is closed; make a new one"):
+    store.load(tokens)
+  with pytest.raises(ValueError, match="disk tier at .* is closed; make a new"):
+    make_store(tiers=[disk])
+  store.close()                                     # twice: nothing happens
+  with make_store(disk_dir=str(tmp_path), disk_bytes=1 << 20) as reopened:
+    assert_prefix_is(reopened.load(tokens), cache)
