@@ -33,7 +33,9 @@ def task_store(ctx: RunContext):
   template = ctx.new_cache(1, ctx.config.store.chunk_size)
   store = ctx.store
   if store is None or store.layout != Layout.of(template):
-    store = setup.make_store(ctx.config, ctx.lm, template)
+    if store is not None:
+      store.close()
+    store = ctx.store = setup.make_store(ctx.config, ctx.lm, template)
   return store
 
 
