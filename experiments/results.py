@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -49,6 +50,21 @@ def cell_filename(cell: dict) -> str:
            f"-k{cell['quant']['kv_bits']:g}-{cell['quant']['calibration']}"
            f"-c{cell['context']}")
   return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label) + f"-{cell_key(cell)}.json"
+
+
+def new_folder(parent: pathlib.Path, label: str) -> pathlib.Path:
+  """A folder of ``parent`` that no one else has: ``label``, or ``label-2``,
+  ``label-3``, ... if taken. Each try is one ``mkdir`` (atomic), so runs
+  started in the same second never share a folder."""
+  name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+  parent.mkdir(parents=True, exist_ok=True)
+  for n in itertools.count(1):
+    path = parent / (name if n == 1 else f"{name}-{n}")
+    try:
+      path.mkdir()
+    except FileExistsError:
+      continue
+    return path
 
 
 def save_cell(cells_dir: pathlib.Path, cell: dict, results: dict) -> pathlib.Path:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import datetime
 import json
 import subprocess
 import sys
+import types
 
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
 from conftest import tiny_config, tiny_weights
+from experiments import results
 from experiments import run as run_module
 from experiments import setup
 from experiments.texts import load_eval_text
@@ -113,6 +117,29 @@ def test_run_in_process_writes_results(tmp_path, tiny_lm, monkeypatch):
   saved = json.loads((run_dir / "results.json").read_text())
   assert saved["ppl"] == pytest.approx(results["ppl"])
   assert json.loads((run_dir / "config.json").read_text())["config"]["context"] == 64
+
+
+def test_runs_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+  class Frozen(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+      return cls(2026, 1, 2, 3, 4, 5)
+
+  monkeypatch.setattr(run_module, "datetime",
+                      types.SimpleNamespace(datetime=Frozen))
+  config = default.get_config()
+  config.output_dir = str(tmp_path)
+  first = run_module.write_results(config, {"ppl": 1.0, "code_version": "a"})
+  second = run_module.write_results(config, {"ppl": 2.0, "code_version": "a"})
+  assert first.name == "20260102-030405-perplexity-smollm2-135m-full"
+  assert second.name == first.name + "-2"
+  assert json.loads((first / "results.json").read_text())["ppl"] == 1.0
+  assert json.loads((second / "results.json").read_text())["ppl"] == 2.0
+  # Started together, eight runs still get eight folders.
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    folders = list(pool.map(lambda _: results.new_folder(tmp_path, "same"),
+                            range(8)))
+  assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)
 
 
 class _ByteTokenizer:

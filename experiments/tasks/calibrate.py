@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 import time
 
+from experiments import results
 from experiments.context import RunContext
 from experiments.tasks import TASKS
 from lmcache_jax.engine import calibration
@@ -27,8 +28,9 @@ def calibrate(ctx: RunContext) -> dict:
   start = time.perf_counter()
   plan = ctx.quant   # built by the harness (experiments.setup.make_quant)
   stamp = time.strftime("%Y%m%d-%H%M%S")
-  path = plan.save(pathlib.Path(config.output_dir) /
-                   f"plan-{plan.policy}-{plan.average_bits():g}bits-{stamp}")
+  path = plan.save(results.new_folder(
+      pathlib.Path(config.output_dir),
+      f"plan-{plan.policy}-{plan.average_bits():g}bits-{stamp}"))
   # what a bf16-storage cache of `context` slots allocates for it (the bytes
   # the allocator's budget is charged on)
   nbytes = calibration.cache_bytes(ctx.lm.cfg, plan, config.context)(
