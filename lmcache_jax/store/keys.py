@@ -3,7 +3,8 @@
 Chunk ``i``'s key is ``sha256(key[i-1] || tokens of chunk i)`` with the chain
 rooted at a namespace that hashes everything else the KV depends on (model
 weights, cache layout and dtype or quant plan, layer range, chunk size). Equal
-keys therefore mean equal prefixes under equal models, so a hit is exact.
+keys therefore mean equal prefixes under equal models and cache formats
+(docs/store.md says what a hit equals).
 """
 
 from __future__ import annotations
