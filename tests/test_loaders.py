@@ -522,7 +522,8 @@ def test_real_smollm2_gguf():
       "smollm2-135m"]
   assert all(np.isfinite(a).all() for a in weights.values())
   # Only correctly un-permuted Q/K make the model sure of the reply: its
-  # mean NLL is ~0.12 nats per token, ~1.9 with the converter's rows kept.
+  # mean NLL is 0.11993 nats per token (float64 reference, measured by this
+  # test's computation), ~1.9 with the converter's rows kept.
   tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
   ids = {t: i for i, t in enumerate(tokens)}
   question = ["<|im_start|>", "user", "Ċ", "What", "Ġis", "Ġthe", "Ġcapital",
@@ -534,7 +535,7 @@ def test_real_smollm2_gguf():
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   nll = -logp[np.arange(len(reply)), seq[len(question):]].mean()
-  assert nll < 0.5, f"mean NLL of the reply {nll:.2f}"
+  assert nll == pytest.approx(0.11993, rel=1e-3)
 
 
 def test_safetensors_directory_with_tokenizer_json(tmp_path):

@@ -1,6 +1,11 @@
-"""The packed cache on the real SmolLM2-135M: int8 is near-lossless, int4
-with an exact recent window stays close (docs/quantization.md has the
-2K-token table)."""
+"""The packed cache on SmolLM2-135M-Instruct (4-bit Q4_1 GGUF weights,
+dequantized to float32): int8 is near-lossless, int4 with an exact recent
+window stays close (docs/quantization.md has the 2K-token table).
+
+The figures were measured on the CPU in float32 by these tests' own
+computations (`python -m pytest -n 0 tests/test_quant_real.py`); the
+tolerances are far above float32 noise and below the gaps between settings.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +29,14 @@ def test_quantized_perplexity_on_hamlet(real_lm):
   ctx = RunContext(config=None, lm=real_lm, policy=KeepAll())
   ppl = {}
   for label, plan in [
-      ("bf16", None),
+      ("dense", None),
       ("int8", QuantPlan.uniform(real_lm.cfg, "int8", group_size=64)),
       ("int4+window", QuantPlan.uniform(real_lm.cfg, "int4", group_size=64,
                                         residual=64))]:
     nll, cache = stream_nll(dataclasses.replace(ctx, quant=plan), tokens, 32)
     ppl[label] = float(np.exp(nll.mean()))
-  assert abs(ppl["int8"] / ppl["bf16"] - 1) < 0.01, ppl
-  assert abs(ppl["int4+window"] / ppl["bf16"] - 1) < 0.05, ppl
+  assert ppl == pytest.approx(
+      {"dense": 15.9638, "int8": 15.9048, "int4+window": 16.1977}, rel=1e-3)
 
 
 def test_quant_spread_reports_every_window(real_lm):
@@ -44,16 +49,17 @@ def test_quant_spread_reports_every_window(real_lm):
   out = spread.quant_spread(ctx, windows=("hamlet@0", "lear@100"),
                             settings=((0, 16), (64, 16), (64, 8)))
   by_label = {r["setting"]: r for r in out["rows"]}
-  assert len(by_label) == 3 and all(len(r["changes_pct"]) == 2
-                                    for r in out["rows"])
-  window = by_label[spread.setting_label(64, 16)]
-  # a 64-token window over 64 tokens keeps every token exact
-  np.testing.assert_allclose(window["changes_pct"], 0.0, atol=1e-3)
-  # int8 copies: smaller, and within int8 noise of exact
-  int8 = by_label[spread.setting_label(64, 8)]
-  assert (window["compression"] < int8["compression"]
-          < by_label[spread.setting_label(0, 16)]["compression"])
-  np.testing.assert_allclose(int8["changes_pct"], 0.0, atol=0.5)
+  # Per setting: % perplexity change on hamlet@0 and lear@100, compression.
+  measured = {(0, 16): ([5.5022, 5.3097], 2.70423),
+              # a 64-token window over 64 tokens keeps every token exact
+              (64, 16): ([0.0, 0.0], 0.71375),
+              # int8 copies of that window: smaller, near exact
+              (64, 8): ([0.1987, 0.5062], 1.11770)}
+  assert len(by_label) == len(measured)
+  for (window, copy_bits), (changes, compression) in measured.items():
+    row = by_label[spread.setting_label(window, copy_bits)]
+    np.testing.assert_allclose(row["changes_pct"], changes, atol=0.01)
+    assert row["compression"] == pytest.approx(compression, rel=1e-5)
 
 
 def test_quant_spread_windows_and_summary():

@@ -223,7 +223,7 @@ def test_golden_ids(tok):
 def test_round_trip_on_real_text(tok, real_text):
   ids = tok.encode(real_text)
   assert tok.decode(ids) == real_text
-  assert 2.5 < len(real_text) / len(ids) < 6  # Characters per token.
+  assert (len(real_text), len(ids)) == (12000, 3828)
   assert tok.encode(real_text, add_bos=True) == [tok.bos_id, *ids]
 
 
