@@ -35,6 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments import results as results_lib  # noqa: E402
 from experiments import setup  # noqa: E402
+from experiments.errors import InputError  # noqa: E402
 from experiments.version import code_version  # noqa: E402
 from experiments.context import RunContext  # noqa: E402
 from experiments.tasks import TASKS  # noqa: E402
@@ -138,10 +139,10 @@ def build_context(config, lm: models.LoadedModel | None = None) -> RunContext:
   setup.check(config, TASKS.names(), model=lm is None)
   lm = setup.load_model(config) if lm is None else lm
   if config.task in setup.TEXT_TASKS and lm.tokenizer is None:
-    raise ValueError(f"task {config.task!r} reads text and needs a tokenizer; "
+    raise InputError(f"task {config.task!r} reads text and needs a tokenizer; "
                      f"{lm.source or config.model} has none")
   if config.context > lm.cfg.max_context:
-    raise ValueError(f"--context {config.context} is more than the model has "
+    raise InputError(f"--context {config.context} is more than the model has "
                      f"positions for ({lm.cfg.max_context}); use "
                      f"--context={lm.cfg.max_context} or less")
   length, limit = setup.prompt_tokens(config), None
@@ -184,10 +185,10 @@ def write_results(config, results: dict) -> pathlib.Path:
 
 def run(config, lm: models.LoadedModel | None = None) -> dict:
   """Runs the configured task; returns its results with the run's identity."""
-  task = TASKS.get(config.task)
   start = time.perf_counter()
-  ctx = build_context(config, lm)
+  ctx = build_context(config, lm)   # checks the task's name first
   load_seconds = time.perf_counter() - start
+  task = TASKS.get(config.task)
   results = {
       "task": config.task,
       "model": config.model,
@@ -278,7 +279,7 @@ def main(argv):
       print(f"ok: {config.task} on {config.model}, policy {config.policy.name}")
       return
     results = run(config)
-  except (ValueError, FileNotFoundError, FetchError, FloatingPointError) as e:
+  except (InputError, FileNotFoundError, FetchError, FloatingPointError) as e:
     logging.debug("run failed", exc_info=True)
     sys.exit(f"error: {e}")
   run_dir = write_results(config, results)

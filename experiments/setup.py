@@ -19,6 +19,7 @@ from lmcache_jax.quant import QuantPlan
 from lmcache_jax.quant.plan import PLAN_FILE
 from lmcache_jax.store import (DeviceTier, DiskTier, HostTier, KVStore, Layout,
                                load_cipher, model_fingerprint)
+from experiments.errors import InputError, input_errors
 from experiments.texts import load_eval_text
 from policies.registry import CALIBRATION, EVICTION, REPLACEMENT, parse_spec
 
@@ -58,6 +59,7 @@ def takes_budget(spec: str) -> bool:
   return "budget" in EVICTION.parameters(parse_spec(spec)[0])
 
 
+@input_errors()
 def make_policy(policy_config: ml_collections.ConfigDict, prompt_tokens: int,
                 limit: int | None = None) -> CachePolicy:
   """The eviction policy named in the config, with its budget resolved
@@ -123,11 +125,12 @@ def _close(word: str, options) -> str:
   return f"; did you mean {match[0]!r}?" if match else ""
 
 
+@input_errors()
 def check(config: ml_collections.ConfigDict, task_names, *,
           model: bool = True) -> None:
   """Everything about a run that can be checked without weights: the task,
   the model (unless ``model`` is False: one is already loaded), context,
-  bits, budget, prompt and text. Raises ValueError (or FileNotFoundError)
+  bits, budget, prompt and text. Raises InputError (or FileNotFoundError)
   naming the bad value and what would be valid."""
   if config.task not in task_names:
     raise ValueError(f"unknown task name {config.task!r}"
@@ -205,6 +208,7 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
           f"smaller --context")
 
 
+@input_errors()   # the loaders' ValueErrors are about the model given
 def load_model(config: ml_collections.ConfigDict) -> models.LoadedModel:
   dtype = None if config.dtype == "auto" else jnp.dtype(config.dtype)
   return models.load(config.model, dtype, seed=config.seed)
@@ -217,6 +221,7 @@ def make_quant(config: ml_collections.ConfigDict, lm: models.LoadedModel):
   return quant_plan(config.quant, lm)
 
 
+@input_errors()
 def make_store(config: ml_collections.ConfigDict, lm: models.LoadedModel,
                cache: KVCache | None = None) -> KVStore | None:
   """The prefix store ``config.store`` asks for, for ``lm``'s caches (or ones
@@ -268,7 +273,7 @@ def calibration_text_tokens(quant_config, lm):
   """Token ids of the config's calibration text (``calibration_text``, a
   Shakespeare work, default ``macbeth``; first ``calibration_tokens`` = 512)."""
   if lm.tokenizer is None:
-    raise ValueError(
+    raise InputError(
         f"model {lm.cfg.name} has no tokenizer to read calibration text "
         f"(key centering and the measuring policies need it); pass "
         f"calibration_tokens, or use --config.quant.center_keys=False with "
@@ -341,4 +346,3 @@ def show_plan(plan: QuantPlan, prefix: str = "") -> None:
   print(prefix + summary)
   if verbose() and detail:
     print(detail)
-

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from experiments import plots, results, setup
 from experiments import run as run_lib
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.version import code_version
 from lmcache_jax import models
@@ -76,15 +77,15 @@ def _apply_variant(cell: ml_collections.ConfigDict, variant: str) -> None:
   for assignment in filter(None, (a.strip() for a in variant.split(";"))):
     field, sep, text = assignment.partition("=")
     if not sep:
-      raise ValueError(f"sweep variant {variant!r}: {assignment!r} is not field=value")
+      raise InputError(f"sweep variant {variant!r}: {assignment!r} is not field=value")
     *parents, leaf = field.strip().split(".")
     node = cell
     for parent in parents:
       if parent not in node:
-        raise ValueError(f"sweep variant {variant!r}: config has no field {field!r}")
+        raise InputError(f"sweep variant {variant!r}: config has no field {field!r}")
       node = node[parent]
     if leaf not in node:
-      raise ValueError(f"sweep variant {variant!r}: config has no field {field!r}")
+      raise InputError(f"sweep variant {variant!r}: config has no field {field!r}")
     old = node[leaf]
     if isinstance(old, bool):
       value = text.strip().lower() in ("1", "true", "yes")
@@ -167,7 +168,7 @@ def run_sweep(config: ml_collections.ConfigDict, lm: models.LoadedModel | None =
   cells, errors = grid(config)
   if errors and not config.sweep.keep_going:
     listing = "\n".join(f"  {e['cell']}: {e['error']}" for e in errors)
-    raise ValueError(f"{len(errors)} sweep cell(s) cannot run:\n{listing}\n"
+    raise InputError(f"{len(errors)} sweep cell(s) cannot run:\n{listing}\n"
                      f"(set --config.sweep.keep_going=True to run the others)")
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "sweep.json").write_text(json.dumps(
@@ -257,7 +258,7 @@ def main(argv):
                          f"(configs/sweeps/NAME.py)")
   try:
     report = run_sweep(config, report_only=_REPORT_ONLY.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (InputError, FileNotFoundError) as e:
     logging.debug("sweep failed", exc_info=True)
     sys.exit(f"error: {e}")
   print(f"{report.ran} cell(s) run, {report.skipped} already done, "

@@ -176,6 +176,29 @@ def test_cli_errors_are_one_line(args, message):
   assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def run_cli_failing_with(error: str, *args: str) -> subprocess.CompletedProcess:
+  """The command line, with its pre-load check raising ``error`` (code)."""
+  script = ("import sys; from absl import app; from experiments import run, setup;"
+            " from experiments.errors import InputError\n"
+            "def check(*args, **kwargs):\n"
+            f"  raise {error}\n"
+            "setup.check = check\n"
+            "sys.argv[0] = 'experiments.run'; app.run(run.main)")
+  return subprocess.run([sys.executable, "-c", script, *args],
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_shows_input_errors_in_one_line_and_faults_with_traceback():
+  bad_input = run_cli_failing_with("InputError('--foo=3: use 1 or 2')",
+                                   "--dry_run")
+  assert bad_input.returncode == 1
+  assert bad_input.stderr.strip() == "error: --foo=3: use 1 or 2"
+  fault = run_cli_failing_with("ValueError('an internal fault')", "--dry_run")
+  assert fault.returncode == 1
+  assert "Traceback (most recent call last)" in fault.stderr
+  assert fault.stderr.strip().endswith("ValueError: an internal fault")
+
+
 def test_text_that_is_not_prose(tmp_path):
   path = tmp_path / "zeros.txt"
   path.write_bytes(b"\x00" * 4096)

@@ -14,6 +14,7 @@ import time
 
 from experiments import results
 from experiments.context import RunContext
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from lmcache_jax.engine import calibration
 
@@ -23,7 +24,7 @@ def calibrate(ctx: RunContext) -> dict:
   """Runs the configured calibration policy and saves its plan."""
   config = ctx.config
   if config.quant.kv_bits >= 16 and not config.quant.plan:
-    raise ValueError("--task=calibrate needs --kv_bits below 16 (the average "
+    raise InputError("--task=calibrate needs --kv_bits below 16 (the average "
                      "bits to allocate)")
   start = time.perf_counter()
   plan = ctx.quant   # built by the harness (experiments.setup.make_quant)

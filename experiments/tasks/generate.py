@@ -9,6 +9,7 @@ import jax
 
 from experiments import setup
 from experiments.context import RunContext
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from lmcache_jax.engine import Sampling, generate as generate_tokens
 
@@ -17,7 +18,7 @@ def prompt_ids(gconf, tokenizer) -> list[int]:
   """Token ids of ``gconf.prompt``, in the chat template when ``gconf.chat``
   and the model has one."""
   if not gconf.prompt.strip():
-    raise ValueError("--prompt is empty: give the model something to respond to")
+    raise InputError("--prompt is empty: give the model something to respond to")
   if gconf.chat and tokenizer.chat_template:
     return tokenizer.encode_chat([{"role": "user", "content": gconf.prompt}])
   return tokenizer.encode(gconf.prompt)

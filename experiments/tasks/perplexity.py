@@ -15,6 +15,7 @@ import numpy as np
 
 from experiments import setup
 from experiments.context import RunContext
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
 from lmcache_jax import progress
@@ -81,7 +82,7 @@ def perplexity(ctx: RunContext) -> dict:
   text = load_eval_text(config.text, config.text_file)
   tokens = np.asarray(ctx.lm.tokenizer.encode(text), np.int32)
   if len(tokens) < num_tokens + 1:
-    raise ValueError(f"the evaluation text holds {len(tokens)} tokens; scoring "
+    raise InputError(f"the evaluation text holds {len(tokens)} tokens; scoring "
                      f"{num_tokens} needs {num_tokens + 1}: use --context="
                      f"{len(tokens) - 1} or less, or a longer text")
   tokens = tokens[:num_tokens + 1]

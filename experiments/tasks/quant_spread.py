@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from experiments.context import RunContext
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.tasks.perplexity import stream_nll
 from experiments.tasks.quant_table import kv_bytes
@@ -45,12 +46,12 @@ def window_tokens(tokenizer, spec: str, length: int) -> np.ndarray:
   first when the model asks for it."""
   play, _, offset = spec.partition("@")
   if not offset.isdigit():
-    raise ValueError(f"window {spec!r} must be play@offset (a token offset), "
+    raise InputError(f"window {spec!r} must be play@offset (a token offset), "
                      f"e.g. hamlet@2048")
   start = int(offset)
   tokens = tokenizer.encode(shakespeare.load_text(play), add_bos=False)
   if start + length + 1 > len(tokens):
-    raise ValueError(f"window {spec!r} needs {start + length + 1} tokens; "
+    raise InputError(f"window {spec!r} needs {start + length + 1} tokens; "
                      f"{play} has {len(tokens)}")
   bos = tokenizer.encode("")
   return np.asarray(bos + tokens[start:start + length + 1 - len(bos)],
@@ -63,7 +64,7 @@ def parse_settings(text: str) -> tuple[tuple[int, int], ...]:
   for item in filter(None, (s.strip() for s in text.split(","))):
     window, _, bits = item.partition(":")
     if not (window.isdigit() and bits in ("8", "16")):
-      raise ValueError(f"quant.spread_settings item {item!r} must be "
+      raise InputError(f"quant.spread_settings item {item!r} must be "
                        f"WINDOW:COPY_BITS with COPY_BITS 8 or 16, e.g. 32:8")
     out.append((int(window), int(bits)))
   return tuple(out)

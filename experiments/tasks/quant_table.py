@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.context import RunContext
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.tasks.perplexity import stream_nll
 from experiments.texts import load_eval_text
@@ -118,7 +119,7 @@ def policy_table(ctx: RunContext) -> dict:
   for text in texts:
     ids = np.asarray(lm.tokenizer.encode(load_eval_text(text)), np.int32)
     if len(ids) < context + 1:
-      raise ValueError(f"text {text!r} has {len(ids)} tokens, fewer than "
+      raise InputError(f"text {text!r} has {len(ids)} tokens, fewer than "
                        f"--context={context} + 1")
     tokens[text] = ids[:context + 1]
   calibration_tokens = setup.calibration_text_tokens(config.quant, lm)
@@ -211,6 +212,6 @@ def quant_table(ctx: RunContext) -> dict:
   """Perplexity and KV bytes of quantization settings on real text."""
   which = str(ctx.config.quant.get("table", "policies"))
   if which not in TABLES:
-    raise ValueError(f"config.quant.table={which!r}: use one of "
+    raise InputError(f"config.quant.table={which!r}: use one of "
                      f"{', '.join(TABLES)}")
   return TABLES[which](ctx)

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from experiments.context import RunContext
+from experiments.errors import InputError
 from lmcache_jax.cache.compact import compact, compactable
 from lmcache_jax.data.passkey import Sample, first_answer
 from lmcache_jax.engine.generate import decode
@@ -37,9 +38,9 @@ def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
   the payload bytes of the cache the prompt was prefilled into (in
   ``prefill`` mode the whole prompt's, larger than the final cache)."""
   if mode not in MODES:
-    raise ValueError(f"retrieval mode must be one of {MODES}, got {mode!r}")
+    raise InputError(f"retrieval mode must be one of {MODES}, got {mode!r}")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   lm = ctx.lm
   total = max(s.num_tokens for s in samples) + max_new_tokens
   answer_tokens = max(len(s.cue) for s in samples) + max_new_tokens
@@ -71,12 +72,12 @@ def evaluate(ctx: RunContext, make_sample, conf) -> dict:
   the run's seed, so every policy is asked the same questions.
   """
   if ctx.lm.tokenizer is None:
-    raise ValueError("retrieval tasks need a tokenizer; use the default model "
+    raise InputError("retrieval tasks need a tokenizer; use the default model "
                      "or a .gguf file")
   if conf.trials < 1:
-    raise ValueError(f"trials must be >= 1, got {conf.trials}")
+    raise InputError(f"trials must be >= 1, got {conf.trials}")
   if not conf.lengths or not conf.depths:
-    raise ValueError("give at least one length and one depth")
+    raise InputError("give at least one length and one depth")
   start = time.perf_counter()
   records, cache, prefill_bytes = [], None, 0
   for length in conf.lengths:

@@ -17,6 +17,7 @@ import numpy as np
 
 from experiments import setup
 from experiments.context import RunContext
+from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
 from lmcache_jax import progress
@@ -91,7 +92,7 @@ def encode(ctx, text, **options):
   """``text``'s ids (``options``: those of ``Tokenizer.encode``)."""
   tokenizer = ctx.lm.tokenizer
   if tokenizer is None:
-    raise ValueError(f"model {ctx.config.model!r} has no tokenizer; these "
+    raise InputError(f"model {ctx.config.model!r} has no tokenizer; these "
                      f"tasks need one (use a .gguf file or the default model)")
   return tokenizer.encode(text, **options)
 
@@ -106,7 +107,7 @@ def reuse(ctx: RunContext) -> dict:
   # control tokens, and the opening the BOS the model asks for.
   document = encode(ctx, text, add_bos=False, special=False)[:rconf.doc_tokens]
   if len(document) < rconf.doc_tokens:
-    raise ValueError(f"the text holds {len(document)} tokens, fewer than "
+    raise InputError(f"the text holds {len(document)} tokens, fewer than "
                      f"reuse.doc_tokens={rconf.doc_tokens}")
   # One user message: the document (the shared prefix), then the question.
   opening, user_end, _ = chat_pieces(ctx.lm.tokenizer)
