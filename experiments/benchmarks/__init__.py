@@ -129,6 +129,36 @@ def device_memory() -> dict:
   return {short: stats[key] for key, short in keys.items() if key in stats}
 
 
+def skip_note(need: int, share: float = 0.97) -> str:
+  """"" when ``need`` bytes fit in ``share`` of the device's memory limit
+  (or the backend states none: the CPU), else the note of a row skipped
+  for it, with both numbers."""
+  limit = device_memory().get("limit")
+  if limit is None or need <= share * limit:
+    return ""
+  return (f"skipped: needs ~{need / 2**30:.1f} GiB, the card gives "
+          f"{limit / 2**30:.1f} GiB")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether ``error`` is the runtime's out-of-memory error."""
+  return (isinstance(error, jax.errors.JaxRuntimeError)
+          and "RESOURCE_EXHAUSTED" in str(error))
+
+
+def row_or_skipped(head: dict, make_row: Callable[[], dict]) -> dict:
+  """``make_row()``, or ``head`` noted as skipped where it runs out of device
+  memory (an estimate that was too low), so one row cannot stop a suite
+  before its table is written. Other errors propagate."""
+  try:
+    return make_row()
+  except Exception as e:  # noqa: BLE001 -- only out-of-memory is kept
+    if not is_out_of_memory(e):
+      raise
+    first = str(e).strip().splitlines()[0][:200]
+    return {**head, "note": f"skipped: out of memory when run ({first})"}
+
+
 def device_name() -> str:
   device = jax.local_devices()[0]
   return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"

@@ -5,7 +5,9 @@ JSON request; its last stdout line is a JSON report), so that PyTorch has the
 card to itself. First it checks, on a small Llama in float32, that
 transformers and this project compute the same logits and the same greedy
 tokens from the same weights (this project's model on the CPU here); then it
-times each workload with random bfloat16 weights.
+times each workload with random bfloat16 weights, once per way of holding
+the cache (``CACHES``): the default eager ``generate`` and the static cache
+with its decode step compiled.
 """
 
 from __future__ import annotations
@@ -100,59 +102,103 @@ def _sync(device: str) -> None:
     torch.cuda.synchronize()
 
 
+# How transformers holds the cache: its default (a DynamicCache grown each
+# step, eager forward passes), or the peer a user would pick for speed: a
+# preallocated StaticCache with the decode step compiled by torch.compile
+# (``generate``'s own path on CUDA: ``cache_implementation="static"``).
+CACHES = {"dynamic": "full (DynamicCache, eager)",
+          "static": "full (StaticCache, torch.compile)"}
+
+
+def generate_fn(model, ids, mask, cache: str, device: str):
+  """gen(n) → n greedy tokens after the prompt (synchronized) through
+  ``model.generate`` with the ``cache`` of ``CACHES``."""
+  if cache not in CACHES:
+    raise ValueError(f"unknown transformers cache {cache!r}; valid: "
+                     f"{', '.join(CACHES)}")
+  extra = {}
+  if cache == "static":
+    extra = dict(cache_implementation="static",
+                 compile_config=transformers.CompileConfig(
+                     fullgraph=True, mode="reduce-overhead"))
+
+  def gen(n):
+    with torch.no_grad():
+      out = model.generate(ids, attention_mask=mask, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0,
+                           **extra)
+    _sync(device)
+    return out
+  return gen
+
+
+def _release(model, device: str) -> None:
+  """Frees what a workload left on the card: the static cache that
+  ``generate`` keeps on the model for the next call of the same shape."""
+  if hasattr(model, "_cache"):
+    del model._cache
+  if device == "cuda":
+    torch.cuda.empty_cache()
+
+
+def bench_one(model, cfg: ModelConfig, work: dict, cache: str, request: dict,
+              device: str) -> dict:
+  """One row: time to first token and ms per decode step of ``generate``
+  with ``cache`` (``CACHES``) on one workload."""
+  decode = request["decode_tokens"]
+  batch, prompt_len = work["batch"], work["context"] - decode
+  row = {"impl": f"transformers {transformers.__version__}",
+         "context": work["context"], "batch": batch, "policy": CACHES[cache],
+         "cache": cache, "prompt_tokens": prompt_len}
+  try:
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
+    gen = generate_fn(model, ids, torch.ones_like(ids), cache, device)
+    # warm-up: the longest generation first, so a static cache is allocated
+    # once at its full length and every later call reuses it; the compiled
+    # step records its CUDA graphs in the first calls
+    for _ in range(2 if cache == "static" else 1):
+      gen(decode + 1)
+    if device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    ttft, full = [], []
+    while len(ttft) < request["repeats"]:
+      start = time.perf_counter()
+      gen(1)
+      ttft.append(time.perf_counter() - start)
+      start = time.perf_counter()
+      gen(decode + 1)
+      full.append(time.perf_counter() - start)
+      if sum(ttft) + sum(full) > request["max_seconds"]:
+        break
+    first = statistics.median(ttft)
+    step = (statistics.median(full) - first) / decode
+    row.update({"kv_gib": 2 * cfg.num_layers * batch * cfg.num_kv_heads
+                * work["context"] * cfg.head_dim * 2 / GIB,
+                "ttft_s": first, "runs": len(ttft),
+                "prefill_tok_s": batch * prompt_len / first,
+                "decode_ms_step": step * 1e3, "decode_tok_s": batch / step,
+                "peak_gib": (torch.cuda.max_memory_allocated() / GIB
+                             if device == "cuda" else None), "note": ""})
+  except torch.OutOfMemoryError:
+    row["note"] = "skipped: out of memory on this card"
+  return row
+
+
 def bench(cfg: ModelConfig, request: dict, device: str) -> list[dict]:
+  """Rows of every workload with each of ``request["caches"]`` (default:
+  every one of ``CACHES``), random bfloat16 weights."""
   torch.manual_seed(0)
   torch.set_default_dtype(torch.bfloat16)
   with torch.device(device):
     model = transformers.LlamaForCausalLM(hf_config(cfg))
   torch.set_default_dtype(torch.float32)
   model.eval()
-  decode = request["decode_tokens"]
   rows = []
   for work in request["workloads"]:
-    batch, prompt_len = work["batch"], work["context"] - decode
-    row = {"impl": f"transformers {transformers.__version__}", "context": work["context"],
-           "batch": batch, "policy": "full (DynamicCache)", "prompt_tokens": prompt_len}
-    try:
-      ids = torch.randint(3, cfg.vocab_size, (batch, prompt_len), device=device)
-      mask = torch.ones_like(ids)
-
-      def gen(n):
-        with torch.no_grad():
-          out = model.generate(ids, attention_mask=mask, max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, pad_token_id=0)
-        _sync(device)
-        return out
-
-      gen(2)  # warm-up
-      if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-      ttft, full = [], []
-      while len(ttft) < request["repeats"]:
-        start = time.perf_counter()
-        gen(1)
-        ttft.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        gen(decode + 1)
-        full.append(time.perf_counter() - start)
-        if sum(ttft) + sum(full) > request["max_seconds"]:
-          break
-      first = statistics.median(ttft)
-      step = (statistics.median(full) - first) / decode
-      row.update({"kv_gib": 2 * cfg.num_layers * batch * cfg.num_kv_heads
-                  * work["context"] * cfg.head_dim * 2 / GIB,
-                  "ttft_s": first, "runs": len(ttft),
-                  "prefill_tok_s": batch * prompt_len / first,
-                  "decode_ms_step": step * 1e3, "decode_tok_s": batch / step,
-                  "peak_gib": (torch.cuda.max_memory_allocated() / GIB
-                               if device == "cuda" else None), "note": ""})
-    except torch.OutOfMemoryError:
-      row["note"] = "out of memory on this card"
-    ids = mask = None
-    if device == "cuda":
-      torch.cuda.empty_cache()
-    rows.append(row)
-    print(json.dumps(row), file=sys.stderr, flush=True)
+    for cache in request.get("caches", tuple(CACHES)):
+      rows.append(bench_one(model, cfg, work, cache, request, device))
+      _release(model, device)
+      print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   return rows
 
 

@@ -4,13 +4,18 @@ a bf16 one, at a long context and a large batch, on one model in one run.
 Each workload ``CONTEXTxBATCH:KV`` (KV = ``dense``, the model's dtype, or
 ``int2/3/4/8``) fills a cache of ``context`` slots per sequence, all but the
 decoded tokens' slots, with random keys and values through the cache's own
-write path (int caches quantize them as a prefill would:
-rotated, int8 copies of the sinks and the latest 32 tokens), then times
-``decode_tokens`` greedy steps in one on-device loop. A decode step costs the
-same whatever the cached values are, so no prefill is run. Rows give the
-bytes a step reads (weights plus the cache's payload), the bound those bytes
-set at the copy bandwidth of the same run, and the bytes in use on the
-device while decoding (weights + cache + the loop's buffers).
+write path, then times ``decode_tokens`` greedy steps in one on-device loop.
+An int cache stores them as ``--kv_bits`` does (``default_plan``: the
+command line's default plan, keys centered on means measured on random
+token ids). A decode step costs the same whatever the cached values are, so
+no prefill is run. Rows give the bytes a step reads (weights plus the
+cache's payload), the bound those bytes set at the copy bandwidth of the
+same run, and the bytes in use on the device while decoding (weights +
+cache + the loop's buffers).
+
+A workload whose estimated bytes (``needed_bytes``) exceed the device's
+memory is skipped with the numbers, and one that runs out of memory all the
+same becomes a skipped row, so the suite always returns its table.
 """
 
 from __future__ import annotations
@@ -18,18 +23,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from experiments import benchmarks
+from configs import default as default_config
+from experiments import benchmarks, setup
 from lmcache_jax import models
 from lmcache_jax.attention.layer import LayerKV, write_stacked
 from lmcache_jax.cache.kv_cache import KVCache, init_cache, tree_nbytes
 from lmcache_jax.engine import Sampling, steps
 from lmcache_jax.numerics.formats import format_for_bits
-from lmcache_jax.quant.plan import EXACT_TOKENS, QuantPlan
+from lmcache_jax.quant.plan import QuantPlan
 from policies.registry import EVICTION
 
 GIB = 2**30
@@ -59,13 +67,36 @@ class KVWorkload:
   def __str__(self):
     return f"{self.context}x{self.batch}:{self.kv}"
 
-  def plan(self, cfg) -> QuantPlan | None:
-    if self.kv == "dense":
-      return None
-    fmt = format_for_bits(int(self.kv.removeprefix("int"))).name
-    return QuantPlan.uniform(cfg, fmt, policy=f"uniform-{fmt}",
-                             group_size=min(64, cfg.head_dim), rotate=True,
-                             **EXACT_TOKENS)
+  @property
+  def bits(self) -> int | None:
+    """Code bits of an int cache; None for the dense one."""
+    return None if self.kv == "dense" else int(self.kv.removeprefix("int"))
+
+
+def default_plan(lm: models.LoadedModel, bits: int) -> QuantPlan:
+  """The plan ``--kv_bits=bits`` stores with: ``experiments.setup.quant_plan``
+  on the command line's default config, as ``experiments.run`` builds it.
+  Its key centering measures the model's key means on random token ids
+  (as many as the config's calibration text): random weights have no
+  tokenizer to read the text with."""
+  config = default_config.get_config()
+  config.quant.kv_bits = bits
+  ids = np.random.default_rng(0).integers(
+      3, lm.cfg.vocab_size, int(config.quant.calibration_tokens))
+  return setup.quant_plan(config.quant, lm, calibration_tokens=ids.tolist())
+
+
+def needed_bytes(cfg, work: KVWorkload, dtype, plan: QuantPlan | None,
+                 weight_bytes: int) -> int:
+  """Bytes on the device while ``work`` decodes: the weights, the cache
+  (its exact size, from its shapes) and the step's largest temporaries
+  (float32 logits and probabilities over the slots, twice the float32
+  vocabulary logits)."""
+  cache = jax.eval_shape(lambda: init_cache(cfg, work.batch, work.context,
+                                            dtype, quant=plan))
+  step = (2 * work.batch * cfg.num_heads * work.context * 4
+          + 2 * work.batch * cfg.vocab_size * 4)
+  return weight_bytes + tree_nbytes(cache) + step
 
 
 @functools.partial(jax.jit, static_argnames=("count", "head_dim"),
@@ -93,11 +124,12 @@ def _fill_chunk(cache: KVCache, key, start, *, count: int,
 
 
 def filled_cache(cfg, work: KVWorkload, capacity: int, dtype,
-                 decode_tokens: int, seed: int = 0) -> KVCache:
+                 decode_tokens: int, plan: QuantPlan | None,
+                 seed: int = 0) -> KVCache:
   """A cache of ``capacity`` slots holding ``work.context - 2 *
-  decode_tokens`` random tokens (``dtype``: the dense cache's, or the packed
-  cache's exact copies)."""
-  cache = init_cache(cfg, work.batch, capacity, dtype, quant=work.plan(cfg))
+  decode_tokens`` random tokens, stored as ``plan`` says (None: dense
+  ``dtype``; else ``dtype`` is that of the packed cache's exact copies)."""
+  cache = init_cache(cfg, work.batch, capacity, dtype, quant=plan)
   key = jax.random.key(seed)
   tokens = work.context - 2 * decode_tokens
   for start in range(0, tokens, _FILL_CHUNK):
@@ -109,16 +141,20 @@ def filled_cache(cfg, work: KVWorkload, capacity: int, dtype,
 
 def bench_kv_decode(lm: models.LoadedModel, work: KVWorkload, decode_tokens: int,
                     bandwidth: float, weight_bytes: int,
+                    plan: QuantPlan | None = None,
                     trace_dir: str | None = None) -> dict:
-  """Times ``decode_tokens`` greedy steps over a filled cache; one table row.
-  ``trace_dir``: also write a profiler trace of the timed steps there."""
+  """Times ``decode_tokens`` greedy steps over a filled cache stored as
+  ``plan`` says (None for the dense row); one table row. ``trace_dir``:
+  also write a profiler trace of the timed steps there."""
   cfg = lm.cfg
   row = {"impl": "lmcache_jax", "model": cfg.name, "context": work.context,
          "batch": work.batch, "kv": work.kv,
          "dtype": jnp.dtype(lm.dtype).name}
+  if (work.bits is None) != (plan is None):
+    raise ValueError(f"{work}: an int cache needs a plan, a dense one none")
   # the context holds the filled tokens, then a warm-up run's and a timed run's
   capacity = work.context
-  cache = filled_cache(cfg, work, capacity, lm.dtype, decode_tokens)
+  cache = filled_cache(cfg, work, capacity, lm.dtype, decode_tokens, plan)
   kv_bytes = cache.payload_nbytes
   policy = EVICTION.make("full").bind(cfg).decoding()
   first = jnp.full((work.batch,), 3, jnp.int32)
@@ -155,13 +191,23 @@ def bench_kv_decode(lm: models.LoadedModel, work: KVWorkload, decode_tokens: int
 
 def run_kv_decode(config, bandwidth: float) -> list[dict]:
   """The rows of ``config.workloads`` on ``config.model`` (random weights),
-  smallest cache first."""
+  smallest cache first; rows that do not fit the device are skipped with a
+  note (``needed_bytes``; or out of memory when run)."""
   workloads = [KVWorkload.parse(w) for w in config.workloads]
   lm = models.load(f"random:{config.model}", jnp.dtype(config.dtype), seed=0)
   weights = tree_nbytes(lm.params)
+  plans = {bits: default_plan(lm, bits)
+           for bits in sorted({w.bits for w in workloads} - {None})}
   rows = []
   for work in sorted(workloads, key=lambda w: (w.kv == "dense", w.batch * w.context)):
-    rows.append(bench_kv_decode(lm, work, config.decode_tokens, bandwidth,
-                                weights))
+    plan = plans.get(work.bits)
+    head = {"impl": "lmcache_jax", "model": lm.cfg.name,
+            "context": work.context, "batch": work.batch, "kv": work.kv}
+    note = benchmarks.skip_note(needed_bytes(lm.cfg, work, lm.dtype, plan,
+                                             weights))
+    rows.append({**head, "note": note} if note else benchmarks.row_or_skipped(
+        head, lambda: bench_kv_decode(lm, work, config.decode_tokens,
+                                      bandwidth, weights, plan)))
+    gc.collect()
     print(rows[-1], flush=True)
   return rows

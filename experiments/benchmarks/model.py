@@ -18,13 +18,15 @@ one card's memory in one process), after checking that both compute the same
 function on a small model.
 
 A workload whose estimated memory exceeds the card is skipped with the
-numbers, not attempted. Peak memory comes from the backend's statistics
+numbers, not attempted; one that runs out of memory all the same becomes a
+skipped row (``benchmarks.row_or_skipped``), so the table is always written. Peak memory comes from the backend's statistics
 (the process-wide peak, so workloads run smallest first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarks
-from experiments.benchmarks import kv_decode
+from experiments.benchmarks import _kv_decode as kv_decode
 from lmcache_jax import models
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.engine import Sampling, prefill
@@ -106,10 +108,9 @@ def bench_engine(lm: models.LoadedModel, work: Workload, config,
          "kv_gib": cache_bytes(cfg, work.batch, capacity, itemsize) / GIB}
   need = (weight_bytes(cfg, itemsize) + cache_bytes(cfg, work.batch, capacity, itemsize)
           + transient_bytes(cfg, work.batch, chunk))
-  limit = benchmarks.device_memory().get("limit")
-  if limit is not None and need > 0.97 * limit:
-    return {**row, "note": f"skipped: needs ~{need / GIB:.1f} GiB, the card "
-                           f"gives {limit / GIB:.1f} GiB"}
+  note = benchmarks.skip_note(need)
+  if note:
+    return {**row, "note": note}
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (work.batch, prompt_len)).tolist()
 
@@ -178,6 +179,21 @@ def _decoder(lm, policy, num_steps: int):
   return decode
 
 
+def with_ratios(row: dict, peers: list[dict]) -> dict:
+  """``row`` (the engine's) with, per timed transformers row in ``peers``,
+  how many times faster the engine is: ``ttft_x_<cache>`` and
+  ``decode_x_<cache>`` (their time over ours; above 1 = the engine is
+  faster), ``<cache>`` being the peer's (``_hf_baseline.CACHES``)."""
+  row = dict(row)
+  for peer in peers:
+    if "ttft_s" not in peer or "ttft_s" not in row:
+      continue
+    cache = peer["cache"]
+    row[f"ttft_x_{cache}"] = peer["ttft_s"] / row["ttft_s"]
+    row[f"decode_x_{cache}"] = peer["decode_ms_step"] / row["decode_ms_step"]
+  return row
+
+
 def hf_available() -> bool:
   return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
@@ -186,6 +202,7 @@ def run_hf_baseline(cfg: ModelConfig, workloads: list[Workload], config) -> dict
   """Runs ``_hf_baseline`` in a child process; returns its JSON report."""
   request = {"model": dataclasses.asdict(cfg),
              "workloads": [dataclasses.asdict(w) for w in workloads],
+             "caches": list(config.get("hf_caches", ("dynamic", "static"))),
              "decode_tokens": config.decode_tokens, "repeats": config.repeats,
              "max_seconds": config.max_seconds}
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child's JAX only checks, on the CPU
@@ -227,13 +244,17 @@ def run(config) -> dict:
   out["copy_gb_s"] = bandwidth / 1e9
   rows = []
   for work in order:
-    rows.append(bench_engine(lm, work, config, bandwidth))
+    head = {"impl": "lmcache_jax", "context": work.context,
+            "batch": work.batch, "policy": work.policy}
+    rows.append(benchmarks.row_or_skipped(
+        head, lambda: bench_engine(lm, work, config, bandwidth)))
+    gc.collect()
     print(json.dumps(rows[-1]), flush=True)
-  # Each engine row, then the transformers row of the same shape beside it.
+  # Each engine row, then the transformers rows of the same shape beside it.
   for row in rows:
-    out["rows"].append(row)
-    out["rows"] += [h for h in hf_rows if (h["context"], h["batch"]) ==
-                    (row["context"], row["batch"]) and row["policy"] == "full"]
+    peers = [h for h in hf_rows if (h["context"], h["batch"]) ==
+             (row["context"], row["batch"]) and row["policy"] == "full"]
+    out["rows"] += [with_ratios(row, peers), *peers]
   if config.get("kv_decode") and config.kv_decode.workloads:
     del lm   # the quantized-cache rows load their own model
     out["rows"] += kv_decode.run_kv_decode(config.kv_decode, bandwidth)

@@ -18,9 +18,10 @@ time to first token on the same shapes and card (``_hf_baseline``, run first
 in a child process; the column is empty where PyTorch is not installed).
 
 Random weights of the model's real shapes (``models.llama.random_weights``,
-drawn on the device). Config fields (all optional): preset, contexts,
-formats, chunk_size, prefill_chunk (None: each prompt in one pass),
-disk_dir, repeats, time_budget_s, hf_baseline.
+drawn on the device). Config fields (all optional; defaults and their
+meaning in ``configs/bench/reuse.py``): preset, contexts, formats,
+chunk_size, prefill_chunk, disk_dir, repeats, time_budget_s, hf_baseline,
+link_bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs.bench import reuse as reuse_config
 from experiments import benchmarks
 from experiments.benchmarks import model as model_suite
 from lmcache_jax.cache.kv_cache import init_cache
@@ -50,9 +52,7 @@ from lmcache_jax.store.memory import device_sharding, host_sharding
 from policies.replacement.lru import LRU
 
 GB = 1e9
-DEFAULTS = dict(preset="llama2-13b", contexts=(4096, 32768),
-                formats=("bf16", "int4"), chunk_size=256, prefill_chunk=None,
-                disk_dir="", repeats=3, time_budget_s=330.0, hf_baseline=True)
+DEFAULTS = reuse_config.get_config().to_dict()
 
 
 def settings(config) -> dict:
@@ -176,7 +176,8 @@ def transformers_ttft(preset: str, contexts, repeats: int) -> dict[int, float]:
   if not model_suite.hf_available():
     return {}
   request = ml_collections.ConfigDict(dict(
-      decode_tokens=1, repeats=repeats, max_seconds=30.0, hf_timeout_s=300))
+      decode_tokens=1, repeats=repeats, max_seconds=30.0, hf_timeout_s=300,
+      hf_caches=("dynamic",)))   # a cold prefill is eager either way
   works = [model_suite.Workload(c, 1, "full") for c in contexts]
   out = model_suite.run_hf_baseline(get_preset(preset), works, request)
   return {row["context"]: row["ttft_s"] for row in out["rows"]
@@ -188,7 +189,7 @@ def run(config=None) -> dict:
   hf = (transformers_ttft(cfg["preset"], cfg["contexts"], cfg["repeats"])
         if cfg["hf_baseline"] else {})
   started = time.perf_counter()
-  link = link_bandwidth()
+  link = link_bandwidth(cfg["link_bytes"])
   print(f"link: {link}", flush=True)
   lm = make_lm(cfg["preset"], max(cfg["contexts"]) + 64)
   fingerprint = model_fingerprint(lm)
@@ -270,12 +271,11 @@ def bench_one(lm, fingerprint, fmt, context, cfg, rng, link, disk_dir, notes,
   gbps = load_throughput(store, new_cache, prompt, capacity, usable)
   add("host", store, dict(load_gbps=gbps, link_fraction=gbps / link["h2d_gbps"],
                           store_host_and_disk_s=store_s))
-  disk = store.tier("disk")
   store.close()
   del store  # frees the host tier's copies
-  # the same files, read from disk
-  disk_store = KVStore(layout, [disk], model_fingerprint=fingerprint,
-                       chunk_size=chunk)
+  # the same files, read from disk by a tier that adopts them
+  disk_store = KVStore(layout, [DiskTier(disk_dir, room, LRU())],
+                       model_fingerprint=fingerprint, chunk_size=chunk)
   add("disk", disk_store, dict(load_gbps=load_throughput(
       disk_store, new_cache, prompt, capacity, usable, runs=1)))
   disk_store.close()
