@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lmcache_jax.quant.plan import EXACT_TOKENS
+from lmcache_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,31 +27,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.text = "hamlet"         # a Shakespeare work, or "corpus" for all of them
   config.text_file = ""          # any UTF-8 file instead of `text`
   config.output_dir = "runs"
-  config.prefill_chunk = 512
+  config.prefill_chunk = defaults.PREFILL_CHUNK  # prompt tokens per forward pass
 
   config.policy = ml_collections.ConfigDict()
   config.policy.name = "full"    # or a call string: "snapkv(window=32)"
   config.policy.budget = 0.0     # tokens (>= 1) or a fraction of the prompt (< 1);
-                                 # 0 = 256 tokens for a policy that takes a budget
+                                 # 0 = defaults.BUDGET (256) tokens for a policy
+                                 # that takes a budget
 
   config.quant = ml_collections.ConfigDict()
   config.quant.kv_bits = 16.0    # 16 = full precision; else average bits
   config.quant.calibration = "uniform"
   config.quant.plan = ""         # path of a saved quant plan
-  config.quant.group_size = 64   # channels per scale/zero group
+  # defaults: lmcache_jax/defaults.py, shared with the Python API
+  config.quant.group_size = defaults.GROUP_SIZE   # channels per scale/zero group
   # each query reads its `residual` newest tokens and the first `sinks` exact,
   # as copies of `copy_bits` (8 = int8 codes, 16 = the cache dtype; attention_sink
   # needs 16 and sinks >= its own)
-  config.quant.residual = EXACT_TOKENS["residual"]
-  config.quant.sinks = EXACT_TOKENS["sinks"]
-  config.quant.copy_bits = EXACT_TOKENS["copy_bits"]
-  config.quant.rotate = True     # Hadamard-rotate head vectors before quantizing
-  config.quant.center_keys = True  # subtract calibrated key channel means
+  config.quant.residual = defaults.RESIDUAL
+  config.quant.sinks = defaults.SINKS
+  config.quant.copy_bits = defaults.COPY_BITS
+  config.quant.rotate = defaults.ROTATE  # Hadamard-rotate head vectors before quantizing
+  config.quant.center_keys = defaults.CENTER_KEYS  # subtract calibrated key channel means
   config.quant.save_plan = ""    # directory a calibration saves its plan into
   config.quant.overwrite_plan = False  # save_plan may replace a plan saved there
-  config.quant.calibration_text = "macbeth"  # Shakespeare work to calibrate on
-  config.quant.calibration_tokens = 512
-  config.quant.eval_chunk = 256  # quant_table/quant_spread: tokens per pass (a speed knob only)
+  config.quant.calibration_text = defaults.CALIBRATION_TEXT  # Shakespeare work to calibrate on
+  config.quant.calibration_tokens = defaults.CALIBRATION_TOKENS
+  config.quant.eval_chunk = defaults.SCORE_CHUNK  # quant_table/quant_spread: tokens per pass (a speed knob only)
   config.quant.spread_settings = ""  # quant_spread: "window:copy_bits,..." ("" = its defaults)
   config.quant.table = "policies"    # quant_table: "policies" (each calibration at each
                                      # budget, on table_texts) or "storage" (on `text`)
@@ -61,8 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.num_tokens = 0   # tokens scored; 0 = `context`
-  config.perplexity.chunk = 256      # tokens per forward pass (at most 64, and at
-                                     # most the budget, under an evicting policy)
+  # tokens per forward pass (under an evicting policy at most 64 and at most
+  # the budget: defaults.WORKING_CHUNK)
+  config.perplexity.chunk = defaults.SCORE_CHUNK
   config.perplexity.buckets = 8      # position buckets in the report
 
   config.passkey = ml_collections.ConfigDict()
@@ -71,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.passkey.trials = 1               # seeded prompts per (length, depth)
   config.passkey.digits = 5
   config.passkey.max_new_tokens = 8
-  config.passkey.chunk = 512              # prefill chunk
+  config.passkey.chunk = defaults.PREFILL_CHUNK  # prefill chunk
   config.passkey.mode = "prefill"         # compress after prefill, or "stream"
 
   config.needle = ml_collections.ConfigDict()
@@ -79,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.needle.depths = (0.1, 0.5, 0.9)
   config.needle.trials = 1
   config.needle.max_new_tokens = 6
-  config.needle.chunk = 512
+  config.needle.chunk = defaults.PREFILL_CHUNK
   config.needle.mode = "prefill"
 
   config.generate = ml_collections.ConfigDict()
@@ -93,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.store = ml_collections.ConfigDict()
   config.store.enabled = False      # reuse and multiturn turn it on themselves
   config.store.tiers = "host,disk"   # comma list of device, host, disk
-  config.store.chunk_size = 256      # tokens per chunk
+  config.store.chunk_size = defaults.STORE_CHUNK  # tokens per chunk
   config.store.device_mib = 1024     # per-tier capacities
   config.store.host_mib = 4096
   config.store.disk_mib = 16384

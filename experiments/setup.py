@@ -9,7 +9,7 @@ import pathlib
 import jax.numpy as jnp
 import ml_collections
 
-from lmcache_jax import models
+from lmcache_jax import defaults, models
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.data import shakespeare
@@ -26,7 +26,7 @@ from policies.registry import CALIBRATION, EVICTION, REPLACEMENT, parse_spec
 
 # The budget of a policy that takes one when --budget is not given: tokens,
 # at most the prompt.
-DEFAULT_BUDGET = 256
+DEFAULT_BUDGET = defaults.BUDGET
 # Tasks that read --text (or --text_file).
 PROSE_TASKS = ("perplexity", "needle", "reuse", "multiturn")
 # Tasks that measure prefix reuse: they turn the store on themselves.
@@ -98,8 +98,7 @@ def working_chunk(policy: CachePolicy, chunk: int) -> int:
   """Tokens per forward pass when ``policy`` streams a text: ``chunk`` under
   ``full``; under an evicting policy at most 64 and at most its budget, the
   working room its cache holds beside the budget."""
-  budget = getattr(policy, "budget", None)
-  return chunk if budget is None else max(1, min(chunk, 64, budget))
+  return defaults.working_chunk(getattr(policy, "budget", None), chunk)
 
 
 def prompt_tokens(config: ml_collections.ConfigDict) -> int | None:
@@ -279,8 +278,10 @@ def calibration_text_tokens(quant_config, lm):
         f"calibration_tokens, or use --config.quant.center_keys=False with "
         f"--calibration=uniform")
   get = quant_config.get
-  text = shakespeare.load_text(get("calibration_text", "macbeth") or "macbeth")
-  return lm.tokenizer.encode(text)[:int(get("calibration_tokens", 512) or 512)]
+  text = shakespeare.load_text(get("calibration_text")
+                               or defaults.CALIBRATION_TEXT)
+  return lm.tokenizer.encode(text)[:int(get("calibration_tokens")
+                                        or defaults.CALIBRATION_TOKENS)]
 
 
 def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
@@ -289,12 +290,14 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   Fields of ``quant_config`` (a ConfigDict or dict): ``plan`` (path of a
   saved plan; wins over the rest), ``kv_bits`` (16 = off, else the average
   code bits), ``calibration`` (a policy name or call string, e.g.
-  ``kvquant(sink_tokens=4)``), ``group_size`` (64), ``residual`` (0),
-  ``sinks`` (0), ``copy_bits`` (16; 8 holds the sink and recent copies as
-  int8 codes), ``rotate`` (True: Hadamard-rotate head vectors),
-  ``center_keys`` (True: subtract each key channel's mean on the
-  calibration text), ``save_plan`` (directory to save the chosen plan
+  ``kvquant(sink_tokens=4)``), ``group_size``, ``residual``, ``sinks``,
+  ``copy_bits`` (8 holds the sink and recent copies as int8 codes, 16 in
+  the cache's dtype), ``rotate`` (Hadamard-rotate head vectors),
+  ``center_keys`` (subtract each key channel's mean on the calibration
+  text), ``save_plan`` (directory to save the chosen plan
   into) and ``overwrite_plan`` (False: a plan already there is an error).
+  A field left out takes its value from ``lmcache_jax.defaults``, as the
+  command line and the Python API do.
   ``calibration_tokens`` is real text (token ids) for centering and for
   policies that measure; None reads ``calibration_text`` (see
   ``calibration_text_tokens``).
@@ -308,7 +311,7 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
   if bits >= 16:
     return None
   policy = CALIBRATION.make(get("calibration", "uniform") or "uniform")
-  center = bool(get("center_keys", True))
+  center = bool(get("center_keys", defaults.CENTER_KEYS))
   # what the model produced on calibration text: read once, for centering
   # and for the policies that measure
   acts = None
@@ -317,15 +320,16 @@ def quant_plan(quant_config, lm, calibration_tokens=None) -> QuantPlan | None:
       calibration_tokens = calibration_text_tokens(quant_config, lm)
     acts = calibration.collect(lm, calibration_tokens)
   storage = calibration.Storage(
-      rotate=bool(get("rotate", True)),
+      rotate=bool(get("rotate", defaults.ROTATE)),
       key_shift=calibration.key_means(acts) if center else None)
   plan = policy.calibrate(lm, acts, bits=bits,
-                          group_size=int(get("group_size", 64)),
-                          residual=int(get("residual", 0)),
-                          sinks=int(get("sinks", 0)), storage=storage)
+                          group_size=int(get("group_size", defaults.GROUP_SIZE)),
+                          residual=int(get("residual", defaults.RESIDUAL)),
+                          sinks=int(get("sinks", defaults.SINKS)),
+                          storage=storage)
   # a policy with its own copy_bits (kivi: a full-precision residual) keeps it
   plan = plan.replace(copy_bits=int(getattr(policy, "copy_bits", None)
-                                    or get("copy_bits", 16)))
+                                    or get("copy_bits", defaults.COPY_BITS)))
   show_plan(plan)
   if get("save_plan", ""):
     path = plan.save(get("save_plan"), overwrite=bool(get("overwrite_plan")))

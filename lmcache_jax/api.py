@@ -5,15 +5,18 @@
   from lmcache_jax.store import HostTier
 
   model = api.load("smollm2-135m")     # a preset, a .gguf file or a HF folder
-  snapkv = EVICTION.make("snapkv", budget=256)
+  snapkv = EVICTION.make("snapkv", budget=64)
   print(model.generate("Name three planets.", policy=snapkv, kv_bits=4))
   print(model.perplexity(text, policy=snapkv))
   model.store = model.make_store([HostTier(2**30, REPLACEMENT.make("lru"))])
+  answer = model.generate(document + "Who speaks first?")
+  print(answer, answer.reused_tokens)   # prompt tokens loaded from the store
 
 Policies, quantization plans and stores are plain objects handed in: an
 eviction policy (``lmcache_jax.cache.policy.CachePolicy``; the named ones live
 in ``policies/``), a ``QuantPlan`` or ``kv_bits`` (a uniform plan), a
-``KVStore``. No config is needed.
+``KVStore``. No config is needed; every default (the plan ``kv_bits`` builds,
+chunk sizes) is the command line's, from ``lmcache_jax.defaults``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmcache_jax import progress
+from lmcache_jax import defaults, progress
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
 from lmcache_jax.data import shakespeare
@@ -36,12 +39,8 @@ from lmcache_jax.models import LoadedModel
 from lmcache_jax.models import load as load_model
 from lmcache_jax.numerics.formats import format_for_bits
 from lmcache_jax.quant import QuantPlan
-from lmcache_jax.quant.plan import EXACT_TOKENS
 from lmcache_jax.store import KVStore, Layout, Tier, model_fingerprint
 
-# Tokens per forward pass while an evicting policy streams a text: the
-# working room its cache holds beside the budget.
-WORKING_CHUNK = 64
 
 
 def load(name_or_path: str = "smollm2-135m", dtype=None) -> "Model":
@@ -49,6 +48,20 @@ def load(name_or_path: str = "smollm2-135m", dtype=None) -> "Model":
   Hugging Face folder (``config.json``, ``*.safetensors``, ``tokenizer.json``);
   ``dtype`` defaults to bfloat16 on accelerators, float32 on the CPU."""
   return Model(load_model(name_or_path, dtype))
+
+
+class Answer(str):
+  """The generated text, a ``str``, with ``prompt_tokens`` (the prompt's
+  length in tokens) and ``reused_tokens`` (those loaded from the model's
+  store instead of computed: whole chunks of a prefix stored before; 0
+  without a store)."""
+  prompt_tokens: int
+  reused_tokens: int
+
+  def __new__(cls, text: str, *, prompt_tokens: int, reused_tokens: int):
+    answer = super().__new__(cls, text)
+    answer.prompt_tokens, answer.reused_tokens = prompt_tokens, reused_tokens
+    return answer
 
 
 @dataclasses.dataclass
@@ -66,22 +79,32 @@ class Model:
                        f".gguf file or a Hugging Face folder")
     return self.lm.tokenizer
 
-  def plan(self, kv_bits: int) -> QuantPlan:
-    """A uniform ``kv_bits`` plan (2, 3, 4 or 8) in groups of 64 channels
-    (or the head dimension, if smaller): head vectors rotated, keys
-    centered on their channel means over 512 tokens of Macbeth (measured
-    once per model), the sink and recent tokens kept exact
-    (``quant.plan.EXACT_TOKENS``)."""
+  def plan(self, kv_bits: int, *, group_size: int = defaults.GROUP_SIZE,
+           residual: int = defaults.RESIDUAL, sinks: int = defaults.SINKS,
+           copy_bits: int = defaults.COPY_BITS) -> QuantPlan:
+    """The uniform ``kv_bits`` plan (2, 3, 4 or 8; ``4.0`` is 4) that
+    ``--kv_bits`` builds on the command line, with the same defaults
+    (``lmcache_jax.defaults``): ``group_size`` channels per scale, head
+    vectors rotated, keys centered on their channel means over the first
+    ``CALIBRATION_TOKENS`` tokens of ``CALIBRATION_TEXT`` (measured once per
+    model), the first ``sinks`` and the ``residual`` newest tokens read
+    exact as ``copy_bits`` copies."""
     fmt = format_for_bits(kv_bits).name
     if self._shifts is None:
-      tokens = self.tokenizer.encode(shakespeare.load_text("macbeth"))[:512]
+      text = shakespeare.load_text(defaults.CALIBRATION_TEXT)
+      tokens = self.tokenizer.encode(text)[:defaults.CALIBRATION_TOKENS]
       self._shifts = calibration.key_means(calibration.collect(self.lm, tokens))
-    return QuantPlan.uniform(self.lm.cfg, fmt, policy=f"uniform-{fmt}",
-                             group_size=min(64, self.lm.cfg.head_dim),
-                             rotate=True, key_shift=self._shifts,
-                             **EXACT_TOKENS)
+    return QuantPlan.uniform(self.lm.cfg, fmt, policy="uniform",
+                             group_size=group_size, residual=residual,
+                             sinks=sinks, rotate=defaults.ROTATE,
+                             key_shift=self._shifts if defaults.CENTER_KEYS
+                             else None, copy_bits=copy_bits)
 
   def _quant(self, kv_bits: int, quant: QuantPlan | None) -> QuantPlan | None:
+    if kv_bits not in (2, 3, 4, 8, 16):
+      raise ValueError(f"kv_bits={kv_bits!r} is not available: use 2, 3, 4 or "
+                       f"8 (a uniform plan), 16 for an unquantized cache, or "
+                       f"quant= for a calibrated plan (fractional averages)")
     if quant is not None and kv_bits != 16:
       raise ValueError("give kv_bits or a quant plan, not both")
     return quant if quant is not None or kv_bits == 16 else self.plan(kv_bits)
@@ -91,7 +114,8 @@ class Model:
     """An empty cache in the model's dtype, quantized by ``quant``."""
     return init_cache(self.lm.cfg, batch, capacity, self.lm.dtype, quant=quant)
 
-  def make_store(self, tiers: list[Tier], *, chunk_size: int = 256,
+  def make_store(self, tiers: list[Tier], *,
+                 chunk_size: int = defaults.STORE_CHUNK,
                  quant: QuantPlan | None = None, cipher=None) -> KVStore:
     """A prefix store over ``tiers`` (fastest first) for this model's caches
     (quantized by ``quant``: generate with the same plan); assign it to
@@ -104,11 +128,16 @@ class Model:
   def generate(self, prompt: str, *, policy: CachePolicy = KeepAll(),
                kv_bits: int = 16, quant: QuantPlan | None = None,
                max_new_tokens: int = 64, chat: bool = True,
-               sampling: Sampling = Sampling(), seed: int = 0) -> str:
+               sampling: Sampling = Sampling(), seed: int = 0) -> Answer:
     """The model's answer to ``prompt`` (in its chat template when ``chat``
     and it has one), with ``policy`` managing the cache, keys and values
     stored at ``kv_bits`` (or by ``quant``), and the prefix loaded from and
-    saved to ``self.store`` when set."""
+    saved to ``self.store`` when set (``Answer.reused_tokens`` says how
+    much came from it).
+
+    A policy's budget must fit in the prompt and the tokens it may add, as
+    ``--budget`` must on the command line: a larger one would evict nothing.
+    """
     if not prompt.strip():
       raise ValueError("the prompt is empty: give the model something to "
                        "respond to")
@@ -118,26 +147,28 @@ class Model:
     else:
       ids = tokenizer.encode(prompt)
     plan = self._quant(kv_bits, quant)
-    if getattr(policy, "budget", 0) >= len(ids) + max_new_tokens:
-      policy = KeepAll()  # the budget holds everything: nothing to evict
+    _check_budget(policy, len(ids), max_new_tokens)
     policy = policy.bind(self.lm.cfg)
-    chunk = self._chunk(policy, 512)
+    chunk = self._chunk(policy, defaults.PREFILL_CHUNK)
     args = dict(max_new_tokens=max_new_tokens, sampling=sampling,
                 key=jax.random.key(seed), policy=policy, prefill_chunk=chunk,
                 new_cache=lambda b, s: self.new_cache(b, s, plan))
     if self.store is None:
-      tokens = generate_tokens(self.lm, [ids], **args).tokens[0]
+      tokens, reused = generate_tokens(self.lm, [ids], **args).tokens[0], 0
     else:
-      tokens = generate_with_store(self.lm, [ids], self.store,
-                                   **args).generation.tokens[0]
-    return tokenizer.decode(tokens, skip_special=True)
+      result = generate_with_store(self.lm, [ids], self.store, **args)
+      tokens, reused = result.generation.tokens[0], result.hit_tokens[0]
+    return Answer(tokenizer.decode(tokens, skip_special=True),
+                  prompt_tokens=len(ids), reused_tokens=reused)
 
   def perplexity(self, text: str, *, policy: CachePolicy = KeepAll(),
                  kv_bits: int = 16, quant: QuantPlan | None = None,
-                 num_tokens: int = 2048, chunk: int = 256) -> float:
+                 num_tokens: int = 2048,
+                 chunk: int = defaults.SCORE_CHUNK) -> float:
     """Perplexity of the first ``num_tokens`` + 1 tokens of ``text``, streamed
-    ``chunk`` tokens at a time (at most ``WORKING_CHUNK`` under an evicting
-    policy) through one cache managed by ``policy``."""
+    ``chunk`` tokens at a time (under an evicting policy at most
+    ``defaults.WORKING_CHUNK`` and its budget) through one cache managed by
+    ``policy``."""
     tokens = np.asarray(self.tokenizer.encode(text), np.int32)
     if len(tokens) < num_tokens + 1:
       raise ValueError(f"the text holds {len(tokens)} tokens; scoring "
@@ -166,5 +197,17 @@ class Model:
 
   @staticmethod
   def _chunk(policy: CachePolicy, chunk: int) -> int:
-    budget = getattr(policy, "budget", None)
-    return chunk if budget is None else max(1, min(chunk, WORKING_CHUNK, budget))
+    return defaults.working_chunk(getattr(policy, "budget", None), chunk)
+
+
+def _check_budget(policy: CachePolicy, prompt_tokens: int,
+                  max_new_tokens: int) -> None:
+  """Raises when ``policy``'s budget is larger than the prompt and the
+  tokens it may add: the command line's rule (``--budget``)."""
+  budget, limit = getattr(policy, "budget", None), prompt_tokens + max_new_tokens
+  if budget is not None and budget > limit:
+    raise ValueError(
+        f"policy {policy.name!r}: budget {budget} tokens is larger than the "
+        f"prompt and the tokens it may add ({prompt_tokens} + {max_new_tokens}"
+        f" = {limit}); use a budget of at most {limit}, or KeepAll() (the "
+        f"full cache)")

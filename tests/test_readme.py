@@ -136,9 +136,17 @@ def test_other_commands(command, tmp_path):
 
 @pytest.mark.real_model
 def test_python_block(tmp_path):
+  """It runs, and the store serves the second prompt what its comment says:
+  (reused, prompt) tokens of each answer as the README states them."""
   code = blocks("python")[0]
   out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                        env=dict(os.environ, JAX_PLATFORMS="cpu",
                                 PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
+  printed = re.findall(r"^(\d+) of (\d+) prompt tokens from the store:",
+                       out.stdout, re.M)
+  stated = re.search(r"# (\d+) of (\d+) prompt tokens from the store, then "
+                     r"(\d+) of (\d+):", code).groups()
+  assert printed == [stated[:2], stated[2:]]
+  assert stated == ("0", "548", "512", "551")

@@ -33,10 +33,11 @@ def test_default_verbosity_prints_one_line_per_plan(lm, tmp_path, caplog,
   lines = capsys.readouterr().out.splitlines()
   assert lines == [
       "plan[uniform] avg 4.00 bits; {'int4': 9}; group 32, residual 4, "
-      "sinks 2, Hadamard-rotated",
+      "sinks 2, Hadamard-rotated, int8 copies",
       f"saved quant plan to {path}",
       f"loaded quant plan {path}: plan[uniform] avg 4.00 bits; "
-      "{'int4': 9}; group 32, residual 4, sinks 2, Hadamard-rotated"]
+      "{'int4': 9}; group 32, residual 4, sinks 2, Hadamard-rotated, int8 "
+      "copies"]
 
 
 def test_verbose_adds_the_formats_per_head(lm, tmp_path, caplog, capsys):

@@ -166,11 +166,11 @@ def get_format(name: str) -> Format:
 
 
 def format_for_bits(bits) -> IntFormat:
-  """``int{bits}`` for bits in 2, 3, 4, 8."""
+  """``int{bits}`` for bits in 2, 3, 4, 8 (``4.0`` is 4)."""
   if bits not in (2, 3, 4, 8):
     raise ValueError(f"unsupported bit width {bits!r}; valid: 2, 3, 4, 8 "
                      f"(or 16 for an unquantized cache)")
-  return FORMATS[f"int{bits}"]
+  return FORMATS[f"int{int(bits)}"]
 
 
 def _groups(x: jnp.ndarray, group_size: int) -> jnp.ndarray:

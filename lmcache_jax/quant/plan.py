@@ -27,11 +27,6 @@ from lmcache_jax.numerics.formats import FORMATS, get_format
 if TYPE_CHECKING:
   from lmcache_jax.arch.config import ModelConfig
 
-# Tokens kept exact by default: the first 4 (sinks) and each query's 32
-# latest (the residual window), as int8 copies; with them a uniform 4-bit
-# plan stays within 1% of bf16 perplexity (docs/quantization.md).
-EXACT_TOKENS = {"residual": 32, "sinks": 4, "copy_bits": 8}
-
 # How keys are grouped: per token over channels, or per channel over slots.
 KEY_LAYOUTS = ("token", "channel")
 
@@ -46,6 +41,10 @@ _KNOBS = ("group_size", "residual", "sinks", "policy", "rotate", "copy_bits",
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantPlan:
   """Per-(layer, kv head) formats plus the cache-wide quantization knobs.
+
+  The field defaults (and ``uniform``'s) make a bare plan: no token kept
+  exact, no transform. The plan ``kv_bits`` alone builds, on the command
+  line and in the Python API, takes its knobs from ``lmcache_jax.defaults``.
 
   formats:    [L][K] format names (``int2``, ``int3``, ``int4``, ``int8``, ``fp8``).
   key_scale:  [L, K, Hd] float32 divisors applied to keys before quantizing
