@@ -257,24 +257,36 @@ def test_a_decoding_policy_never_defers():
   assert policy.decoding() == policy
 
 
-def test_streaming_rotates_only_its_sinks_and_equals_rotating_every_key():
-  """attention_sink re-rotates just the slots that move (its sinks); the
-  result equals rotating every kept key by its shift."""
-  policy = make("attention_sink", 6)
+# In bfloat16 the kept keys are rounded once after the rotation: to within
+# one ulp (2^-7 relative) of rounding the float32 rotation computed here.
+ROTATION_RTOL = {"float32": 1e-6, "bfloat16": 2.0 ** -7}
+
+
+@pytest.mark.parametrize("dtype", sorted(ROTATION_RTOL))
+@pytest.mark.parametrize("spec", ["attention_sink(sinks=2)",
+                                  "adakv(inner='attention_sink(sinks=2)')"])
+def test_streaming_rotates_only_its_sinks_and_equals_rotating_every_key(
+    spec, dtype):
+  """attention_sink, alone or under adakv, re-rotates just the slots that
+  move (its sinks); the result equals rotating every kept key by its shift."""
+  policy = EVICTION.make(spec, budget=6).bind(CFG)
   rng = np.random.default_rng(3)
-  cache = init_cache(CFG, BATCH, 16, jnp.float32)
+  cache = init_cache(CFG, BATCH, 16, dtype)
   positions = np.stack([rng.permutation(16) for _ in range(
       CFG.num_layers * BATCH * CFG.num_kv_heads)]).reshape(cache.positions.shape)
   cache = cache.replace(
-      keys=jnp.asarray(rng.standard_normal(cache.keys.shape), jnp.float32),
+      keys=jnp.asarray(rng.standard_normal(cache.keys.shape), dtype),
       positions=jnp.asarray(positions, jnp.int32),
       lengths=jnp.full((BATCH,), 16, jnp.int32))
   after = policy.evict(cache)
+  assert after.keys.dtype == cache.keys.dtype
   evicted = np.asarray((cache.positions >= 0) & (after.positions < 0))
   shift = pos_lib.newer_evicted(cache.positions, jnp.asarray(evicted))
   kept = ~evicted
   moving = np.sum(kept & (np.asarray(shift) > 0), axis=-1)
   assert np.all(moving == POLICIES["attention_sink"]["sinks"])
-  want = pos_lib.shift_keys(cache.keys, shift, inverse_frequencies(CFG))
-  np.testing.assert_allclose(np.asarray(after.keys)[kept], np.asarray(want)[kept],
-                             rtol=1e-6, atol=1e-6)
+  want = pos_lib.rotate(cache.keys, shift, inverse_frequencies(CFG))
+  np.testing.assert_allclose(
+      np.asarray(after.keys, np.float32)[kept],
+      np.asarray(want.astype(dtype), np.float32)[kept],
+      rtol=ROTATION_RTOL[dtype], atol=1e-6)

@@ -112,6 +112,11 @@ class EvictionPolicy:
           f"at least the newest token, exceed the budget ({self.min_budget} "
           f"tokens in the smallest row); protect fewer tokens or raise the "
           f"budget")
+    if self.reposition and not self.only_sinks_move:
+      raise ValueError(
+          f"{self.name}: re-assigning positions (reposition=True) rotates only "
+          f"the sink tokens, so the policy must evict its oldest tokens first "
+          f"(only_sinks_move); use reposition=False")
     if self.observe not in OBSERVE:
       raise ValueError(f"{self.name}: observe must be one of {OBSERVE}")
 
@@ -250,48 +255,64 @@ class EvictionPolicy:
 
   def evict(self, cache: KVCache, due: jax.Array | None = None) -> KVCache:
     """Frees every live slot that ``keep`` rejects in the sequences ``due``
-    [B] (all when None), re-rotating kept keys if asked."""
+    [B] (all when None), re-rotating the sink keys if asked."""
     evicted = (cache.positions >= 0) & ~self.keep(cache)
     if due is not None:
       evicted = evicted & due[None, :, None, None]
-    keys = cache.keys
     if self.reposition:
-      if not self._inv_freq:
-        raise ValueError(
-            f"{self.name} re-assigns positions and needs the model's RoPE "
-            f"frequencies: use policy.bind(cfg) (engine.prefill, engine.decode "
-            f"and experiments.run bind it for you)")
-      shift = pos_lib.newer_evicted(cache.positions, evicted)
-      inv_freq = np.asarray(self._inv_freq, np.float32)
-      if isinstance(keys, jax.Array) and self.only_sinks_move:
-        kept_shift = jnp.where(evicted, 0, shift)   # freed slots need none
-        keys = pos_lib.shift_few_keys(keys, kept_shift, inv_freq, self.sinks)
-      elif isinstance(keys, jax.Array):
-        keys = pos_lib.shift_keys(keys, shift, inv_freq)
-      else:
-        self._check_quantized_shift(keys)
-        keys = pos_lib.shift_exact_copies(keys, shift, inv_freq)
+      cache = self._reposition(cache, evicted)
     return cache.replace(
-        keys=keys,
         positions=jnp.where(evicted, EMPTY, cache.positions),
         scores=jnp.where(evicted, 0.0, cache.scores))
 
+  def _reposition(self, cache: KVCache, evicted: jax.Array) -> KVCache:
+    """Moves each sink key forward by the evicted tokens newer than it (the
+    only keys that move: see ``cache.positions``)."""
+    if not self._inv_freq:
+      raise ValueError(
+          f"{self.name} re-assigns positions and needs the model's RoPE "
+          f"frequencies: use policy.bind(cfg) (engine.prefill, engine.decode "
+          f"and experiments.run bind it for you)")
+    cache = self.prepare(cache)
+    keys, origins = pos_lib.shift_sinks(
+        cache.keys, cache.positions, cache.sink_origins,
+        pos_lib.newer_evicted(cache.positions, evicted),
+        np.asarray(self._inv_freq, np.float32))
+    return cache.replace(keys=keys, sink_origins=origins)
+
+  def prepare(self, cache: KVCache) -> KVCache:
+    """The cache with the origins a re-assigning policy rotates its sinks
+    from (``cache.positions``); others need nothing."""
+    if not self.reposition:
+      return cache
+    if not isinstance(cache.keys, jax.Array):
+      self._check_quantized_shift(cache.keys)
+    origins = cache.sink_origins
+    if origins is None:
+      return cache.replace(sink_origins=pos_lib.unmoved_origins(
+          cache.keys, cache.positions, self.sinks))
+    if origins.shift.shape[-1] != self.sinks:
+      raise ValueError(
+          f"{self.name}: this cache's sinks were re-assigned by a policy "
+          f"with {origins.shift.shape[-1]} sinks; continue it with "
+          f"sinks={origins.shift.shape[-1]}, not {self.sinks}")
+    return cache
+
   def _check_quantized_shift(self, keys) -> None:
     """Quantized keys are re-rotated through their exact copies only: every
-    key that can move must have one, held in full precision (int8 copies
-    would be rounded again at every shift, the error growing each step)."""
-    if not self.only_sinks_move or keys.sinks < self.sinks:
+    sink must have one, held in the cache dtype."""
+    if keys.sinks < self.sinks:
       raise ValueError(
           f"{self.name} re-assigns positions, which in a quantized cache "
-          f"re-rotates only the full-precision copies: it needs a policy that "
-          f"moves only its sink tokens (attention_sink) and a quant plan "
-          f"keeping at least its {self.sinks} sinks exact (plan sinks: "
-          f"{keys.sinks}); raise the plan's sinks or use reposition=False")
+          f"re-rotates the full-precision copies of its sinks: it needs a "
+          f"quant plan keeping at least its {self.sinks} sinks exact (plan "
+          f"sinks: {keys.sinks}); raise the plan's sinks or use "
+          f"reposition=False")
     if keys.exact_scale is not None:
       raise ValueError(
-          f"{self.name} re-assigns positions, which re-rotates the sink copies "
-          f"at every eviction; int8 copies (copy_bits=8) would be rounded "
-          f"again each time: use copy_bits=16 or reposition=False")
+          f"{self.name} re-assigns positions by rewriting the sink copies, "
+          f"which must be held in the cache dtype, not as int8 codes "
+          f"(copy_bits=8): use copy_bits=16 or reposition=False")
 
   def bind(self, cfg: ModelConfig) -> EvictionPolicy:
     """This policy for a model: re-rotation needs its RoPE frequencies."""

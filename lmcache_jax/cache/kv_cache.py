@@ -9,6 +9,9 @@ memory. Keys are stored after RoPE, rotated at the token's position.
   positions  [L, B, K, S]      int32 original position held by the slot; -1 = empty
   scores     [L, B, K, S]      float32 per-slot state of the eviction policy
   lengths    [B]               int32 tokens consumed per sequence (= next position)
+  sink_origins                 None, or what sink keys are re-rotated from
+                               (``cache.positions.SinkOrigins``), added by a
+                               policy that re-assigns positions
 
 L layers, B sequences, K kv heads, S slots (the capacity), Hd head dim.
 Positions are per (layer, kv head) because policies may keep different tokens
@@ -23,6 +26,7 @@ import numpy as np
 from flax import struct
 
 from lmcache_jax.arch.config import ModelConfig
+from lmcache_jax.cache.positions import SinkOrigins
 from lmcache_jax.quant import payload
 
 EMPTY = -1
@@ -41,6 +45,7 @@ class KVCache:
   positions: jax.Array
   scores: jax.Array
   lengths: jax.Array
+  sink_origins: SinkOrigins | None = None
 
   @property
   def num_layers(self) -> int:

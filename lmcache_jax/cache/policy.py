@@ -10,7 +10,8 @@ prompt seen); the prefill passes the prompt's ``Span`` to every ``plan`` so
 that an observation window at the prompt's end spans chunks. Decoding, and
 any token fed after a prompt's compression, runs under ``decoding()``: the
 policy's decode-time eviction mode (``decode_mode``). ``bind`` gives a
-policy the model facts it needs (RoPE, to re-rotate kept keys).
+policy the model facts it needs (RoPE, to re-rotate kept keys), and
+``prepare`` gives a cache the state the policy keeps beside its slots.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class CachePolicy(Protocol):
   def after_prefill(self, cache: KVCache) -> KVCache:
     """The cache after a deferred prefill (e.g. compressed to a budget)."""
 
+  def prepare(self, cache: KVCache) -> KVCache:
+    """The cache with any state the policy keeps beside its slots (sink
+    origins, to re-assign positions), added before the first step so that
+    every jitted step and the decode loop see one cache structure."""
+
 
 @dataclasses.dataclass(frozen=True)
 class KeepAll:
@@ -92,4 +98,7 @@ class KeepAll:
     return self
 
   def after_prefill(self, cache: KVCache) -> KVCache:
+    return cache
+
+  def prepare(self, cache: KVCache) -> KVCache:
     return cache

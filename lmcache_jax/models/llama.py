@@ -201,8 +201,9 @@ class Transformer(nnx.Module):
     new_lengths = jnp.maximum(cache.lengths,
                               jnp.max(jnp.where(valid, step.positions + 1, 0),
                                       axis=1))
-    cache = KVCache(keys=kv.keys, values=kv.values, positions=kv.positions,
-                    scores=kv.scores, lengths=new_lengths.astype(jnp.int32))
+    cache = cache.replace(keys=kv.keys, values=kv.values,
+                          positions=kv.positions, scores=kv.scores,
+                          lengths=new_lengths.astype(jnp.int32))
     if logits_for == "none":
       return None, cache, mass
     if logits_for == "last":

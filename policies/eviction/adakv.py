@@ -55,7 +55,7 @@ class AdaKV(EvictionPolicy):
     # What is observed and protected is the inner scorer's (instance
     # attributes shadow the base's class-level defaults).
     for attr in ("observe", "uses_attention_mass", "sinks", "window",
-                 "reposition"):
+                 "reposition", "only_sinks_move"):
       object.__setattr__(self, attr, getattr(scorer, attr))
     if self.evict_every is None:
       object.__setattr__(self, "evict_every", scorer.evict_every)
