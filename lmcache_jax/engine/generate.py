@@ -109,6 +109,7 @@ def decode(lm: LoadedModel, cache: KVCache, prompt_logits: jax.Array, *,
   sequence that has not stopped (``engine.room.check_decode``).
   """
   policy = policy.bind(lm.cfg).decoding()
+  cache = policy.prepare(cache)
   stop = np.array(lm.cfg.eos_token_ids if stop_tokens is None else stop_tokens,
                   np.int32)
   key = jax.random.key(0) if key is None else key

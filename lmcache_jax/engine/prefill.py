@@ -47,6 +47,7 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   """
   tokens, lengths = pad_batch(prompts)
   policy = policy.bind(lm.cfg)
+  cache = policy.prepare(cache)
   room.check_prompts(cache, policy, lengths)
   live = room.fullest_rows(cache)
   fits = bool(np.all(live + lengths <= cache.capacity))
