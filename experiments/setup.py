@@ -195,7 +195,10 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
                      f"--config.quant.overwrite_plan=True to replace it")
   length = prompt_tokens(config)
   if config.policy.name != "list":
-    make_policy(config.policy, length or 1 << 30)
+    policy = make_policy(config.policy, length or 1 << 30)
+    _check_quantized_sinks(config, policy)
+  if config.task == "quant_table":
+    table_policies(config.quant)
   if config.task == "generate" and not str(config.generate.prompt).strip():
     raise ValueError("--prompt is empty: give the model something to respond to")
   if config.task in PROSE_TASKS:
@@ -205,6 +208,48 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
           f"the text holds {len(text.encode())} bytes, fewer than the "
           f"{length + 1} tokens the task reads; give a longer text or a "
           f"smaller --context")
+
+
+def _check_quantized_sinks(config: ml_collections.ConfigDict,
+                           policy: CachePolicy) -> None:
+  """A policy that re-assigns positions (attention_sink) re-rotates its sink
+  keys at every eviction; a quantized cache rotates their exact copies, so
+  the plan must hold every sink exact, in the cache dtype (the cache checks
+  the same when it evicts: ``EvictionPolicy.prepare``). A saved plan is
+  checked there only."""
+  quant = config.quant
+  repositions = getattr(policy, "reposition", False)
+  if not repositions or quant.plan or quant.kv_bits >= 16:
+    return
+  # a calibration policy with its own copy_bits (kivi) keeps it: quant_plan
+  copy_bits = (getattr(CALIBRATION.make(quant.calibration), "copy_bits", None)
+               or quant.copy_bits)
+  fixes = []
+  if quant.sinks < policy.sinks:
+    fixes.append(f"--config.quant.sinks={policy.sinks} (now {quant.sinks})")
+  if copy_bits != 16:
+    fixes.append(f"--config.quant.copy_bits=16 (now {copy_bits})")
+  if fixes:
+    raise InputError(
+        f"--policy={config.policy.name} re-rotates its {policy.sinks} sink keys "
+        f"at every eviction, which a quantized cache does on exact copies of "
+        f"them in the cache dtype: add {' and '.join(fixes)}, or use "
+        f"--kv_bits=16")
+
+
+def table_policies(quant_config) -> list[str]:
+  """The calibration policies quant_table compares (``table_policies``, a
+  comma string); an unknown one is an InputError listing the valid names."""
+  listed = str(quant_config.get("table_policies", "")).split(",")
+  names = [n.strip() for n in listed if n.strip()]
+  unknown = [n for n in names if n not in CALIBRATION.names()]
+  if unknown:
+    raise InputError(
+        f"--config.quant.table_policies: unknown calibration policy "
+        f"{', '.join(map(repr, unknown))}"
+        f"{_close(unknown[0], CALIBRATION.names())}; valid: "
+        f"{', '.join(CALIBRATION.names())}")
+  return names
 
 
 @input_errors()   # the loaders' ValueErrors are about the model given

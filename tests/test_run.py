@@ -17,6 +17,8 @@ from conftest import tiny_config, tiny_weights
 from experiments import results
 from experiments import run as run_module
 from experiments import setup
+from experiments.errors import InputError
+from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
 from lmcache_jax import models
 from lmcache_jax.engine import generate
@@ -166,6 +168,8 @@ class _ByteTokenizer:
     (["--kv_bits=5"], "use 2, 3, 4 or 8"),
     (["--task=generate", "--prompt= "], "--prompt is empty"),
     (["--policy=snapkv(budget=64)", "--budget=128"], "two budgets"),
+    (["--task=quant_table", "--config.quant.table_policies=uniform,kvqant",
+      "--dry_run"], "unknown calibration policy 'kvqant'"),
 ])
 def test_cli_errors_are_one_line(args, message):
   """Each fails in seconds, before any model loads, in one line."""
@@ -176,27 +180,63 @@ def test_cli_errors_are_one_line(args, message):
   assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-def run_cli_failing_with(error: str, *args: str) -> subprocess.CompletedProcess:
-  """The command line, with its pre-load check raising ``error`` (code)."""
-  script = ("import sys; from absl import app; from experiments import run, setup;"
-            " from experiments.errors import InputError\n"
-            "def check(*args, **kwargs):\n"
-            f"  raise {error}\n"
-            "setup.check = check\n"
-            "sys.argv[0] = 'experiments.run'; app.run(run.main)")
+def run_cli_patched(patch: str, *args: str) -> subprocess.CompletedProcess:
+  """The command line after ``patch`` (code that may use ``run``, ``setup``
+  and ``InputError``) replaced a part of it."""
+  script = "\n".join([
+      "import sys", "from absl import app", "from experiments import run, setup",
+      "from experiments.errors import InputError", patch,
+      "sys.argv[0] = 'experiments.run'", "app.run(run.main)"])
   return subprocess.run([sys.executable, "-c", script, *args],
                         capture_output=True, text=True, timeout=300)
 
 
+def check_raising(error: str) -> str:
+  return f"def check(*args, **kwargs):\n  raise {error}\nsetup.check = check"
+
+
 def test_cli_shows_input_errors_in_one_line_and_faults_with_traceback():
-  bad_input = run_cli_failing_with("InputError('--foo=3: use 1 or 2')",
-                                   "--dry_run")
+  bad_input = run_cli_patched(check_raising("InputError('--foo=3: use 1 or 2')"),
+                              "--dry_run")
   assert bad_input.returncode == 1
   assert bad_input.stderr.strip() == "error: --foo=3: use 1 or 2"
-  fault = run_cli_failing_with("ValueError('an internal fault')", "--dry_run")
+  fault = run_cli_patched(check_raising("ValueError('an internal fault')"),
+                          "--dry_run")
   assert fault.returncode == 1
   assert "Traceback (most recent call last)" in fault.stderr
   assert fault.stderr.strip().endswith("ValueError: an internal fault")
+
+
+SINK_COPIES = (r"--policy=attention_sink re-rotates its 4 sink keys at every "
+               r"eviction, which a quantized cache does on exact copies of them "
+               r"in the cache dtype: add {fixes}, or use --kv_bits=16")
+
+
+def test_attention_sink_on_a_quantized_cache_names_the_settings_it_needs():
+  config = default.get_config()
+  config.policy.name, config.quant.kv_bits = "attention_sink", 4.0
+  with pytest.raises(InputError, match=SINK_COPIES.format(
+      fixes=r"--config.quant.copy_bits=16 \(now 8\)")):
+    setup.check(config, TASKS.names())
+  config.quant.sinks = 2
+  with pytest.raises(InputError, match=SINK_COPIES.format(
+      fixes=r"--config.quant.sinks=4 \(now 2\) and --config.quant.copy_bits=16 "
+            r"\(now 8\)")):
+    setup.check(config, TASKS.names())
+  config.quant.sinks, config.quant.copy_bits = 4, 16
+  setup.check(config, TASKS.names())
+  config.policy.name = "attention_sink(reposition=False)"
+  config.quant.copy_bits = 8
+  setup.check(config, TASKS.names())
+
+
+def test_attention_sink_on_a_quantized_cache_is_refused_before_the_model_loads():
+  never_load = ("def load_model(config):\n  raise AssertionError('loaded')\n"
+                "setup.load_model = load_model")
+  out = run_cli_patched(never_load, "--policy=attention_sink", "--kv_bits=4")
+  assert out.returncode == 1 and "loaded" not in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert "add --config.quant.copy_bits=16 (now 8)" in out.stderr
 
 
 def test_text_that_is_not_prose(tmp_path):

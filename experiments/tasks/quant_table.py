@@ -12,7 +12,7 @@ policy with knobs of its own, such as kivi, keeps them), against bf16 on
 ``context`` tokens of every text of ``quant.table_texts`` (Hamlet and
 Othello). Calibration reads ``calibration_tokens`` of ``calibration_text``
 (Macbeth), so every evaluated text is held out. A policy that is not
-registered is a row saying so.
+registered is an error before the model loads (``setup.table_policies``).
 
 ``storage``: the storage ablation on ``text``: bf16, fp8, and uniform
 int8/int4/int3/int2 each stored plainly, Hadamard-rotated with keys
@@ -45,9 +45,6 @@ from experiments import setup
 from lmcache_jax.engine import calibration
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.quant.plan import QuantPlan
-from policies.registry import CALIBRATION
-
-UNAVAILABLE = "not yet available"
 
 
 def kv_bytes(cfg, capacity: int, plan: QuantPlan | None) -> int:
@@ -86,16 +83,13 @@ def storage_settings(qconf, lm, calibration_tokens):
              uniform(sinks=4, residual=32, copy_bits=8, **stored))
 
 
-def policy_plans(qconf, lm, calibration_tokens):
-  """(policy, bits, plan or None when the policy does not exist) rows."""
+def policy_plans(qconf, policies, lm, calibration_tokens):
+  """(policy, bits, plan) rows: each of ``policies`` at each bits."""
   knobs = {k: qconf.get(k) for k in ("group_size", "residual", "sinks",
                                      "copy_bits", "rotate", "center_keys")
            if qconf.get(k) is not None}
-  for name in _names(qconf.get("table_policies", "")):
+  for name in policies:
     for bits in (float(b) for b in _names(qconf.get("table_bits", "2,3,4"))):
-      if name not in CALIBRATION.names():
-        yield name, bits, None
-        continue
       start = time.perf_counter()
       plan = setup.quant_plan({**knobs, "kv_bits": bits, "calibration": name},
                               lm, calibration_tokens)
@@ -112,6 +106,7 @@ def _perplexity(ctx, plan, tokens, chunk) -> float:
 def policy_table(ctx: RunContext) -> dict:
   """Every calibration policy at each budget on every text, vs bf16."""
   config, lm = ctx.config, ctx.lm
+  policies = setup.table_policies(config.quant)   # before any long work
   texts = _names(config.quant.get("table_texts", "hamlet,othello"))
   chunk = int(config.quant.get("eval_chunk", 256))
   context = int(config.context)
@@ -130,11 +125,8 @@ def policy_table(ctx: RunContext) -> dict:
            "ppl": dict(base), "change_pct": {t: 0.0 for t in texts},
            "kv_bytes": dense, "compression": 1.0, "plan": ""}]
   print(f"bf16 {base}", flush=True)
-  for name, bits, plan in policy_plans(config.quant, lm, calibration_tokens):
-    if plan is None:
-      rows.append({"policy": name, "bits": bits, "missing": UNAVAILABLE})
-      print(f"{name} @ {bits:g}: {UNAVAILABLE}", flush=True)
-      continue
+  for name, bits, plan in policy_plans(config.quant, policies, lm,
+                                       calibration_tokens):
     start = time.perf_counter()
     ppl = {t: _perplexity(ctx, plan, tokens[t], chunk) for t in texts}
     nbytes = kv_bytes(lm.cfg, context, plan)
@@ -154,11 +146,6 @@ def policy_table(ctx: RunContext) -> dict:
       f"{t} ppl | {t} Δ" for t in texts) + " | KV MiB | smaller |")
   lines = [head, "|---" * (4 + 2 * len(texts)) + "|"]
   for r in rows:
-    if "missing" in r:
-      lines.append(f"| {r['policy']} | {r['bits']:g} | "
-                   + " | ".join(["—"] * (2 * len(texts)))
-                   + f" | {r['missing']} | |")
-      continue
     lines.append(f"| {r['policy']} | {r['avg_bits']:.2f} | " + " | ".join(
         f"{r['ppl'][t]:.3f} | {r['change_pct'][t]:+.2f}%" for t in texts)
         + f" | {r['kv_bytes'] / 2**20:.2f} | {r['compression']:.2f}x |")
