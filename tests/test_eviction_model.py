@@ -295,3 +295,33 @@ def test_scoring_policies_run_on_a_quantized_cache(name):
   logits, cache = prefill(lm, cache, [prompt], policy, chunk=4)
   assert np.all(np.isfinite(logits))
   np.testing.assert_array_equal(cache.live_slots(), 8)
+
+
+def test_decoding_a_cache_never_prefilled_under_attention_sink(lm):
+  """engine.decode gives the cache the sinks' origins before its loop (the
+  loop's carry cannot change structure when the first eviction adds them)."""
+  policy = EVICTION.make("attention_sink", budget=6, sinks=2)
+  cache = init_cache(lm.cfg, 1, policy.cache_capacity(20, 1, 20), jnp.float32)
+  out = decode(lm, cache, jnp.zeros((1, lm.cfg.vocab_size)), max_new_tokens=20,
+               policy=policy, stop_tokens=())
+  np.testing.assert_array_equal(out.cache.live_slots(), 6)
+  # 19 tokens fed, 6 kept: each sink has moved past the 13 evicted
+  np.testing.assert_array_equal(out.cache.sink_origins.shift, 13)
+
+
+def test_a_session_saved_under_attention_sink_resumes_with_its_origins(
+    lm, tmp_path):
+  from lmcache_jax.engine.session import (from_generation, restore_session,
+                                          resume, save_session)
+  policy = EVICTION.make("attention_sink", budget=8, sinks=2)
+  prompts = [list(np.random.default_rng(12).integers(2, 97, 21))]
+  generation = run(lm, policy, prompts, new_tokens=10, capacity=40)
+  session = from_generation(prompts, generation)
+  save_session(str(tmp_path / "s"), session, lm)
+  restored = restore_session(str(tmp_path / "s"), lm)
+  for a, b in zip(jax.tree.leaves(session.cache),
+                  jax.tree.leaves(restored.cache)):
+    np.testing.assert_array_equal(a, b)
+  assert restored.cache.sink_origins.shift.min() > 0
+  later, _ = resume(lm, restored, [[5, 6, 7]], max_new_tokens=4, policy=policy)
+  assert all(len(t) == 4 for t in later.tokens)

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
+from lmcache_jax.cache.positions import unmoved_origins
 from lmcache_jax.engine.generate import Generation, check_prompts, decode
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
@@ -51,7 +52,8 @@ def save_session(path: str, session: Session, lm: LoadedModel) -> None:
           "batch": session.cache.batch_size,
           "capacity": session.cache.capacity,
           "width": width,
-          "pending": [int(t) for t in session.pending]}
+          "pending": [int(t) for t in session.pending],
+          "sink_origins": _origin_sinks(session.cache)}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(path, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"cache": session.cache, "tokens": tokens}),
@@ -77,6 +79,9 @@ def restore_session(path: str, lm: LoadedModel,
                        f"or dtype than {lm.cfg.name!r}; restore it with that one")
     if like is None:
       like = init_cache(lm.cfg, meta["batch"], meta["capacity"], lm.dtype)
+    if meta.get("sink_origins") is not None and like.sink_origins is None:
+      like = like.replace(sink_origins=unmoved_origins(
+          like.keys, like.positions, meta["sink_origins"]))
     template = {"cache": like,
                 "tokens": np.zeros((meta["batch"], meta["width"]), np.int32)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
@@ -84,6 +89,12 @@ def restore_session(path: str, lm: LoadedModel,
         state=ocp.args.StandardRestore(abstract)))["state"]
   tokens = [[int(t) for t in row if t >= 0] for row in np.asarray(state["tokens"])]
   return Session(state["cache"], tokens, meta["pending"])
+
+
+def _origin_sinks(cache: KVCache) -> int | None:
+  """How many sinks the cache keeps origins of (None: no origins)."""
+  origins = cache.sink_origins
+  return None if origins is None else int(origins.shift.shape[-1])
 
 
 def resume(lm: LoadedModel, session: Session, turns: list[list[int]], *,
