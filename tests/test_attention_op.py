@@ -18,6 +18,7 @@ from lmcache_jax.cache.step import Step
 from lmcache_jax.kernels.backend import interpret_mode
 
 LAYERS, BATCH, KV, GROUP, SLOTS, DIM = 2, 2, 2, 3, 64, 16
+pytestmark = pytest.mark.gpu   # python -m pytest -m gpu -n 0, on a GPU
 ON_GPU = jax.default_backend() == "gpu"
 
 

@@ -17,6 +17,7 @@ from lmcache_jax.kernels import dequantize, quantize
 from lmcache_jax.numerics import formats, schemes
 from lmcache_jax.numerics.formats import FORMATS
 
+pytestmark = pytest.mark.gpu   # python -m pytest -m gpu -n 0, on a GPU
 INT_FORMATS = ["int2", "int3", "int4", "int8"]
 
 

@@ -19,6 +19,7 @@ from lmcache_jax.models.llama import from_weights
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.quant.plan import QuantPlan
 
+pytestmark = pytest.mark.gpu   # python -m pytest -m gpu -n 0, on a GPU
 CFG = tiny_config(head_dim=32, num_heads=6, num_kv_heads=3, hidden_size=64)
 MIXED = (("int4", "int2", "int4"), ("int2", "int4", "int4"),
          ("int3", "int4", "int8"))

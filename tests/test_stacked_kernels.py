@@ -16,6 +16,7 @@ from lmcache_jax.kernels.stacked_decode import (block_for, stacked_decode_attent
 from lmcache_jax.kernels.stacked_matmul import (stacked_matmul,
                                                 stacked_matmul_reference)
 
+pytestmark = pytest.mark.gpu   # python -m pytest -m gpu -n 0, on a GPU
 ON_GPU = jax.default_backend() == "gpu"
 # float32 runs exactly in interpret mode; the GPU kernels take 16-bit inputs
 DTYPE, TOL = (jnp.bfloat16, 2e-2) if ON_GPU else (jnp.float32, 1e-5)
