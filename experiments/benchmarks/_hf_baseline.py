@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -181,6 +182,9 @@ def bench_one(model, cfg: ModelConfig, work: dict, cache: str, request: dict,
                              if device == "cuda" else None), "note": ""})
   except torch.OutOfMemoryError:
     row["note"] = "skipped: out of memory on this card"
+  except Exception as e:  # noqa: BLE001 -- a peer that fails is a row
+    traceback.print_exc()
+    row["note"] = f"failed: {type(e).__name__}: {e}"[:300]
   return row
 
 
