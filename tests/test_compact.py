@@ -12,6 +12,7 @@ from lmcache_jax.cache.compact import compact, compactable
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.data import passkey as passkey_data
 from lmcache_jax.engine import steps
+from lmcache_jax.engine.buckets import bucket
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling
 from lmcache_jax.models.llama import from_weights
@@ -214,7 +215,7 @@ def test_retrieval_reports_the_compact_cache_bytes():
   assert results["cache_capacity"] == capacity == 16 + cue + 3
   bytes_of = lambda slots: init_cache(cfg, 2, slots, jnp.float32).payload_nbytes
   assert results["kv_bytes"] == bytes_of(capacity)
-  assert results["kv_bytes_prefill"] == bytes_of(total)
+  assert results["kv_bytes_prefill"] == bytes_of(bucket(total))   # 320
   assert results["kv_bytes"] < results["kv_bytes_prefill"] / 8
 
   # the same prompts (the task's seeds) through the whole-prompt cache

@@ -13,7 +13,8 @@ Either way the answer cue is fed after the compression, as the first tokens of
 the answer: it and the decoded tokens are handled by the policy's decode-time
 eviction (``decode_mode``: never, every step, every N steps), which the
 results state as ``decode_eviction``. Every answer token is predicted from the
-compressed cache.
+compressed cache. A cache that holds a whole prompt is rounded up to a bucket
+(``engine.buckets``), so prompts of many lengths share compiled programs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from experiments.context import RunContext
 from experiments.errors import InputError
 from lmcache_jax.cache.compact import compact, compactable
 from lmcache_jax.data.passkey import Sample, first_answer
+from lmcache_jax.engine import buckets
 from lmcache_jax.engine.generate import decode
 from lmcache_jax.engine.prefill import prefill
 
@@ -44,9 +46,9 @@ def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
   lm = ctx.lm
   total = max(s.num_tokens for s in samples) + max_new_tokens
   answer_tokens = max(len(s.cue) for s in samples) + max_new_tokens
-  capacity = ctx.policy.cache_capacity(total, chunk, answer_tokens)
-  cache = ctx.new_cache(len(samples),
-                        max(capacity, total) if mode == "prefill" else capacity)
+  capacity = buckets.cache_capacity(ctx.policy, total, chunk, answer_tokens)
+  cache = ctx.new_cache(len(samples), buckets.bucket(total)
+                        if mode == "prefill" else capacity)
   prefill_bytes = cache.payload_nbytes
   _, cache = prefill(lm, cache, [s.prompt for s in samples], ctx.policy, chunk)
   if mode == "prefill" and compactable(cache):
@@ -54,8 +56,8 @@ def answer(ctx: RunContext, samples: list[Sample], *, max_new_tokens: int,
     # the answer; the whole-prompt cache is dropped (a payload on grids over
     # groups of slots, KIVI's keys, cannot be compacted and stays as it is)
     cue_pass = min(chunk, max(len(s.cue) for s in samples))
-    cache = compact(cache, ctx.policy.cache_capacity(total, cue_pass,
-                                                     answer_tokens))
+    cache = compact(cache, buckets.cache_capacity(ctx.policy, total, cue_pass,
+                                                  answer_tokens))
   answering = ctx.policy.decoding()
   logits, cache = prefill(lm, cache, [s.cue for s in samples], answering,
                           chunk)

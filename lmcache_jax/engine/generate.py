@@ -11,7 +11,7 @@ import numpy as np
 
 from lmcache_jax.cache.kv_cache import KVCache, init_cache
 from lmcache_jax.cache.policy import CachePolicy, KeepAll
-from lmcache_jax.engine import room, steps
+from lmcache_jax.engine import buckets, room, steps
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.engine.prefill import prefill
 from lmcache_jax.engine.sampling import Sampling, sample
@@ -44,8 +44,9 @@ def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
 def checked_capacity(lm: LoadedModel, prompts: list[list[int]],
                      max_new_tokens: int, policy: CachePolicy,
                      capacity: int | None, chunk: int) -> int:
-  """The cache slots a generation needs (``capacity``, or what the policy
-  asks for by default), after checking the prompts and the request."""
+  """The cache slots a generation needs (``capacity``, or by default what
+  the policy asks for, in a bucket's size: ``engine.buckets``), after
+  checking the prompts and the request."""
   cfg = lm.cfg
   check_prompts(prompts, cfg.vocab_size)
   if max_new_tokens < 0:
@@ -60,7 +61,9 @@ def checked_capacity(lm: LoadedModel, prompts: list[list[int]],
   if isinstance(policy, KeepAll) and context > cfg.max_context:
     raise ValueError(f"a context of {context} tokens exceeds the model's "
                      f"maximum of {cfg.max_context} for {cfg.name!r}")
-  return needed if capacity is None else capacity
+  if capacity is None:
+    return buckets.cache_capacity(policy, context, chunk, max_new_tokens)
+  return capacity
 
 
 def generate(lm: LoadedModel, prompts: list[list[int]], *,
@@ -75,7 +78,8 @@ def generate(lm: LoadedModel, prompts: list[list[int]], *,
 
   Args:
     capacity: cache slots per sequence; by default what the policy needs for
-      the longest prompt plus ``max_new_tokens``.
+      the longest prompt plus ``max_new_tokens``, rounded up to a bucket
+      where that changes nothing (``engine.buckets.cache_capacity``).
     stop_tokens: ids that end a sequence; default the model's EOS ids.
     on_token: streaming callback, see ``TokenCallback``.
     new_cache: builds an empty cache (batch, capacity), e.g. a quantized

@@ -10,6 +10,7 @@ from lmcache_jax.cache.kv_cache import KVCache
 from lmcache_jax.cache.policy import CachePolicy
 from lmcache_jax.cache.step import prompt_span
 from lmcache_jax.engine import room, steps
+from lmcache_jax.engine.buckets import bucket
 from lmcache_jax.models.loaded import LoadedModel
 
 
@@ -34,7 +35,9 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   the second part, so ``chunk=None`` (the whole prompt in one pass) is the
   fastest prefill. Smaller chunks bound the activations and, for evicting
   policies, the extra slots a chunk needs. Every chunk has the same shape,
-  so at most two compilations (the first chunk, the others) serve them all.
+  so at most two compilations (the first chunk, the others) serve them all;
+  prompts shorter than a chunk are padded to a bucket's width
+  (``engine.buckets``), so their lengths share programs too.
 
   When every prompt fits in the free slots, the policy only scores during the
   chunks and compresses once at the end (``after_prefill``: SnapKV's
@@ -54,11 +57,12 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   chunk_policy = policy.deferring() if fits else policy
   # a deferred prompt's observation window may span its chunks
   span = prompt_span(cache, lengths) if fits else None
-  width = tokens.shape[1]
+  longest = tokens.shape[1]
+  width = padded_width(longest, cache.capacity)
   chunk = width if chunk is None else max(1, min(chunk, width))
-  num_chunks = -(-width // chunk)
+  num_chunks = -(-longest // chunk)
   empty = not live.any()
-  tokens = np.pad(tokens, ((0, 0), (0, num_chunks * chunk - width)))
+  tokens = np.pad(tokens, ((0, 0), (0, num_chunks * chunk - longest)))
   last_logits = None
   for c in range(num_chunks):
     start = c * chunk
@@ -75,3 +79,10 @@ def prefill(lm: LoadedModel, cache: KVCache, prompts: list[list[int]],
   if fits:
     cache = policy.after_prefill(cache)
   return last_logits, cache
+
+
+def padded_width(width: int, capacity: int) -> int:
+  """The width of a prompt batch whose longest prompt has ``width`` tokens:
+  its bucket, but no more than a cache of ``capacity`` slots can take in
+  one pass (an evicting policy places a pass's tokens in free slots)."""
+  return min(bucket(width), max(width, capacity))
