@@ -8,6 +8,7 @@ budgets, chunk sizes and ragged batches without running a model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -185,6 +186,17 @@ def test_reposition_needs_the_models_rope():
   policy = EVICTION.make("attention_sink", budget=4, sinks=2)
   with pytest.raises(ValueError, match="bind"):
     list(stream(policy, 1, [[1, 1]] * 6, 0))
+
+
+def test_reposition_is_refused_for_a_policy_that_may_move_other_keys():
+  """Re-assignment rotates only the sinks, exact only when nothing older than
+  an evicted token is kept but the sinks (a policy evicting oldest first)."""
+  class ScoredAndRepositioned(EvictionPolicy):
+    name = "scored"
+    reposition = True
+
+  with pytest.raises(ValueError, match="only_sinks_move"):
+    dataclasses.dataclass(frozen=True)(ScoredAndRepositioned)(budget=4)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

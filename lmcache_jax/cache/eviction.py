@@ -36,8 +36,9 @@ tokens decoded between two evictions, whichever is larger
 (``cache_capacity``).
 
 Per-layer budgets come from ``layer_budgets`` (PyramidKV); selection across a
-layer's heads from ``keep`` (AdaKV). With ``reposition`` the kept keys are
-re-rotated so positions inside the cache are re-assigned (``cache.positions``).
+layer's heads from ``keep`` (AdaKV). With ``reposition`` positions inside
+the cache are re-assigned: a policy evicting oldest first re-rotates its sink
+keys, each once from its origin (``cache.positions``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class EvictionPolicy:
   evict_every = 0              # while decoding: 0 never, 1 every step, N
   reposition = False
   only_sinks_move = False      # True: eviction never shifts a non-sink key
+                               # (required by reposition)
 
   budget: int
   # Set by ``bind`` / ``deferring`` / ``decoding`` / ``after_prefill``, not by
