@@ -73,7 +73,8 @@ _FLAT = {
     "model": ("model", str, "Preset name, .gguf file or safetensors dir; 'list' prints presets."),
     "policy": ("policy.name", str, "Eviction policy (or 'name(k=v)'); 'list' prints them."),
     "budget": ("policy.budget", float, "Cache budget: tokens, or a fraction of "
-             f"the prompt; default {setup.DEFAULT_BUDGET} for policies that take one."),
+             f"the prompt; default the spec's budget=, else {setup.DEFAULT_BUDGET}, "
+             f"for policies that take one."),
     "kv_bits": ("quant.kv_bits", float, "Average KV bits (16 = full precision)."),
     "calibration": ("quant.calibration", str, "Calibration policy for quantization."),
     "quant_plan": ("quant.plan", str, "Path of a saved quantization plan."),
@@ -116,8 +117,9 @@ def listing(config) -> str | None:
     return TASKS.describe(with_parameters=False)
   if config.policy.name == "list":
     return EVICTION.describe() + (
-        f"\n\nA policy with a budget keeps --budget tokens (or that fraction "
-        f"of the prompt; default {setup.DEFAULT_BUDGET}, at most the prompt) "
+        f"\n\nA policy with a budget keeps --budget tokens, or the budget= of "
+        f"its spec (a number of tokens or a fraction of the prompt; default "
+        f"{setup.DEFAULT_BUDGET}, at most the prompt) "
         f"and allocates that many slots plus a working chunk while a text "
         f"streams in (at most 64 slots: results' working_slots).")
   if config.model == "list":
