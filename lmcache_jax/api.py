@@ -119,7 +119,9 @@ class Model:
                  quant: QuantPlan | None = None, cipher=None) -> KVStore:
     """A prefix store over ``tiers`` (fastest first) for this model's caches
     (quantized by ``quant``: generate with the same plan); assign it to
-    ``model.store`` to have ``generate`` reuse prefixes through it."""
+    ``model.store`` to have ``generate`` reuse prefixes through it. The
+    caller owns it: ``with model.make_store(...) as store:``, or
+    ``store.close()``, finishes its writes and releases its tiers."""
     template = self.new_cache(1, chunk_size, quant)
     return KVStore(Layout.of(template), tiers,
                    model_fingerprint=model_fingerprint(self.lm),
