@@ -62,7 +62,8 @@ def test_prefill_past_an_appending_cache_raises(lm):
   with pytest.raises(ValueError, match=r"^prefill: sequence 1 holds 0 tokens "
                      r"and its prompt adds 17, 17 in all, past the cache's "
                      r"capacity of 16 slots \(policy 'full' evicts nothing\)"):
-    prefill(lm, empty(lm, 16, batch=2), [PROMPT[:5], PROMPT[:17]], KeepAll(), 8)
+    prefill(lm, empty(lm, 16, batch=2), [PROMPT[:5], PROMPT[:17]], KeepAll(),
+            8)
   # a prompt fed after others counts what the sequence already holds
   with pytest.raises(ValueError, match="holds 16 tokens and its prompt adds 1,"):
     prefill(lm, cache, [PROMPT[:1]], KeepAll(), 8)

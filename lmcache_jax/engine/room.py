@@ -44,7 +44,8 @@ def check_prompts(cache: KVCache, policy: CachePolicy,
                     "prefill", "its prompt adds")
 
 
-def check_pass(cache: KVCache, policy: CachePolicy, num_new: np.ndarray) -> None:
+def check_pass(cache: KVCache, policy: CachePolicy,
+               num_new: np.ndarray) -> None:
   """Before one pass of an evicting policy feeding ``num_new[b]`` tokens to
   sequence ``b``: every row of the sequence has that many free slots."""
   if appends(policy):
