@@ -1,8 +1,8 @@
 """What calibration policies measure, and how they split a bit budget.
 
-``collect`` runs the model over calibration text layer by layer and keeps,
-per layer, the rotated queries and the keys (before and after RoPE) and
-values every kv head produced.
+``collect`` runs the model's own layers (``Block`` with ``trace``) over
+calibration text one by one and keeps, per layer, the rotated queries and
+the keys (before and after RoPE) and values every kv head produced.
 ``allocate`` picks a width from {2, 3, 4, 8} for every (layer, head)
 minimising a total cost under an average-bit budget charged on the bytes the
 packed payload really allocates (``cache_bytes``): each format's pool holds
@@ -25,7 +25,7 @@ from lmcache_jax import attention, progress
 from lmcache_jax.arch.rope import inverse_frequencies
 from lmcache_jax.cache.kv_cache import init_cache
 from lmcache_jax.cache.step import append_step
-from lmcache_jax.models.llama import at_layer, rms_norm
+from lmcache_jax.models.llama import Projections
 from lmcache_jax.models.loaded import LoadedModel
 from lmcache_jax.numerics.formats import format_for_bits
 from lmcache_jax.quant.plan import QuantPlan
@@ -48,38 +48,36 @@ class Activations:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _layer(graphdef, state, x, kv, layer, step):
-  """One block over x: (its output, the cache, rotated q, k before RoPE)."""
+  """The model's block ``layer`` over x: (its output, the cache, what it
+  projected)."""
   block = nnx.merge(graphdef, state)
-  inv_freq = inverse_frequencies(block.cfg)
-  h = rms_norm(x, at_layer(block.attn_norm, layer), block.cfg.norm_eps)
-  q, k, _, _ = block.attn.project(h, layer, step.rope_positions, inv_freq)
-  x, kv, _ = block(x, kv, layer, step, inv_freq, attention.Request())
-  return x, kv, q, k
+  x, kv, _, proj = block(x, kv, layer, step, inverse_frequencies(block.cfg),
+                         attention.Request(), trace=True)
+  return x, kv, proj
 
 
 def collect(lm: LoadedModel, tokens) -> Activations:
-  """Runs ``tokens`` (one sequence) through the model in float32, one layer
-  at a time, and returns what each layer put in (and asked of) its cache."""
+  """Runs ``tokens`` (one sequence) through the model's own layers in
+  float32, one layer at a time, and returns what each layer put in (and
+  asked of) its cache."""
   cfg = lm.cfg
   tokens = jnp.asarray(np.asarray(tokens, np.int32)[None])
   steps = tokens.shape[1]
-  model = nnx.merge(lm.graphdef, lm.params)
+  model = nnx.merge(lm.graphdef, jax.tree.map(
+      lambda a: a.astype(jnp.float32), lm.params))
   graphdef, stacked = nnx.split(model.blocks)
-  stacked = jax.tree.map(lambda a: a.astype(jnp.float32), stacked)
   cache = init_cache(cfg, 1, steps, jnp.float32)
   step = append_step(cache, jnp.array([steps], jnp.int32), steps)
   kv = attention.LayerKV(cache.keys, cache.values, cache.positions,
                          cache.scores)
-  x = jnp.take(model.embed[...].astype(jnp.float32), tokens, axis=0)
-  out = {"queries": [], "keys": [], "keys_rope": [], "values": []}
+  x = model.embed_tokens(tokens)
+  out = {name: [] for name in Projections._fields}
   for l in progress.bar(range(cfg.num_layers), desc="calibration",
                         unit="layer"):
-    x, kv, q, k = _layer(graphdef, stacked, x, kv, jnp.int32(l),
+    x, kv, proj = _layer(graphdef, stacked, x, kv, jnp.int32(l),
                          step._replace(slots=step.slots[l]))
-    out["queries"].append(np.asarray(jnp.swapaxes(q[0], 0, 1)))
-    out["keys"].append(np.asarray(jnp.swapaxes(k[0], 0, 1)))
-    out["keys_rope"].append(np.asarray(kv.keys[l, 0]))
-    out["values"].append(np.asarray(kv.values[l, 0]))
+    for name, value in proj._asdict().items():   # [1, T, H, Hd] -> [H, T, Hd]
+      out[name].append(np.asarray(jnp.swapaxes(value[0], 0, 1)))
   return Activations(np.asarray(tokens[0]),
                      **{k: np.stack(v) for k, v in out.items()})
 

@@ -9,9 +9,11 @@ KL divergence of the model's predictions on the text from the exact ones
 when that head alone carries the error: what storing the head that way
 costs, in the units perplexity is made of (nats per text).
 
-The forward pass is the model's own (projections, norms, MLP) with float32
-causal attention. Layers before the measured one are run once; each
-measurement runs the rest.
+The forward pass is the model's own: its embedding, layers (``Block``) and
+output head, with one change: each layer's queries read their keys and
+values through ``read_with_errors`` (the attention op's contract, float32
+causal attention over the sequence itself) instead of a cache. Layers before
+the measured one are run once; each measurement runs the rest.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmcache_jax import progress
+from lmcache_jax import attention, progress
 from lmcache_jax.arch.rope import inverse_frequencies
+from lmcache_jax.cache.step import Step
 from lmcache_jax.kernels.masking import MASKED
-from lmcache_jax.models.llama import at_layer, layer_matmul, rms_norm
 from lmcache_jax.models.loaded import LoadedModel
 
 _HI = jax.lax.Precision.HIGHEST
@@ -56,27 +58,37 @@ def _attend(q, k, v, errors=None, *, residual: int = 0, sinks: int = 0):
   return out.reshape(steps, num_heads * head_dim)
 
 
+def read_with_errors(errors=None, *, residual: int = 0, sinks: int = 0):
+  """An ``attend`` for the model's ``Block`` (``attention.attend``'s
+  contract) that reads no cache: ``_attend`` over the step's own keys and
+  values, one sequence, with ``errors`` (key, value) [T, K, Hd] on the far
+  reads (None: every read exact). The cache passes through untouched."""
+
+  def attend(q, k, v, kv, layer, step, request):
+    del layer, step, request   # one sequence at positions 0..T-1
+    out = _attend(q[0], k[0], v[0], errors, residual=residual, sinks=sinks)
+    return out.reshape(q.shape), kv, None
+
+  return attend
+
+
 def _block(model, blocks, x, layer, errors=None, *, residual: int = 0,
            sinks: int = 0):
-  """Block ``layer`` over x [1, T, D], its cache holding the errors."""
-  cfg = model.cfg
+  """The model's block ``layer`` over x [1, T, D], its queries reading the
+  keys and values with ``errors`` (``read_with_errors``)."""
   block = nnx.merge(*blocks)
   positions = jnp.arange(x.shape[1])[None]
-  h = rms_norm(x, at_layer(block.attn_norm, layer), cfg.norm_eps)
-  q, _, k, v = block.attn.project(h, layer, positions, inverse_frequencies(cfg))
-  out = _attend(q[0], k[0], v[0], errors, residual=residual, sinks=sinks)
-  x = x + layer_matmul(out[None], block.attn.o, layer)
-  h = rms_norm(x, at_layer(block.mlp_norm, layer), cfg.norm_eps)
-  return x + block.mlp(h, layer)
+  step = Step(positions=positions, rope_positions=positions, slots=None,
+              query_weights=None)
+  x, _, _ = block(x, None, layer, step, inverse_frequencies(model.cfg),
+                  attention.Request(), attend=read_with_errors(
+                      errors, residual=residual, sinks=sinks))
+  return x
 
 
 def _head(model, x):
   """Next-token log-probabilities [T - 1, V] from the last hidden states."""
-  cfg = model.cfg
-  x = rms_norm(x, model.final_norm[...], cfg.norm_eps)
-  head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
-  return jax.nn.log_softmax(jnp.matmul(x[0, :-1], head, precision=_HI),
-                            axis=-1)
+  return jax.nn.log_softmax(model.logits(x[0, :-1]), axis=-1)
 
 
 def log_probs(model, tokens, key_error, value_error, *, residual: int,
@@ -91,7 +103,7 @@ def log_probs(model, tokens, key_error, value_error, *, residual: int,
     return _block(model, blocks, x, layer, (dk, dv), residual=residual,
                   sinks=sinks), None
 
-  x = jnp.take(model.embed[...], tokens[None], axis=0)
+  x = model.embed_tokens(tokens[None])
   x, _ = jax.lax.scan(body, x, (jnp.arange(model.cfg.num_layers), key_error,
                                 value_error))
   return _head(model, x)
@@ -107,7 +119,7 @@ def _inputs(graphdef, params, tokens):
   def body(x, layer):
     return _block(model, blocks, x, layer), x
 
-  x = jnp.take(model.embed[...], tokens[None], axis=0)
+  x = model.embed_tokens(tokens[None])
   x, inputs = jax.lax.scan(body, x, jnp.arange(model.cfg.num_layers))
   return inputs, _head(model, x)
 

@@ -6,9 +6,17 @@ Per-layer parameters are stacked on a leading layer axis and one ``Block``
 runs under ``lax.scan``, so compile time stays flat in depth. The KV cache
 is not part of the module: an explicit pytree passed in and returned, which
 attention reaches only through the attention op.
+
+This is the only copy of the architecture: calibration runs a ``Block``
+with ``trace=True`` to get what each layer projected, and the divergence
+measurement runs it with its own ``attend`` (the attention op's contract)
+to read keys and values with errors. Both are static, so the model's own
+passes compile as before.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +67,16 @@ def layer_matmul(x: jax.Array, params, layer: jax.Array):
   return tuple(outs) if many else outs[0]
 
 
+class Projections(NamedTuple):
+  """What a layer's attention projected from its input x [B, T, D]: rotated
+  queries [B, T, N, Hd], keys before and after RoPE and values [B, T, K, Hd]
+  (the keys after RoPE and the values are what the cache is given)."""
+  queries: jax.Array
+  keys: jax.Array
+  keys_rope: jax.Array
+  values: jax.Array
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention: the projections and RoPE. Attention over
   the cache itself is the attention op (``lmcache_jax.attention.attend``),
@@ -78,8 +96,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def project(self, h: jax.Array, layer: jax.Array, rope_positions: jax.Array,
-              inv_freq: np.ndarray):
-    """q (rotated) [B, T, N, Hd], k before and after RoPE and v [B, T, K, Hd]."""
+              inv_freq: np.ndarray) -> Projections:
+    """The layer's ``Projections`` of its normed input h [B, T, D]."""
     cfg = self.cfg
     batch, steps, _ = h.shape
 
@@ -93,16 +111,21 @@ class Attention(nnx.Module):
 
     q, k, v = (heads_of(n, out, heads) for n, out, heads in zip(
         names, outs, (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)))
-    q = apply_rope(q, rope_positions, inv_freq)
-    return q, k, apply_rope(k, rope_positions, inv_freq), v
+    return Projections(apply_rope(q, rope_positions, inv_freq), k,
+                       apply_rope(k, rope_positions, inv_freq), v)
 
   def __call__(self, h: jax.Array, kv: attention.LayerKV, layer: jax.Array,
-               step: Step, inv_freq: np.ndarray, request: attention.Request):
+               step: Step, inv_freq: np.ndarray, request: attention.Request,
+               attend=attention.attend):
     """Attention block output [B, T, D], the stacked cache with this step's
-    keys and values in layer ``layer``, and the slot mass (or None)."""
-    q, _, k, v = self.project(h, layer, step.rope_positions, inv_freq)
-    out, kv, mass = attention.attend(q, k, v, kv, layer, step, request)
-    return layer_matmul(out.reshape(*h.shape[:2], -1), self.o, layer), kv, mass
+    keys and values in layer ``layer``, the slot mass (or None) and the
+    ``Projections``. ``attend`` reads the cache (``attention.attend``'s
+    contract)."""
+    proj = self.project(h, layer, step.rope_positions, inv_freq)
+    out, kv, mass = attend(proj.queries, proj.keys_rope, proj.values, kv,
+                           layer, step, request)
+    out = layer_matmul(out.reshape(*h.shape[:2], -1), self.o, layer)
+    return out, kv, mass, proj
 
 
 class MLP(nnx.Module):
@@ -133,14 +156,21 @@ class Block(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, kv: attention.LayerKV, layer: jax.Array,
-               step: Step, inv_freq: np.ndarray, request: attention.Request):
-    """Layer ``layer`` over x [B, T, D]: (x, the stacked cache, slot mass)."""
+               step: Step, inv_freq: np.ndarray, request: attention.Request,
+               *, attend=attention.attend, trace: bool = False):
+    """Layer ``layer`` over x [B, T, D]: (x, the stacked cache, slot mass),
+    and with ``trace`` the layer's ``Projections`` after them.
+
+    ``attend`` is how the layer's queries read the cache, with
+    ``attention.attend``'s contract; measurements swap it (jit specializes
+    on it and on ``trace``, so the model's own passes are unchanged)."""
     eps = self.cfg.norm_eps
-    out, kv, mass = self.attn(rms_norm(x, at_layer(self.attn_norm, layer), eps),
-                              kv, layer, step, inv_freq, request)
+    out, kv, mass, proj = self.attn(
+        rms_norm(x, at_layer(self.attn_norm, layer), eps), kv, layer, step,
+        inv_freq, request, attend)
     x = x + out
-    return x + self.mlp(rms_norm(x, at_layer(self.mlp_norm, layer), eps),
-                        layer), kv, mass
+    x = x + self.mlp(rms_norm(x, at_layer(self.mlp_norm, layer), eps), layer)
+    return (x, kv, mass, proj) if trace else (x, kv, mass)
 
 
 # Owner of each per-layer canonical weight ("layers.<name>") inside a Block.
@@ -179,7 +209,7 @@ class Transformer(nnx.Module):
       or None).
     """
     cfg = self.cfg
-    x = jnp.take(self.embed[...], tokens, axis=0)
+    x = self.embed_tokens(tokens)
     inv_freq = inverse_frequencies(cfg)
     graphdef, block_params = nnx.split(self.blocks)
 
@@ -212,11 +242,21 @@ class Transformer(nnx.Module):
     elif logits_for != "all":
       raise ValueError(f"logits_for must be 'all', 'last' or 'none', "
                        f"got {logits_for!r}")
-    x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
-    head = (self.embed[...].T if cfg.tie_embeddings else self.lm_head[...])
-    logits = jnp.matmul(x, head, precision=matmul_precision(x.dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, cache, mass
+    return self.logits(x), cache, mass
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The hidden states [..., D] that token ids [...] enter the first
+    layer with."""
+    return jnp.take(self.embed[...], tokens, axis=0)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] of the last layer's hidden states x [..., D]
+    (final norm, then the output projection)."""
+    x = rms_norm(x, self.final_norm[...], self.cfg.norm_eps)
+    head = (self.embed[...].T if self.cfg.tie_embeddings
+            else self.lm_head[...])
+    return jnp.matmul(x, head, precision=matmul_precision(x.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def from_weights(cfg: ModelConfig, weights: dict, dtype=jnp.bfloat16,
