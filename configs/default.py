@@ -85,6 +85,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.needle.chunk = defaults.PREFILL_CHUNK
   config.needle.mode = "prefill"
 
+  config.ruler = ml_collections.ConfigDict()
+  config.ruler.tasks = "all"              # comma list of lmcache_jax.data.ruler.TASKS
+  config.ruler.lengths = (1024,)          # prompt tokens (question and answer prefix included)
+  config.ruler.prompts = 50               # seeded prompts per (task, length) cell
+  config.ruler.mode = "query_agnostic"    # or "query_aware": the question is compressed too
+  config.ruler.compression = 0.0          # share of the compressed tokens dropped (kvpress's
+                                          # ratio); 0 = the policy's --budget
+  config.ruler.max_new_tokens = 0         # 0 = RULER's per task (128 niah, 30 vt, 120 cwe, 50 fwe)
+  config.ruler.batch_size = 10            # prompts per batched pass
+  config.ruler.chunk = defaults.PREFILL_CHUNK
+
   config.generate = ml_collections.ConfigDict()
   config.generate.prompt = "Write a short poem about the sea."
   config.generate.chat = True        # wrap the prompt in the chat template
@@ -128,6 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.generate.max_new_tokens = 16
     config.passkey.lengths = (256,)
     config.needle.lengths = (256,)
+    config.ruler.prompts = 2
+    config.ruler.max_new_tokens = 16
     config.reuse.doc_tokens = 512
     config.reuse.max_new_tokens = 4
     config.multiturn.context_tokens = 256

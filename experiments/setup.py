@@ -28,13 +28,14 @@ from policies.registry import CALIBRATION, EVICTION, REPLACEMENT, parse_spec
 # at most the prompt.
 DEFAULT_BUDGET = defaults.BUDGET
 # Tasks that read --text (or --text_file).
-PROSE_TASKS = ("perplexity", "needle", "reuse", "multiturn")
+PROSE_TASKS = ("perplexity", "needle", "reuse", "multiturn", "ruler")
 # Tasks that measure prefix reuse: they turn the store on themselves.
 STORE_TASKS = ("reuse", "multiturn")
 # Tasks whose prompt the model reads as text: a model without a tokenizer
 # (random weights) cannot run them.
 TEXT_TASKS = ("perplexity", "generate", "passkey", "needle", "reuse",
-               "multiturn", "calibrate", "quant_table", "quant_spread")
+               "multiturn", "calibrate", "quant_table", "quant_spread",
+               "ruler")
 
 
 def resolve_budget(budget: float, context: int, limit: int | None = None) -> int:
@@ -106,7 +107,7 @@ def prompt_tokens(config: ml_collections.ConfigDict) -> int | None:
   the scored tokens, the longest retrieval prompt, the shared document or
   opening passage; None for generate (known once the prompt is tokenized)."""
   task = config.task
-  if task in ("passkey", "needle"):
+  if task in ("passkey", "needle", "ruler"):
     return max(int(n) for n in config[task].lengths)
   if task == "reuse":
     return int(config.reuse.doc_tokens)
