@@ -38,6 +38,18 @@ def tiny_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
   return weights
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops the programs a test module compiled once it is done. Every program
+  compiled on the CPU holds memory maps that its process keeps, and a worker
+  running a share of this suite (whose tests compile many shapes on purpose)
+  would otherwise reach the kernel's vm.max_map_count (65,530), where XLA fails
+  with 'LLVM compilation error: Cannot allocate memory' and segfaults. Cleared
+  after each module, a worker peaks at its largest module's maps."""
+  yield
+  jax.clear_caches()
+
+
 @pytest.fixture
 def tiny():
   cfg = tiny_config()
