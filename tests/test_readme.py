@@ -36,6 +36,8 @@ SHRINK = {
                   "--config.multiturn.max_new_tokens=2",
                   "--config.multiturn.messages=('Who?','Why?')"],
     "calibrate": ["--config.quant.calibration_tokens=128"],
+    "ruler": ["--config.ruler.tasks=niah_single_number,vt",
+              "--config.ruler.prompts=1", "--config.ruler.max_new_tokens=4"],
 }
 # Run for real in every test run (the rest are dry runs unless
 # LMCACHE_JAX_README_ALL=1): under a minute each.

@@ -153,6 +153,14 @@ def test_common_words_occur_as_often_as_ruler_says(length, freq_common,
   assert not set(re.findall(r"[a-z]+", example)) & set(sample.answers)
 
 
+def test_common_words_are_kept_apart_from_words_that_hold_them():
+  words = ["bell", "bells", "race", "embrace", "fetch", "cost", "costly"]
+  assert aggregation.apart(words, 2) == (["bell", "race"],
+                                         ["fetch", "cost", "costly"])
+  assert aggregation.apart(words, 3) == (["bell", "race", "fetch"],
+                                         ["cost", "costly"])
+
+
 def test_frequent_words_follow_zipf_with_the_answers_ranked_two_to_four():
   sample = ruler.generate("fwe", TOK, TEXT, 3000, seed=2)
   coded = text_of(sample.context)[len(aggregation.FWE_INSTRUCTION):].split()

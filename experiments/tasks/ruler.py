@@ -54,6 +54,7 @@ def ruler(ctx: RunContext) -> dict:
               for task in tasks}
   print(table(cells, per_task))
   return {
+      # the plain mean over the tasks run, each weighed alike
       "accuracy": float(np.mean([t["accuracy"] for t in per_task.values()])),
       "mode": conf.mode,
       "compression": float(conf.compression),

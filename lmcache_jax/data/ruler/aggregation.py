@@ -60,6 +60,21 @@ def text_vocabulary(text: str) -> list[str]:
   return sorted(set(re.findall(r"\b[a-z]{4,12}\b", text)) - own)
 
 
+def apart(words: list[str], count: int) -> tuple[list[str], list[str]]:
+  """The first ``count`` of ``words`` none of which holds another, and the
+  rest of ``words`` without those holding one of them: RULER matches answers
+  as substrings, so no other word may earn an answer's credit (``bell`` in
+  ``bells``)."""
+  chosen = []
+  for word in words:
+    if len(chosen) == count:
+      break
+    if not any(word in c or c in word for c in chosen):
+      chosen.append(word)
+  rest = [w for w in words if not any(c in w for c in chosen)]
+  return chosen, rest
+
+
 def word_list(words: list[str], common: int, freq_common: int,
               freq_rare: int, rng: np.random.Generator) -> list[str]:
   """``words[:common]`` ``freq_common`` times each and the rest
@@ -96,12 +111,14 @@ def common_words(tokenizer: Tokenizer, text: str, length: int,
   small = length < 4096
   example_words, (freq_common, freq_rare), example_freqs = (
       (20, (6, 1), (3, 1)) if small else (40, (30, 3), (10, 3)))
-  if len(vocabulary) < example_words + COMMON_WORDS + 1:
-    raise ValueError(f"the text has {len(vocabulary)} distinct words; "
-                     f"cwe needs more than {example_words + COMMON_WORDS}")
   order = np.random.default_rng(seed).permutation(len(vocabulary))
-  shuffled = [vocabulary[i] for i in order]
-  example, pool = shuffled[:example_words], shuffled[example_words:]
+  common, others = apart([vocabulary[i] for i in order], COMMON_WORDS)
+  if len(common) < COMMON_WORDS or len(others) <= example_words:
+    raise ValueError(f"the text has {len(vocabulary)} distinct words of 4 to "
+                     f"12 letters; cwe needs more than "
+                     f"{example_words + COMMON_WORDS}")
+  example, rare = others[:example_words], others[example_words:]
+  pool = common + rare
   question = tokenizer.encode(CWE_QUESTION.format(count=COMMON_WORDS),
                               add_bos=False)
   prefix_text = CWE_ANSWER_PREFIX.format(count=COMMON_WORDS)
