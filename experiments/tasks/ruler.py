@@ -1,6 +1,7 @@
 """RULER-style tasks on real text, each cell with its accuracy and 95% interval.
 
-  python -m experiments.run --task=ruler --policy=snapkv --config.ruler.compression=0.5
+  python -m experiments.run --task=ruler --policy=snapkv \
+      --config.ruler.compression=0.5
   python -m experiments.run --task=ruler --policy=tova --budget=256 \
       --config.ruler.mode=query_aware --config.ruler.tasks=niah_single_number,vt
 
