@@ -38,6 +38,22 @@ def tiny_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
   return weights
 
 
+class ByteTokenizer:
+  """One token per UTF-8 byte, for tiny models with a 256-entry vocabulary:
+  lengths are exact and easy to reason about. No chat template, and no BOS
+  or special tokens (tasks cue with plain text)."""
+  chat_template = None
+
+  def encode(self, text: str, add_bos: bool | None = None,
+             special: bool = True) -> list[int]:
+    del add_bos, special
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids, skip_special: bool = False) -> str:
+    del skip_special
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
   """Drops the programs a test module compiled once it is done. Every program

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from conftest import tiny_config, tiny_weights
+from conftest import ByteTokenizer, tiny_config, tiny_weights
 from experiments import run as run_lib
 from experiments.context import RunContext
 from experiments.errors import InputError
@@ -24,20 +24,6 @@ from lmcache_jax.data.ruler import aggregation, niah, tracking
 from lmcache_jax.models import LoadedModel
 from lmcache_jax.models.llama import from_weights
 from policies.registry import EVICTION
-
-
-class ByteTokenizer:
-  """One token per UTF-8 byte: lengths are exact and easy to reason about."""
-  chat_template = None
-
-  def encode(self, text: str, add_bos: bool | None = None,
-             special: bool = True) -> list[int]:
-    del add_bos, special
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids, skip_special: bool = False) -> str:
-    del skip_special
-    return bytes(ids).decode("utf-8", errors="replace")
 
 
 TOK = ByteTokenizer()

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config, tiny_weights
+from conftest import ByteTokenizer, tiny_config, tiny_weights
 from configs import default
 from experiments import results, setup, sweep
 from experiments import run as run_lib
@@ -29,21 +29,6 @@ REPO = pathlib.Path(__file__).parent.parent
 # Every sweep config shipped, as found on disk: a new one is tested too.
 SHIPPED_SWEEPS = sorted(p.stem for p in (REPO / "configs" / "sweeps").glob("*.py")
                         if not p.name.startswith("_"))
-
-
-class ByteTokenizer:
-  """Text as UTF-8 bytes: ids fit the 256-entry vocabulary of the test model.
-  No chat template: the reuse tasks cue with plain Question/Answer lines."""
-  chat_template = None
-
-  def encode(self, text: str, add_bos: bool = False,
-             special: bool = True) -> list[int]:
-    del add_bos, special
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids, skip_special: bool = False) -> str:
-    del skip_special
-    return bytes(ids).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
