@@ -95,13 +95,6 @@ def _given_budget(spec: str, in_spec, flag: float) -> float | None:
   return float(in_spec)
 
 
-def working_chunk(policy: CachePolicy, chunk: int) -> int:
-  """Tokens per forward pass when ``policy`` streams a text: ``chunk`` under
-  ``full``; under an evicting policy at most 64 and at most its budget, the
-  working room its cache holds beside the budget."""
-  return defaults.working_chunk(getattr(policy, "budget", None), chunk)
-
-
 def prompt_tokens(config: ml_collections.ConfigDict) -> int | None:
   """The length of the task's prompt, which a fractional budget is taken of:
   the scored tokens, the longest retrieval prompt, the shared document or

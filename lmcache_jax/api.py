@@ -151,7 +151,7 @@ class Model:
     plan = self._quant(kv_bits, quant)
     _check_budget(policy, len(ids), max_new_tokens)
     policy = policy.bind(self.lm.cfg)
-    chunk = self._chunk(policy, defaults.PREFILL_CHUNK)
+    chunk = defaults.working_chunk(policy, defaults.PREFILL_CHUNK)
     args = dict(max_new_tokens=max_new_tokens, sampling=sampling,
                 key=jax.random.key(seed), policy=policy, prefill_chunk=chunk,
                 new_cache=lambda b, s: self.new_cache(b, s, plan))
@@ -181,7 +181,7 @@ class Model:
                        f"fewer, or an evicting policy")
     plan = self._quant(kv_bits, quant)
     policy = policy.bind(self.lm.cfg)
-    chunk = self._chunk(policy, chunk)
+    chunk = defaults.working_chunk(policy, chunk)
     cache = self.new_cache(1, policy.cache_capacity(num_tokens, chunk), plan)
     total = 0.0
     for start in progress.bar(range(0, num_tokens, chunk), desc="perplexity",
@@ -196,10 +196,6 @@ class Model:
           jnp.asarray([real], jnp.int32), jnp.asarray(piece[1:]), policy=policy)
       total += float(jnp.sum(nll[0, :real]))
     return float(np.exp(total / num_tokens))
-
-  @staticmethod
-  def _chunk(policy: CachePolicy, chunk: int) -> int:
-    return defaults.working_chunk(getattr(policy, "budget", None), chunk)
 
 
 def _check_budget(policy: CachePolicy, prompt_tokens: int,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 # -- What kv_bits alone builds: a uniform plan (docs/quantization.md) --------
 
-# Channels sharing a scale and zero: 64, or the head dimension if smaller
-# (``group_size``).
+# Channels sharing a scale and zero (a head dimension it does not divide
+# needs an explicit group size).
 GROUP_SIZE = 64
 # Each query reads the first SINKS tokens and its RESIDUAL newest exact, as
 # copies of COPY_BITS (8 = int8 codes, 16 = the cache's dtype); with them a
@@ -39,13 +39,10 @@ WORKING_CHUNK = 64
 STORE_CHUNK = 256      # tokens per prefix-store chunk (LMCache's size)
 
 
-def group_size(head_dim: int, requested: int = 0) -> int:
-  """``requested`` channels per group, or when 0 the default: ``GROUP_SIZE``,
-  or ``head_dim`` if that is smaller."""
-  return int(requested) or min(GROUP_SIZE, head_dim)
-
-
-def working_chunk(budget: int | None, chunk: int) -> int:
-  """Tokens per pass: ``chunk``, or under a policy with ``budget`` at most
-  ``WORKING_CHUNK`` and at most the budget."""
+def working_chunk(policy, chunk: int) -> int:
+  """Tokens per forward pass when ``policy`` streams a text: ``chunk`` under
+  a policy without a budget (``full``); under an evicting one at most
+  ``WORKING_CHUNK`` and at most its budget, the working room its cache holds
+  beside the budget."""
+  budget = getattr(policy, "budget", None)
   return chunk if budget is None else max(1, min(chunk, WORKING_CHUNK, budget))

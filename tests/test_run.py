@@ -20,7 +20,7 @@ from experiments import setup
 from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
-from lmcache_jax import models
+from lmcache_jax import defaults, models
 from lmcache_jax.engine import generate
 from lmcache_jax.models import LoadedModel
 from lmcache_jax.models.llama import from_weights
@@ -254,8 +254,8 @@ def test_budget_defaults_and_fraction_of_the_prompt():
   assert make(0.0, 100).budget == 100
   assert make(0.125, 1024).budget == 128
   sink = make(256.0, 4096)
-  assert setup.working_chunk(sink, 256) == 64
-  assert sink.cache_capacity(4096, setup.working_chunk(sink, 256)) == 256 + 64
+  assert defaults.working_chunk(sink, 256) == 64
+  assert sink.cache_capacity(4096, defaults.working_chunk(sink, 256)) == 256 + 64
 
 
 @pytest.mark.parametrize("spec,flag,built", [

@@ -7,10 +7,10 @@ import time
 
 import jax
 
-from experiments import setup
 from experiments.context import RunContext
 from experiments.errors import InputError
 from experiments.tasks import TASKS
+from lmcache_jax import defaults
 from lmcache_jax.engine import Sampling, generate as generate_tokens
 
 
@@ -51,7 +51,7 @@ def generate(ctx: RunContext) -> dict:
   result = generate_tokens(
       ctx.lm, [ids], max_new_tokens=gconf.max_new_tokens, sampling=sampling,
       key=jax.random.key(ctx.config.seed), policy=ctx.policy,
-      prefill_chunk=setup.working_chunk(ctx.policy, ctx.config.prefill_chunk),
+      prefill_chunk=defaults.working_chunk(ctx.policy, ctx.config.prefill_chunk),
       on_token=show, new_cache=ctx.new_cache)
   seconds = time.perf_counter() - start
   sys.stdout.write("\n")

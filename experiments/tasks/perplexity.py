@@ -13,12 +13,11 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import setup
 from experiments.context import RunContext
 from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.texts import load_eval_text
-from lmcache_jax import progress
+from lmcache_jax import defaults, progress
 from lmcache_jax.cache.policy import KeepAll
 from lmcache_jax.engine import steps
 
@@ -86,7 +85,7 @@ def perplexity(ctx: RunContext) -> dict:
                      f"{num_tokens} needs {num_tokens + 1}: use --context="
                      f"{len(tokens) - 1} or less, or a longer text")
   tokens = tokens[:num_tokens + 1]
-  chunk = setup.working_chunk(ctx.policy, min(pconf.chunk, config.context))
+  chunk = defaults.working_chunk(ctx.policy, min(pconf.chunk, config.context))
   start = time.perf_counter()
   if isinstance(ctx.policy, KeepAll) and len(tokens) - 1 > config.context:
     nll, cache = windowed_nll(ctx, tokens, config.context, chunk)
