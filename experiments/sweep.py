@@ -44,7 +44,6 @@ from experiments.errors import InputError
 from experiments.tasks import TASKS
 from experiments.version import code_version
 from lmcache_jax import models
-from policies.registry import EVICTION, parse_spec
 
 # --config and the flat flags (--model, --context, --output_dir, ...) are those
 # of experiments.run; the flat flags that name a sweep axis are refused.
@@ -65,11 +64,6 @@ class SweepReport:
   stale: list[str]   # cell files of another grid or config, ignored
   seconds: float
   files: list[pathlib.Path]
-
-
-def _takes_budget(policy: str) -> bool:
-  name, _ = parse_spec(policy)
-  return "budget" in EVICTION.parameters(name)
 
 
 def _apply_variant(cell: ml_collections.ConfigDict, variant: str) -> None:
@@ -118,7 +112,7 @@ def grid(config: ml_collections.ConfigDict) -> tuple[list[Cell], list[dict]]:
     name = f"{task} / {policy} / budget {budget:g} / {bits:g}-bit {calibration} / ctx {context}"
     name += f" / {variant}" if variant else ""
     try:
-      budget = budget if _takes_budget(policy) else 0.0
+      budget = budget if setup.takes_budget(policy) else 0.0
       TASKS.get(task)
       calibration = calibration if bits < 16 else config.quant.calibration
       cell = ml_collections.ConfigDict(base.to_dict())
