@@ -42,7 +42,6 @@ from lmcache_jax.quant import QuantPlan
 from lmcache_jax.store import KVStore, Layout, Tier, model_fingerprint
 
 
-
 def load(name_or_path: str = "smollm2-135m", dtype=None) -> "Model":
   """A model by preset (``smollm2-135m`` has real weights), ``.gguf`` path or
   Hugging Face folder (``config.json``, ``*.safetensors``, ``tokenizer.json``);

@@ -57,7 +57,6 @@ def newer_evicted(positions: jax.Array, evicted: jax.Array) -> jax.Array:
   return jnp.take_along_axis(after, inverse_permutation(order), axis=-1)
 
 
-
 @struct.dataclass
 class SinkOrigins:
   """What a cache's sink keys are re-rotated from (``shift_sinks``).

@@ -279,7 +279,6 @@ class QuantPlan:
     return plan
 
 
-
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
   """Writes ``data`` to a new file beside ``path``, flushed to disk, and
   renames it over ``path``: a reader sees the old file or the new one. Only
